@@ -1,0 +1,4 @@
+//! grapevine: decentralized service discovery.
+#![warn(missing_docs)]
+
+pub mod state;

@@ -1,0 +1,1 @@
+//! Sans-IO replicated state: the service catalog and the configuration store.
