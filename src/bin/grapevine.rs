@@ -1,1 +1,226 @@
-fn main(){}
+//! The `grapevine` binary: the agent daemon and the commands that talk to it.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use grapevine::node::control;
+use grapevine::{Member, Node, Profile};
+
+#[derive(Parser)]
+#[command(
+    name = "grapevine",
+    version,
+    about = "Decentralized service discovery agent"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an agent until interrupted (SIGINT/SIGTERM), then leave the cluster gracefully.
+    Agent(AgentArgs),
+    /// List the members a running agent sees.
+    Members {
+        /// The agent to ask (its gossip/TCP address).
+        #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, default_value = "127.0.0.1:7946")]
+        agent: SocketAddr,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a running agent's identity and traffic counters.
+    Info {
+        /// The agent to ask.
+        #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, default_value = "127.0.0.1:7946")]
+        agent: SocketAddr,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Unique node name.
+    #[arg(long)]
+    name: String,
+    /// Address to bind UDP gossip and TCP on (one port number for both).
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, default_value = "127.0.0.1:7946")]
+    bind: SocketAddr,
+    /// Address other nodes reach this one at (default: the bind address).
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_addr)]
+    advertise: Option<SocketAddr>,
+    /// A node to join through; repeatable. Retried until one answers.
+    #[arg(long = "join", value_name = "IP:PORT", value_parser = parse_addr)]
+    join: Vec<SocketAddr>,
+    /// Timing profile: lan, wan or local.
+    #[arg(long, default_value = "lan")]
+    profile: Profile,
+}
+
+fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("{text:?} resolves to no address")),
+        Err(_) => Err(format!("{text:?} is not an IP:PORT address")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                error.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                error.exit();
+            }
+            // One line naming the problem; the full usage is one `--help` away.
+            let rendered = error.render().to_string();
+            let first = rendered
+                .lines()
+                .next()
+                .unwrap_or("error: invalid arguments");
+            eprintln!("{first} (try 'grapevine --help')");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> grapevine::Result<ExitCode> {
+    match cli.command {
+        Command::Agent(args) => agent(args).await,
+        Command::Members { agent, json } => {
+            let members = control::members(agent).await?;
+            if json {
+                println!("{}", to_json(&members));
+            } else {
+                print_members(&members);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Info { agent, json } => {
+            let info = control::info(agent).await?;
+            if json {
+                println!("{}", to_json(&info));
+            } else {
+                println!("name:       {}", info.name);
+                println!("addr:       {}", info.addr);
+                println!("generation: {}", info.generation);
+                println!("profile:    {:?}", info.profile);
+                for (key, value) in serde_json::to_value(&info.stats)
+                    .ok()
+                    .and_then(|v| v.as_object().cloned())
+                    .unwrap_or_default()
+                {
+                    println!("{key:<20} {value}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string_pretty(value)
+        .unwrap_or_else(|error| format!("{{\"error\": \"{error}\"}}"))
+}
+
+fn print_members(members: &[Member]) {
+    let width = members
+        .iter()
+        .map(|m| m.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "{:<width$}  {:<21}  {:<7}  GENERATION",
+        "NAME", "ADDR", "STATUS"
+    );
+    for member in members {
+        println!(
+            "{:<width$}  {:<21}  {:<7}  {}",
+            member.name,
+            member.addr.to_string(),
+            member.status.to_string(),
+            member.generation
+        );
+    }
+}
+
+async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
+    init_logging();
+    let mut builder = Node::builder(args.name)
+        .bind(args.bind)
+        .seeds(args.join)
+        .profile(args.profile);
+    if let Some(advertise) = args.advertise {
+        builder = builder.advertise(advertise);
+    }
+    let node = builder.start().await?;
+    tracing::info!(addr = %node.addr(), "agent running; press Ctrl-C to leave");
+    wait_for_signal().await;
+    tracing::info!("leaving the cluster");
+    node.leave().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    biased;
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,541 @@
+//! Membership: SWIM through foca, driven sans-IO.
+//!
+//! [`Membership`] owns foca, its timers and the member view. It never touches a socket or a
+//! clock: callers hand in datagrams and the current instant, and take out datagrams to send
+//! and member events. The node's driver task does the IO; simulations can drive it directly.
+
+mod codec;
+mod identity;
+mod profile;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use foca::{AccumulatingRuntime, Foca, NoCustomBroadcast, OwnedNotification, State, Timer};
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+pub use codec::BincodeCodec;
+pub use identity::{validate_name, NodeId, MAX_NAME_LEN};
+pub use profile::Profile;
+
+use crate::wire::{self, DatagramKind, WireError};
+
+/// How many departed identities are remembered as gracefully left.
+const MAX_LEFT_REMEMBERED: usize = 4096;
+/// How many down or left members the view keeps before dropping the oldest.
+const MAX_DEAD_IN_VIEW: usize = 4096;
+/// How long a down or left member stays listed.
+const DEAD_MEMBER_RETENTION: Duration = Duration::from_secs(3600);
+/// Most members accepted in one push-pull exchange.
+pub const MAX_PUSH_PULL_MEMBERS: usize = 65_536;
+
+/// Liveness of a member as this node sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberStatus {
+    /// Answering probes.
+    Alive,
+    /// Missed probes; will be declared down unless it refutes.
+    Suspect,
+    /// Declared failed by the failure detector.
+    Down,
+    /// Left the cluster gracefully.
+    Left,
+}
+
+impl MemberStatus {
+    /// True for alive and suspect members.
+    pub fn is_active(self) -> bool {
+        matches!(self, MemberStatus::Alive | MemberStatus::Suspect)
+    }
+}
+
+impl std::fmt::Display for MemberStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MemberStatus::Alive => "alive",
+            MemberStatus::Suspect => "suspect",
+            MemberStatus::Down => "down",
+            MemberStatus::Left => "left",
+        })
+    }
+}
+
+/// One member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Unique node name.
+    pub name: String,
+    /// Advertised address.
+    pub addr: SocketAddr,
+    /// Liveness.
+    pub status: MemberStatus,
+    /// Identity generation (grows on restart or renewal).
+    pub generation: u64,
+}
+
+/// A change in membership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberEvent {
+    /// A member appeared, or came back after being down or left.
+    Joined(Member),
+    /// A member is suspected of having failed.
+    Suspect(Member),
+    /// A member was declared failed.
+    Down(Member),
+    /// A member left gracefully.
+    Left(Member),
+    /// A member refuted a suspicion or renewed its identity (a new generation).
+    Updated(Member),
+}
+
+impl MemberEvent {
+    /// The member the event is about.
+    pub fn member(&self) -> &Member {
+        match self {
+            MemberEvent::Joined(m)
+            | MemberEvent::Suspect(m)
+            | MemberEvent::Down(m)
+            | MemberEvent::Left(m)
+            | MemberEvent::Updated(m) => m,
+        }
+    }
+}
+
+/// Full member list exchanged over TCP so that join bursts and missed broadcasts heal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushPull {
+    /// foca's membership state of the sender, itself included as alive.
+    pub members: Vec<foca::Member<NodeId>>,
+    /// Identities the sender knows left gracefully.
+    pub left: Vec<NodeId>,
+}
+
+/// Errors of the membership core.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    /// A datagram that could not be decoded.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// foca rejected the packet or the operation.
+    #[error("swim: {0}")]
+    Swim(#[from] foca::Error),
+    /// A push-pull exchange larger than allowed.
+    #[error("push-pull of {0} members exceeds the limit of {MAX_PUSH_PULL_MEMBERS}")]
+    TooManyMembers(usize),
+}
+
+struct ScheduledTimer {
+    deadline: Instant,
+    seq: u64,
+    timer: Timer<NodeId>,
+}
+
+impl PartialEq for ScheduledTimer {
+    fn eq(&self, other: &Self) -> bool {
+        (self.deadline, self.seq) == (other.deadline, other.seq)
+    }
+}
+impl Eq for ScheduledTimer {}
+impl PartialOrd for ScheduledTimer {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for ScheduledTimer {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.deadline, self.seq).cmp(&(other.deadline, other.seq))
+    }
+}
+
+struct ViewEntry {
+    member: Member,
+    /// When the member last changed status.
+    since: Instant,
+}
+
+type SwimCore = Foca<NodeId, BincodeCodec, SmallRng, NoCustomBroadcast>;
+
+/// SWIM membership of one node, without IO.
+pub struct Membership {
+    foca: SwimCore,
+    runtime: AccumulatingRuntime<NodeId>,
+    profile: Profile,
+    /// Cluster size foca's configuration was last tuned for.
+    tuned_for: usize,
+    timers: BinaryHeap<Reverse<ScheduledTimer>>,
+    timer_seq: u64,
+    view: BTreeMap<String, ViewEntry>,
+    left: VecDeque<NodeId>,
+    events: Vec<MemberEvent>,
+    outbox: Vec<(SocketAddr, Vec<u8>)>,
+    leaving: bool,
+    view_version: u64,
+}
+
+impl Membership {
+    /// Creates the membership of `identity`, with foca's randomness seeded by `seed`.
+    pub fn new(identity: NodeId, profile: Profile, seed: u64, now: Instant) -> Self {
+        let foca = Foca::new(
+            identity.clone(),
+            profile.foca_config(1),
+            SmallRng::seed_from_u64(seed),
+            BincodeCodec::default(),
+        );
+        let mut view = BTreeMap::new();
+        view.insert(
+            identity.name.clone(),
+            ViewEntry {
+                member: Member {
+                    name: identity.name.clone(),
+                    addr: identity.addr,
+                    status: MemberStatus::Alive,
+                    generation: identity.generation,
+                },
+                since: now,
+            },
+        );
+        Membership {
+            foca,
+            runtime: AccumulatingRuntime::new(),
+            profile,
+            tuned_for: 1,
+            timers: BinaryHeap::new(),
+            timer_seq: 0,
+            view,
+            left: VecDeque::new(),
+            events: Vec::new(),
+            outbox: Vec::new(),
+            leaving: false,
+            view_version: 0,
+        }
+    }
+
+    /// This node's current identity.
+    pub fn identity(&self) -> &NodeId {
+        self.foca.identity()
+    }
+
+    /// Number of live (alive or suspect) peers, this node excluded.
+    pub fn num_active_peers(&self) -> usize {
+        self.foca.num_members()
+    }
+
+    /// Addresses of live peers, in a stable order.
+    pub fn active_peer_addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs: Vec<_> = self.foca.iter_members().map(|m| m.id().addr).collect();
+        addrs.sort();
+        addrs
+    }
+
+    /// Asks the node at `addr` (name unknown) to let this node in.
+    pub fn announce_to(&mut self, addr: SocketAddr, now: Instant) -> Result<(), MembershipError> {
+        let result = self.foca.announce(NodeId::seed(addr), &mut self.runtime);
+        self.after_call(now);
+        Ok(result?)
+    }
+
+    /// Handles one received datagram.
+    pub fn handle_datagram(
+        &mut self,
+        datagram: &[u8],
+        now: Instant,
+    ) -> Result<(), MembershipError> {
+        let (kind, payload) = wire::open_datagram(datagram)?;
+        match kind {
+            DatagramKind::Swim => {
+                let result = self.foca.handle_data(payload, &mut self.runtime);
+                self.after_call(now);
+                result?;
+            }
+            DatagramKind::Leave => {
+                let (leaver, used): (NodeId, usize) = wire::decode_datagram_prefix(payload)?;
+                if used != payload.len() {
+                    return Err(WireError::Trailing(payload.len() - used).into());
+                }
+                self.remember_left(leaver);
+                self.refresh_view(now);
+            }
+        }
+        Ok(())
+    }
+
+    /// The deadline of the earliest pending timer.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse(t)| t.deadline)
+    }
+
+    /// Fires every timer due at `now`, in deadline order.
+    pub fn handle_due_timers(&mut self, now: Instant) {
+        while let Some(Reverse(next)) = self.timers.peek() {
+            if next.deadline > now {
+                break;
+            }
+            let Some(Reverse(due)) = self.timers.pop() else {
+                break;
+            };
+            if let Err(error) = self.foca.handle_timer(due.timer, &mut self.runtime) {
+                tracing::debug!(%error, "timer handling failed");
+            }
+            // Timers scheduled while handling this one are relative to `now`.
+            self.after_call(now);
+        }
+    }
+
+    /// Leaves the cluster gracefully: tells every live peer directly, then lets foca gossip
+    /// this node's departure. The node should stop shortly after.
+    pub fn leave(&mut self, now: Instant) -> Result<(), MembershipError> {
+        let me = self.identity().clone();
+        let mut notice = Vec::with_capacity(wire::MAX_DATAGRAM);
+        wire::begin_datagram(DatagramKind::Leave, &mut notice);
+        wire::encode_datagram_into(&me, &mut notice, wire::MAX_DATAGRAM)?;
+        for addr in self.active_peer_addrs() {
+            self.outbox.push((addr, notice.clone()));
+        }
+        self.leaving = true;
+        self.remember_left(me.clone());
+        let result = self.foca.leave_cluster(&mut self.runtime);
+        self.after_call(now);
+        Ok(result?)
+    }
+
+    /// This node's state for a push-pull exchange.
+    pub fn push_pull_state(&self) -> PushPull {
+        let mut members: Vec<_> = self.foca.iter_membership_state().cloned().collect();
+        if !self.leaving {
+            members.push(foca::Member::alive(self.identity().clone()));
+        }
+        PushPull {
+            members,
+            left: self.left.iter().cloned().collect(),
+        }
+    }
+
+    /// Merges a peer's push-pull state.
+    pub fn apply_push_pull(
+        &mut self,
+        state: PushPull,
+        now: Instant,
+    ) -> Result<(), MembershipError> {
+        let count = state.members.len() + state.left.len();
+        if count > MAX_PUSH_PULL_MEMBERS {
+            return Err(MembershipError::TooManyMembers(count));
+        }
+        for leaver in state.left {
+            self.remember_left(leaver);
+        }
+        let result = self
+            .foca
+            .apply_many(state.members.into_iter(), false, &mut self.runtime);
+        self.after_call(now);
+        Ok(result?)
+    }
+
+    /// Takes the datagrams to send, as `(destination, bytes)`.
+    pub fn drain_outbox(&mut self) -> impl Iterator<Item = (SocketAddr, Vec<u8>)> + '_ {
+        self.outbox.drain(..)
+    }
+
+    /// Takes the member events produced since the last call.
+    pub fn drain_events(&mut self) -> impl Iterator<Item = MemberEvent> + '_ {
+        self.events.drain(..)
+    }
+
+    /// A counter that changes whenever the member list does.
+    pub fn view_version(&self) -> u64 {
+        self.view_version
+    }
+
+    /// The member list, this node included, sorted by name.
+    pub fn members(&self) -> Vec<Member> {
+        self.view.values().map(|e| e.member.clone()).collect()
+    }
+
+    fn remember_left(&mut self, id: NodeId) {
+        if !self.left.contains(&id) {
+            if self.left.len() >= MAX_LEFT_REMEMBERED {
+                self.left.pop_front();
+            }
+            self.left.push_back(id);
+        }
+    }
+
+    /// Collects what foca produced and brings the view up to date.
+    fn after_call(&mut self, now: Instant) {
+        while let Some((to, data)) = self.runtime.to_send() {
+            let mut datagram = Vec::with_capacity(wire::ENVELOPE_LEN + data.len());
+            wire::begin_datagram(DatagramKind::Swim, &mut datagram);
+            datagram.extend_from_slice(&data);
+            self.outbox.push((to.addr, datagram));
+        }
+        while let Some((after, timer)) = self.runtime.to_schedule() {
+            self.timer_seq += 1;
+            self.timers.push(Reverse(ScheduledTimer {
+                deadline: now + after,
+                seq: self.timer_seq,
+                timer,
+            }));
+        }
+        let mut defunct = false;
+        while let Some(notification) = self.runtime.to_notify() {
+            match notification {
+                OwnedNotification::Defunct => defunct = true,
+                OwnedNotification::Rename(old, new) => {
+                    tracing::debug!(%old, %new, "member renewed its identity");
+                }
+                other => tracing::trace!(?other, "membership notification"),
+            }
+        }
+        if defunct && !self.leaving {
+            // The cluster declared this node down (perhaps wrongly): come back under a
+            // renewed identity, which peers see as the same member with a new generation.
+            if let Some(renewed) = foca::Identity::renew(self.identity()) {
+                tracing::info!(identity = %renewed, "declared down by the cluster; rejoining");
+                if let Err(error) = self.foca.change_identity(renewed, &mut self.runtime) {
+                    tracing::warn!(%error, "could not renew identity");
+                }
+                return self.after_call(now);
+            }
+        }
+        self.refresh_view(now);
+        self.retune();
+    }
+
+    /// Re-tunes foca (transmissions, suspicion time) when the cluster size changes a lot.
+    fn retune(&mut self) {
+        let size = self.foca.num_members() + 1;
+        if size > self.tuned_for * 2 || size * 2 < self.tuned_for {
+            if let Err(error) = self.foca.set_config(self.profile.foca_config(size)) {
+                tracing::debug!(%error, "could not re-tune foca");
+            }
+            self.tuned_for = size;
+        }
+    }
+
+    /// Recomputes the view from foca's state and records events for what changed.
+    fn refresh_view(&mut self, now: Instant) {
+        let me = self.identity().clone();
+        // The newest generation of each name is the one that counts.
+        let mut latest: BTreeMap<String, foca::Member<NodeId>> = BTreeMap::new();
+        for member in self.foca.iter_membership_state() {
+            let name = &member.id().name;
+            if *name == me.name {
+                continue;
+            }
+            match latest.get(name) {
+                Some(seen) if seen.id().generation >= member.id().generation => {}
+                _ => {
+                    latest.insert(name.clone(), member.clone());
+                }
+            }
+        }
+        let mut fresh: Vec<Member> = latest
+            .values()
+            .map(|m| Member {
+                name: m.id().name.clone(),
+                addr: m.id().addr,
+                generation: m.id().generation,
+                status: match m.state() {
+                    State::Alive => MemberStatus::Alive,
+                    State::Suspect => MemberStatus::Suspect,
+                    State::Down if self.left.contains(m.id()) => MemberStatus::Left,
+                    State::Down => MemberStatus::Down,
+                },
+            })
+            .collect();
+        fresh.push(Member {
+            name: me.name.clone(),
+            addr: me.addr,
+            generation: me.generation,
+            status: if self.leaving {
+                MemberStatus::Left
+            } else {
+                MemberStatus::Alive
+            },
+        });
+        for member in fresh {
+            self.update_view_entry(member, now);
+        }
+        // Members foca forgot (down for long) and those missing: not active any more.
+        let known: Vec<String> = self.view.keys().cloned().collect();
+        for name in known {
+            if name == me.name || latest.contains_key(&name) {
+                continue;
+            }
+            let Some(entry) = self.view.get(&name) else {
+                continue;
+            };
+            if entry.member.status.is_active() {
+                let mut member = entry.member.clone();
+                member.status = if self.left.iter().any(|l| l.name == name) {
+                    MemberStatus::Left
+                } else {
+                    MemberStatus::Down
+                };
+                self.update_view_entry(member, now);
+            }
+        }
+        self.reap_dead(now);
+    }
+
+    fn update_view_entry(&mut self, member: Member, now: Instant) {
+        let event = match self.view.get(&member.name) {
+            None if member.status.is_active() => Some(MemberEvent::Joined(member.clone())),
+            None => None,
+            Some(old) if old.member == member => return,
+            Some(old) => {
+                use MemberStatus::*;
+                match (old.member.status, member.status) {
+                    (Down | Left, Alive | Suspect) => Some(MemberEvent::Joined(member.clone())),
+                    (_, Left) if old.member.status != Left => {
+                        Some(MemberEvent::Left(member.clone()))
+                    }
+                    (Alive | Suspect, Down) => Some(MemberEvent::Down(member.clone())),
+                    (Alive, Suspect) => Some(MemberEvent::Suspect(member.clone())),
+                    (Alive | Suspect, Alive | Suspect) => {
+                        Some(MemberEvent::Updated(member.clone()))
+                    }
+                    // A stale view of an old generation; nothing a subscriber must act on.
+                    _ => None,
+                }
+            }
+        };
+        let since = match self.view.get(&member.name) {
+            Some(old) if old.member.status == member.status => old.since,
+            _ => now,
+        };
+        self.view
+            .insert(member.name.clone(), ViewEntry { member, since });
+        self.view_version += 1;
+        if let Some(event) = event {
+            self.events.push(event);
+        }
+    }
+
+    fn reap_dead(&mut self, now: Instant) {
+        let mut dead: Vec<(Instant, String)> = self
+            .view
+            .values()
+            .filter(|e| !e.member.status.is_active() && e.member.name != self.identity().name)
+            .map(|e| (e.since, e.member.name.clone()))
+            .collect();
+        if dead.is_empty() {
+            return;
+        }
+        dead.sort();
+        let excess = dead.len().saturating_sub(MAX_DEAD_IN_VIEW);
+        for (i, (since, name)) in dead.into_iter().enumerate() {
+            if i < excess || now.saturating_duration_since(since) > DEAD_MEMBER_RETENTION {
+                self.view.remove(&name);
+                self.view_version += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,90 @@
+//! Timing profiles for the failure detector and the anti-entropy exchange.
+
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::wire;
+
+/// Timing profile of a node, like memberlist's LAN/WAN/Local configurations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// A data-centre network: probe every 1 s, suspicion 4·log10(n) s.
+    #[default]
+    Lan,
+    /// Across regions: probe every 5 s, generous timeouts.
+    Wan,
+    /// One machine (tests, demos): probe every 500 ms, short suspicion.
+    Local,
+}
+
+impl std::str::FromStr for Profile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lan" => Ok(Profile::Lan),
+            "wan" => Ok(Profile::Wan),
+            "local" => Ok(Profile::Local),
+            other => Err(format!("unknown profile {other:?}; use lan, wan or local")),
+        }
+    }
+}
+
+/// Room kept in every datagram for the envelope and, later, sealing overhead.
+const DATAGRAM_RESERVE: usize = 64;
+
+impl Profile {
+    /// foca's configuration for a cluster of `cluster_size` members.
+    pub fn foca_config(self, cluster_size: usize) -> foca::Config {
+        let n = NonZeroU32::new(cluster_size.clamp(1, u32::MAX as usize) as u32)
+            .unwrap_or(NonZeroU32::MIN);
+        let mut config = match self {
+            Profile::Lan | Profile::Local => foca::Config::new_lan(n),
+            Profile::Wan => foca::Config::new_wan(n),
+        };
+        config.max_packet_size = NonZeroUsize::new(wire::MAX_DATAGRAM - DATAGRAM_RESERVE)
+            .unwrap_or(config.max_packet_size);
+        // foca re-announces every 30 s by default; join bursts heal faster with less.
+        if let Some(announce) = config.periodic_announce.as_mut() {
+            announce.frequency = announce.frequency.min(self.push_pull_interval());
+        }
+        if self == Profile::Local {
+            let scale = (cluster_size.max(1) as f64).log10().max(1.0);
+            config.probe_period = Duration::from_millis(500);
+            config.probe_rtt = Duration::from_millis(200);
+            config.suspect_to_down_after = Duration::from_secs_f64(1.5 * scale);
+            if let Some(gossip) = config.periodic_gossip.as_mut() {
+                gossip.frequency = Duration::from_millis(100);
+            }
+        }
+        config
+    }
+
+    /// How often a node exchanges its full member list with a random peer over TCP.
+    pub fn push_pull_interval(self) -> Duration {
+        match self {
+            Profile::Lan => Duration::from_secs(10),
+            Profile::Wan => Duration::from_secs(30),
+            Profile::Local => Duration::from_secs(3),
+        }
+    }
+
+    /// How often a node with no live peer retries its seeds.
+    pub fn join_retry_interval(self) -> Duration {
+        match self {
+            Profile::Lan => Duration::from_secs(1),
+            Profile::Wan => Duration::from_secs(3),
+            Profile::Local => Duration::from_millis(300),
+        }
+    }
+
+    /// Timeout of one TCP exchange (connect, request, response).
+    pub fn tcp_timeout(self) -> Duration {
+        match self {
+            Profile::Lan | Profile::Local => Duration::from_secs(5),
+            Profile::Wan => Duration::from_secs(15),
+        }
+    }
+}

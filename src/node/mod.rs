@@ -1,0 +1,344 @@
+//! The public face of grapevine: [`Node`], built by [`NodeBuilder`].
+
+pub mod control;
+mod driver;
+mod protocol;
+mod server;
+mod stats;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+pub use stats::StatsSnapshot;
+
+use crate::error::{Error, Result};
+use crate::membership::{validate_name, Member, MemberEvent, Membership, NodeId, Profile};
+use crate::net::{Listener, TokioTransport, Transport, UdpSocket};
+use driver::{Command, Driver, COMMAND_QUEUE};
+
+/// Capacity of the member-event channel; a subscriber further behind skips ahead.
+const EVENT_CHANNEL: usize = 1024;
+/// How many times a free port is looked for when UDP's port is taken on TCP.
+const PORT_ATTEMPTS: usize = 16;
+
+/// What readers see of the node, published by the driver.
+#[derive(Debug)]
+pub(crate) struct View {
+    pub(crate) identity: NodeId,
+    pub(crate) members: Vec<Member>,
+    pub(crate) profile: Profile,
+}
+
+/// State shared by the node handle and its TCP tasks.
+pub(crate) struct Shared {
+    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) view: watch::Receiver<Arc<View>>,
+    pub(crate) stats: Arc<stats::Stats>,
+}
+
+/// Configures and starts a [`Node`].
+#[derive(Debug, Clone)]
+pub struct NodeBuilder {
+    name: String,
+    bind: SocketAddr,
+    advertise: Option<SocketAddr>,
+    seeds: Vec<SocketAddr>,
+    profile: Profile,
+    generation: Option<u64>,
+    rng_seed: Option<u64>,
+}
+
+impl NodeBuilder {
+    /// Address to bind UDP and TCP on (default `127.0.0.1:0`, a free port).
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.bind = addr;
+        self
+    }
+
+    /// Address other nodes reach this one at (default: the bound address). Needed when
+    /// binding an unspecified address such as `0.0.0.0`. Port 0 means the bound port.
+    pub fn advertise(mut self, addr: SocketAddr) -> Self {
+        self.advertise = Some(addr);
+        self
+    }
+
+    /// Addresses of nodes to join through; retried until one answers.
+    pub fn seeds(mut self, seeds: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.seeds = seeds.into_iter().collect();
+        self
+    }
+
+    /// Timing profile (default [`Profile::Lan`]).
+    pub fn profile(mut self, profile: Profile) -> Self {
+        self.profile = profile;
+        self
+    }
+
+    /// Identity generation (default: milliseconds since the Unix epoch, so that a restarted
+    /// node always comes back newer than it was).
+    pub fn generation(mut self, generation: u64) -> Self {
+        self.generation = Some(generation);
+        self
+    }
+
+    /// Seed of the node's random choices (default: derived from name and generation).
+    pub fn rng_seed(mut self, seed: u64) -> Self {
+        self.rng_seed = Some(seed);
+        self
+    }
+
+    /// Binds real sockets and starts the node.
+    pub async fn start(self) -> Result<Node> {
+        self.start_on(TokioTransport).await
+    }
+
+    /// Starts the node on the given transport.
+    pub async fn start_on<T: Transport>(self, transport: T) -> Result<Node> {
+        validate_name(&self.name).map_err(Error::Config)?;
+        let (udp, listener) = bind_pair(&transport, self.bind).await?;
+        let bound = udp.local_addr().map_err(|source| Error::Bind {
+            addr: self.bind,
+            source,
+        })?;
+        let advertise = match self.advertise {
+            Some(addr) if addr.ip().is_unspecified() => {
+                return Err(Error::Config(format!(
+                    "cannot advertise the unspecified address {addr}"
+                )))
+            }
+            Some(addr) if addr.port() == 0 => SocketAddr::new(addr.ip(), bound.port()),
+            Some(addr) => addr,
+            None if bound.ip().is_unspecified() => {
+                return Err(Error::Config(format!(
+                    "bound to {bound}: give an address to advertise that other nodes can reach"
+                )))
+            }
+            None => bound,
+        };
+        let generation = self.generation.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(1)
+        });
+        let identity = NodeId {
+            name: self.name.clone(),
+            addr: advertise,
+            generation,
+        };
+        let rng_seed = self
+            .rng_seed
+            .unwrap_or_else(|| fnv1a(self.name.as_bytes()) ^ generation);
+        let now = tokio::time::Instant::now().into_std();
+        let membership = Membership::new(identity.clone(), self.profile, rng_seed, now);
+
+        let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+        let (view_tx, view_rx) = watch::channel(Arc::new(View {
+            identity: identity.clone(),
+            members: membership.members(),
+            profile: self.profile,
+        }));
+        let (events_tx, _) = broadcast::channel(EVENT_CHANNEL);
+        let stats = Arc::new(stats::Stats::default());
+        let shared = Arc::new(Shared {
+            commands: commands_tx,
+            view: view_rx,
+            stats: stats.clone(),
+        });
+        let driver = Driver {
+            membership,
+            transport,
+            udp,
+            commands: commands_rx,
+            view: view_tx,
+            events: events_tx.clone(),
+            stats,
+            seeds: self.seeds,
+            rng: SmallRng::seed_from_u64(rng_seed.rotate_left(17)),
+        };
+        let tasks = vec![
+            tokio::spawn(driver.run()),
+            tokio::spawn(server::serve::<T>(listener, shared.clone())),
+        ];
+        tracing::info!(%identity, "node started");
+        Ok(Node {
+            shared,
+            events: events_tx,
+            tasks: Mutex::new(tasks),
+        })
+    }
+}
+
+/// Binds UDP and TCP on one port number, as memberlist does.
+async fn bind_pair<T: Transport>(transport: &T, bind: SocketAddr) -> Result<(T::Udp, T::Listener)> {
+    let bind_error = |source| Error::Bind { addr: bind, source };
+    let attempts = if bind.port() == 0 { PORT_ATTEMPTS } else { 1 };
+    let mut last_error = None;
+    for _ in 0..attempts {
+        let udp = transport.bind_udp(bind).await.map_err(bind_error)?;
+        let port = udp.local_addr().map_err(bind_error)?.port();
+        match transport.bind_tcp(SocketAddr::new(bind.ip(), port)).await {
+            Ok(listener) => {
+                debug_assert_eq!(listener.local_addr().ok().map(|a| a.port()), Some(port));
+                return Ok((udp, listener));
+            }
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(bind_error(last_error.unwrap_or_else(|| {
+        std::io::Error::other("no free port for both UDP and TCP")
+    })))
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A running grapevine node. Dropping it stops the node without leaving (like a crash);
+/// call [`Node::leave`] to depart gracefully.
+pub struct Node {
+    shared: Arc<Shared>,
+    events: broadcast::Sender<MemberEvent>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Node {
+    /// Starts configuring a node named `name` (unique in the cluster).
+    pub fn builder(name: impl Into<String>) -> NodeBuilder {
+        NodeBuilder {
+            name: name.into(),
+            bind: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+            advertise: None,
+            seeds: Vec::new(),
+            profile: Profile::default(),
+            generation: None,
+            rng_seed: None,
+        }
+    }
+
+    /// This node's current identity.
+    pub fn identity(&self) -> NodeId {
+        self.shared.view.borrow().identity.clone()
+    }
+
+    /// The address other nodes reach this one at.
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.view.borrow().identity.addr
+    }
+
+    /// Members as this node sees them, itself included, sorted by name.
+    pub fn members(&self) -> Vec<Member> {
+        self.shared.view.borrow().members.clone()
+    }
+
+    /// Waits until the member list satisfies `condition` (checked on every change).
+    pub async fn wait_for_members(&self, mut condition: impl FnMut(&[Member]) -> bool) {
+        let mut view = self.shared.view.clone();
+        loop {
+            if condition(&view.borrow_and_update().members) {
+                return;
+            }
+            if view.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A stream of membership changes from now on.
+    pub fn events(&self) -> MemberEvents {
+        MemberEvents {
+            receiver: self.events.subscribe(),
+            stats: self.shared.stats.clone(),
+        }
+    }
+
+    /// Counters of traffic sent, received and dropped.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// Leaves the cluster gracefully (peers see this node as `left`, never `down`), then
+    /// stops the node.
+    pub async fn leave(&self) -> Result<()> {
+        let (done, finished) = oneshot::channel();
+        self.shared
+            .commands
+            .send(Command::Leave { done })
+            .await
+            .map_err(|_| Error::Stopped)?;
+        let timeout = Duration::from_secs(5);
+        let result = tokio::time::timeout(timeout, finished)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "leave",
+                after: timeout,
+            })?
+            .map_err(|_| Error::Stopped)?;
+        self.stop();
+        result
+    }
+
+    /// Stops the node without telling the cluster (peers will detect it as failed).
+    pub async fn shutdown(&self) {
+        let handles = self.stop();
+        for handle in handles {
+            let _ = handle.await;
+        }
+    }
+
+    fn stop(&self) -> Vec<JoinHandle<()>> {
+        let handles: Vec<_> = match self.tasks.lock() {
+            Ok(mut tasks) => tasks.drain(..).collect(),
+            Err(poisoned) => poisoned.into_inner().drain(..).collect(),
+        };
+        for handle in &handles {
+            handle.abort();
+        }
+        handles
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("identity", &self.identity())
+            .finish()
+    }
+}
+
+/// Membership changes of a node, in the order it saw them. A subscriber that falls more
+/// than 1024 events behind skips the oldest (counted in `events_lagged`).
+#[derive(Debug)]
+pub struct MemberEvents {
+    receiver: broadcast::Receiver<MemberEvent>,
+    stats: Arc<stats::Stats>,
+}
+
+impl MemberEvents {
+    /// The next event, or `None` once the node has stopped.
+    pub async fn next(&mut self) -> Option<MemberEvent> {
+        loop {
+            match self.receiver.recv().await {
+                Ok(event) => return Some(event),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    stats::Stats::add(&self.stats.events_lagged, missed);
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! Counters of what a node sent, received and dropped.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Live counters, shared by the node's tasks.
+        #[derive(Debug, Default)]
+        pub(crate) struct Stats { $(pub(crate) $name: AtomicU64,)* }
+
+        /// A copy of a node's counters.
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct StatsSnapshot { $($(#[$doc])* pub $name: u64,)* }
+
+        impl Stats {
+            pub(crate) fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Datagrams received.
+    udp_received,
+    /// Bytes of datagrams received.
+    udp_received_bytes,
+    /// Datagrams dropped because they were malformed, oversized or refused.
+    udp_dropped,
+    /// Datagrams sent.
+    udp_sent,
+    /// Bytes of datagrams sent.
+    udp_sent_bytes,
+    /// TCP connections accepted.
+    tcp_accepted,
+    /// TCP connections closed for a malformed, oversized or late request.
+    tcp_dropped,
+    /// TCP connections refused because too many were open.
+    tcp_refused_busy,
+    /// Bytes read from and written to TCP exchanges.
+    tcp_bytes,
+    /// Push-pull exchanges that completed (either side).
+    push_pull_ok,
+    /// Push-pull exchanges that failed.
+    push_pull_failed,
+    /// Member events a slow subscriber missed.
+    events_lagged,
+}
+
+impl Stats {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}

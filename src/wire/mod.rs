@@ -1,0 +1,197 @@
+//! Wire formats: bincode with size limits, TCP framing, and the UDP datagram envelope.
+//!
+//! Every decoder here is bounded: datagrams by [`MAX_DATAGRAM`], TCP frames by
+//! [`MAX_FRAME`] (checked from the length prefix before any allocation), and bincode by a
+//! byte limit so hostile length prefixes fail without allocating.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+/// Largest UDP datagram grapevine sends or accepts, envelope included.
+pub const MAX_DATAGRAM: usize = 1400;
+/// Bytes of the datagram envelope: magic, version, kind.
+pub const ENVELOPE_LEN: usize = 3;
+/// Largest TCP frame (length prefix excluded) accepted or sent.
+pub const MAX_FRAME: usize = 8 * 1024 * 1024;
+
+const MAGIC: u8 = 0x47; // 'G'
+const VERSION: u8 = 1;
+
+/// Errors of encoding and decoding.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The encoded value is larger than the limit for its channel.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Encoded size.
+        size: usize,
+        /// Limit that applies.
+        limit: usize,
+    },
+    /// Encoding failed.
+    #[error("encode failed: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+    /// The bytes are not a valid message.
+    #[error("malformed message: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
+    /// Bytes were left over after the message.
+    #[error("malformed message: {0} trailing bytes")]
+    Trailing(usize),
+    /// A datagram without grapevine's envelope, or of an unknown version or kind.
+    #[error("not a grapevine datagram")]
+    BadEnvelope,
+}
+
+fn datagram_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ MAX_DATAGRAM * 2 }>()
+}
+
+fn frame_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ MAX_FRAME * 2 }>()
+}
+
+/// Encodes `value` for a TCP frame, refusing anything above [`MAX_FRAME`].
+pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, WireError> {
+    let bytes = bincode::serde::encode_to_vec(value, frame_config())?;
+    if bytes.len() > MAX_FRAME {
+        return Err(WireError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_FRAME,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Decodes one whole TCP frame; trailing bytes are an error.
+pub fn decode_frame<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+    if bytes.len() > MAX_FRAME {
+        return Err(WireError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_FRAME,
+        });
+    }
+    let (value, used) = bincode::serde::decode_from_slice(bytes, frame_config())?;
+    if used != bytes.len() {
+        return Err(WireError::Trailing(bytes.len() - used));
+    }
+    Ok(value)
+}
+
+/// Decodes a value from the front of a datagram payload, returning it and the bytes used.
+pub fn decode_datagram_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), WireError> {
+    if bytes.len() > MAX_DATAGRAM {
+        return Err(WireError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_DATAGRAM,
+        });
+    }
+    Ok(bincode::serde::decode_from_slice(bytes, datagram_config())?)
+}
+
+/// Encodes a value into `out` (appending) for a datagram; fails if `out` would exceed `limit`.
+pub fn encode_datagram_into<T: Serialize>(
+    value: &T,
+    out: &mut Vec<u8>,
+    limit: usize,
+) -> Result<(), WireError> {
+    let bytes = bincode::serde::encode_to_vec(value, datagram_config())?;
+    if out.len() + bytes.len() > limit {
+        return Err(WireError::TooLarge {
+            size: out.len() + bytes.len(),
+            limit,
+        });
+    }
+    out.extend_from_slice(&bytes);
+    Ok(())
+}
+
+/// What a datagram carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatagramKind {
+    /// A SWIM packet for foca.
+    Swim,
+    /// A notice that the sender is leaving the cluster gracefully.
+    Leave,
+}
+
+impl DatagramKind {
+    fn code(self) -> u8 {
+        match self {
+            DatagramKind::Swim => 0,
+            DatagramKind::Leave => 1,
+        }
+    }
+}
+
+/// Starts a datagram of `kind` in `out` (cleared first).
+pub fn begin_datagram(kind: DatagramKind, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&[MAGIC, VERSION, kind.code()]);
+}
+
+/// Splits a received datagram into its kind and payload.
+pub fn open_datagram(datagram: &[u8]) -> Result<(DatagramKind, &[u8]), WireError> {
+    if datagram.len() > MAX_DATAGRAM {
+        return Err(WireError::TooLarge {
+            size: datagram.len(),
+            limit: MAX_DATAGRAM,
+        });
+    }
+    match datagram {
+        [MAGIC, VERSION, 0, rest @ ..] => Ok((DatagramKind::Swim, rest)),
+        [MAGIC, VERSION, 1, rest @ ..] => Ok((DatagramKind::Leave, rest)),
+        _ => Err(WireError::BadEnvelope),
+    }
+}
+
+/// Wraps a TCP stream in grapevine's length-prefixed framing (u32 big-endian prefix,
+/// frames above [`MAX_FRAME`] rejected before allocation).
+pub fn framed<S: AsyncRead + AsyncWrite>(stream: S) -> Framed<S, LengthDelimitedCodec> {
+    let codec = LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(MAX_FRAME)
+        .new_codec();
+    Framed::new(stream, codec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_roundtrip_and_trailing_rejected() {
+        let bytes = encode_frame(&("hello".to_string(), 42u64)).unwrap();
+        let back: (String, u64) = decode_frame(&bytes).unwrap();
+        assert_eq!(back, ("hello".to_string(), 42));
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(
+            decode_frame::<(String, u64)>(&longer),
+            Err(WireError::Trailing(1))
+        ));
+    }
+
+    #[test]
+    fn huge_length_prefix_fails_without_allocating() {
+        // A varint claiming a string of u64::MAX bytes.
+        let bytes = [0xFFu8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF];
+        assert!(decode_frame::<String>(&bytes).is_err());
+        assert!(decode_frame::<Vec<String>>(&bytes).is_err());
+    }
+
+    #[test]
+    fn envelope() {
+        let mut out = Vec::new();
+        begin_datagram(DatagramKind::Leave, &mut out);
+        out.push(7);
+        assert_eq!(
+            open_datagram(&out).unwrap(),
+            (DatagramKind::Leave, &[7u8][..])
+        );
+        assert!(open_datagram(&[1, 2, 3]).is_err());
+        assert!(open_datagram(&[]).is_err());
+        assert!(open_datagram(&vec![MAGIC; MAX_DATAGRAM + 1]).is_err());
+    }
+}
