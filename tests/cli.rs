@@ -1,0 +1,678 @@
+//! End-to-end tests of the `grapevine` binary: real processes, real sockets on 127.0.0.1.
+//!
+//! Every spawned process is owned by a guard that kills and reaps it on drop (panics
+//! included), and every wait is a bounded poll.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_grapevine");
+/// How often a condition is checked.
+const POLL: Duration = Duration::from_millis(200);
+/// How long a cluster may take to converge or to notice a change.
+const CONVERGE: Duration = Duration::from_secs(20);
+/// Longest a single CLI invocation may run (its own request timeout is 5 s).
+const CLI_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------
+// Process guards and helpers
+// ---------------------------------------------------------------------------------------
+
+/// A child process that is killed and reaped when dropped.
+struct ChildGuard {
+    child: Child,
+}
+
+impl ChildGuard {
+    fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait failed")
+    }
+
+    /// Waits at most `limit` for the process to exit.
+    fn wait_timeout(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn base_command() -> Command {
+    let mut command = Command::new(BIN);
+    // Default log level, whatever the caller's environment says.
+    command.env_remove("RUST_LOG").env_remove("RUST_BACKTRACE");
+    command.stdin(Stdio::null());
+    command
+}
+
+/// Runs the binary with `args`, waiting at most `limit`; panics if it does not exit.
+fn run_bounded(args: &[&str], limit: Duration) -> Output {
+    let mut command = base_command();
+    command
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut guard = ChildGuard {
+        child: command.spawn().expect("cannot spawn grapevine"),
+    };
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        guard
+            .child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        guard
+            .child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let status = guard.wait_timeout(limit);
+    let Some(status) = status else {
+        drop(guard); // kills it, so the pipes close and the readers finish
+        let stderr = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+        panic!(
+            "`grapevine {}` did not exit within {limit:?}; stderr: {stderr}",
+            args.join(" ")
+        );
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+fn cli(args: &[&str]) -> Output {
+    run_bounded(args, CLI_TIMEOUT)
+}
+
+/// A port number free for both UDP and TCP on 127.0.0.1 (at the time of asking).
+fn free_port() -> u16 {
+    for _ in 0..100 {
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let port = udp.local_addr().expect("udp addr").port();
+        if let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)) {
+            drop(tcp);
+            drop(udp);
+            return port;
+        }
+    }
+    panic!("no port free for both UDP and TCP");
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Calls `check` every [`POLL`] until it returns `Some` or `limit` passes; on timeout
+/// panics with `what` and the last state `check` described.
+fn poll_until<T>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut(&mut String) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    let mut last = String::new();
+    loop {
+        if let Some(value) = check(&mut last) {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for {what}; last seen: {last}");
+        }
+        thread::sleep(POLL);
+    }
+}
+
+static LOG_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A running `grapevine agent` whose output goes to a log file, shown if the test fails.
+struct Agent {
+    name: String,
+    addr: SocketAddr,
+    log: PathBuf,
+    process: ChildGuard,
+}
+
+impl Agent {
+    /// Starts an agent on a free port and waits until it answers control requests.
+    fn start(name: &str, join: &[SocketAddr]) -> Agent {
+        for _attempt in 0..5 {
+            let port = free_port();
+            let addr = local(port);
+            let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+                "cli-{}-{}-{name}-{port}.log",
+                std::process::id(),
+                LOG_SEQ.fetch_add(1, Ordering::Relaxed)
+            ));
+            let log_file = File::create(&log).expect("create agent log");
+            let mut command = base_command();
+            command
+                .args(["agent", "--name", name, "--bind", &addr.to_string()])
+                .args(["--profile", "local"])
+                .stdout(log_file.try_clone().expect("clone log"))
+                .stderr(log_file);
+            for seed in join {
+                command.args(["--join", &seed.to_string()]);
+            }
+            let mut agent = Agent {
+                name: name.to_string(),
+                addr,
+                log,
+                process: ChildGuard {
+                    child: command.spawn().expect("cannot spawn grapevine agent"),
+                },
+            };
+            let deadline = Instant::now() + CONVERGE;
+            loop {
+                if let Some(status) = agent.process.try_wait() {
+                    let log = agent.log_text();
+                    if log.contains("cannot bind") {
+                        // Someone took the port between our check and the agent's bind.
+                        break;
+                    }
+                    panic!("agent {name} exited early with {status}; log:\n{log}");
+                }
+                if info(addr).is_ok() {
+                    return agent;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "agent {name} never answered; log:\n{}",
+                    agent.log_text()
+                );
+                thread::sleep(POLL);
+            }
+        }
+        panic!("could not start agent {name}: ports kept being taken");
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.process.id()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.process.child.try_wait() {
+            let _ = self.process.child.kill();
+        }
+        let _ = self.process.child.wait();
+        if thread::panicking() {
+            eprintln!(
+                "----- log of agent {} ({}) -----\n{}",
+                self.name,
+                self.addr,
+                self.log_text()
+            );
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MemberRow {
+    name: String,
+    addr: String,
+    status: String,
+    generation: u64,
+}
+
+/// `grapevine members --agent ADDR --json`, parsed.
+fn members(agent: SocketAddr) -> Result<Vec<MemberRow>, String> {
+    let output = cli(&["members", "--agent", &agent.to_string(), "--json"]);
+    if !output.status.success() {
+        return Err(format!(
+            "members exited with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    let value: Value = serde_json::from_slice(&output.stdout).map_err(|e| {
+        format!(
+            "members --json printed invalid JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })?;
+    let array = value
+        .as_array()
+        .ok_or_else(|| format!("members --json is not an array: {value}"))?;
+    array
+        .iter()
+        .map(|m| {
+            let field = |key: &str| {
+                m.get(key)
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .ok_or_else(|| format!("member without string {key:?}: {m}"))
+            };
+            Ok(MemberRow {
+                name: field("name")?,
+                addr: field("addr")?,
+                status: field("status")?,
+                generation: m
+                    .get("generation")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| format!("member without numeric generation: {m}"))?,
+            })
+        })
+        .collect()
+}
+
+/// `grapevine info --agent ADDR --json`, parsed.
+fn info(agent: SocketAddr) -> Result<Value, String> {
+    let output = cli(&["info", "--agent", &agent.to_string(), "--json"]);
+    if !output.status.success() {
+        return Err(format!(
+            "info exited with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| format!("info --json: {e}"))
+}
+
+fn statuses(rows: &[MemberRow]) -> BTreeMap<String, String> {
+    rows.iter()
+        .map(|m| (m.name.clone(), m.status.clone()))
+        .collect()
+}
+
+/// Waits until every agent in `observers` lists exactly `expected` members, all alive.
+fn wait_all_alive(observers: &[&Agent], expected: &[&Agent]) {
+    let want: BTreeMap<String, String> = expected
+        .iter()
+        .map(|a| (a.name.clone(), "alive".to_string()))
+        .collect();
+    for observer in observers {
+        poll_until(
+            &format!("{} to see {:?} alive", observer.name, want.keys()),
+            CONVERGE,
+            |last| match members(observer.addr) {
+                Ok(rows) => {
+                    let seen = statuses(&rows);
+                    *last = format!("{seen:?}");
+                    (seen == want && rows.len() == want.len()).then_some(rows)
+                }
+                Err(error) => {
+                    *last = error;
+                    None
+                }
+            },
+        );
+    }
+}
+
+/// Starts `names.len()` agents, all but the first joining the first, and waits until each
+/// sees all of them alive.
+fn converged_cluster(names: &[&str]) -> Vec<Agent> {
+    let first = Agent::start(names[0], &[]);
+    let seed = first.addr;
+    let mut agents = vec![first];
+    for name in &names[1..] {
+        agents.push(Agent::start(name, &[seed]));
+    }
+    let all: Vec<&Agent> = agents.iter().collect();
+    wait_all_alive(&all, &all);
+    agents
+}
+
+fn assert_one_line_error(output: &Output, what: &str) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        !output.status.success(),
+        "{what}: expected failure, got {}; stderr: {stderr}",
+        output.status
+    );
+    for forbidden in ["panicked", "backtrace", "RUST_BACKTRACE"] {
+        assert!(
+            !stderr.contains(forbidden),
+            "{what}: stderr mentions {forbidden:?}: {stderr}"
+        );
+    }
+    let trimmed = stderr.trim();
+    assert!(!trimmed.is_empty(), "{what}: empty stderr");
+    assert_eq!(
+        trimmed.lines().count(),
+        1,
+        "{what}: stderr is not one line: {stderr}"
+    );
+    trimmed.to_string()
+}
+
+/// xorshift64*: enough randomness for garbage, no dependency needed.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn three_agents_form_a_cluster_and_members_json_lists_them() {
+    let agents = converged_cluster(&["form-a", "form-b", "form-c"]);
+
+    for agent in &agents {
+        // The JSON view: every member with its advertised address and a generation.
+        let rows = members(agent.addr).expect("members --json");
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        for other in &agents {
+            let row = rows
+                .iter()
+                .find(|r| r.name == other.name)
+                .unwrap_or_else(|| panic!("{} missing from {rows:?}", other.name));
+            assert_eq!(row.addr, other.addr.to_string(), "{rows:?}");
+            assert_eq!(row.status, "alive", "{rows:?}");
+            assert!(row.generation > 0, "{rows:?}");
+        }
+
+        // The table view: a header, then one row per member.
+        let output = cli(&["members", "--agent", &agent.addr.to_string()]);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "members table failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 4, "header plus 3 rows expected:\n{stdout}");
+        assert!(
+            lines[0].contains("NAME") && lines[0].contains("STATUS"),
+            "bad header:\n{stdout}"
+        );
+        for other in &agents {
+            let matching: Vec<&&str> = lines[1..]
+                .iter()
+                .filter(|l| l.split_whitespace().next() == Some(other.name.as_str()))
+                .collect();
+            assert_eq!(matching.len(), 1, "one row for {}:\n{stdout}", other.name);
+            let columns: Vec<&str> = matching[0].split_whitespace().collect();
+            assert!(
+                columns.contains(&other.addr.to_string().as_str()) && columns.contains(&"alive"),
+                "row for {} lacks its address or status:\n{stdout}",
+                other.name
+            );
+        }
+    }
+}
+
+#[test]
+fn killed_agent_is_marked_down_by_the_others() {
+    let mut agents = converged_cluster(&["kill-a", "kill-b", "kill-c"]);
+    let mut victim = agents.pop().expect("three agents");
+    victim.process.child.kill().expect("SIGKILL the agent");
+    victim.process.child.wait().expect("reap the agent");
+
+    for observer in &agents {
+        poll_until(
+            &format!("{} to see {} down", observer.name, victim.name),
+            CONVERGE,
+            |last| {
+                let rows = match members(observer.addr) {
+                    Ok(rows) => rows,
+                    Err(error) => {
+                        *last = error;
+                        return None;
+                    }
+                };
+                let seen = statuses(&rows);
+                *last = format!("{seen:?}");
+                let status = seen.get(&victim.name).map(String::as_str);
+                assert_ne!(
+                    status,
+                    Some("left"),
+                    "{} reports the killed {} as left: {seen:?}",
+                    observer.name,
+                    victim.name
+                );
+                for survivor in &agents {
+                    assert_ne!(
+                        seen.get(&survivor.name).map(String::as_str),
+                        Some("down"),
+                        "{} reports the live {} as down: {seen:?}",
+                        observer.name,
+                        survivor.name
+                    );
+                }
+                (status == Some("down")).then_some(())
+            },
+        );
+    }
+}
+
+#[test]
+fn sigterm_agent_leaves_gracefully() {
+    let mut agents = converged_cluster(&["term-a", "term-b", "term-c"]);
+    let mut leaver = agents.pop().expect("three agents");
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &leaver.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(kill.success(), "kill -TERM failed: {kill}");
+
+    // Watch the others from the moment the signal is sent: `down` must never show up.
+    let mut exit_status = None;
+    let mut reported_left: BTreeMap<String, bool> =
+        agents.iter().map(|a| (a.name.clone(), false)).collect();
+    let sent = Instant::now();
+    poll_until(
+        &format!("{} to exit and the others to see it left", leaver.name),
+        CONVERGE,
+        |last| {
+            if exit_status.is_none() {
+                exit_status = leaver.process.try_wait();
+                assert!(
+                    exit_status.is_some() || sent.elapsed() < Duration::from_secs(10),
+                    "{} did not exit within 10 s of SIGTERM",
+                    leaver.name
+                );
+            }
+            let mut views = Vec::new();
+            for observer in &agents {
+                match members(observer.addr) {
+                    Ok(rows) => {
+                        let seen = statuses(&rows);
+                        let status = seen.get(&leaver.name).map(String::as_str);
+                        assert_ne!(
+                            status,
+                            Some("down"),
+                            "{} reports the departing {} as down: {seen:?}",
+                            observer.name,
+                            leaver.name
+                        );
+                        if status == Some("left") {
+                            reported_left.insert(observer.name.clone(), true);
+                        }
+                        views.push(format!("{}: {seen:?}", observer.name));
+                    }
+                    Err(error) => views.push(format!("{}: {error}", observer.name)),
+                }
+            }
+            *last = format!("exit {exit_status:?}; {}", views.join("; "));
+            let all_left = reported_left.values().all(|&left| left);
+            (exit_status.is_some() && all_left).then_some(())
+        },
+    );
+    let status = exit_status.expect("exited");
+    assert!(
+        status.success(),
+        "{} exited with {status} after SIGTERM; log:\n{}",
+        leaver.name,
+        leaver.log_text()
+    );
+
+    // Once left, it stays left (and never turns down) for a few more rounds.
+    for _ in 0..5 {
+        for observer in &agents {
+            let seen = statuses(&members(observer.addr).expect("members"));
+            assert_eq!(
+                seen.get(&leaver.name).map(String::as_str),
+                Some("left"),
+                "{}: {seen:?}",
+                observer.name
+            );
+        }
+        thread::sleep(POLL);
+    }
+}
+
+#[test]
+fn bad_use_gives_one_line_errors() {
+    // (a) The port is taken.
+    let holder = UdpSocket::bind("127.0.0.1:0").expect("bind a udp socket");
+    let taken = holder.local_addr().expect("addr");
+    let output = cli(&[
+        "agent",
+        "--name",
+        "x",
+        "--bind",
+        &taken.to_string(),
+        "--profile",
+        "local",
+    ]);
+    let line = assert_one_line_error(&output, "agent on a taken port");
+    assert!(
+        line.contains(&taken.to_string()) && line.contains("bind"),
+        "taken port: {line}"
+    );
+    drop(holder);
+
+    // (b) An address that is not one.
+    let output = cli(&["agent", "--name", "x", "--bind", "not-an-address"]);
+    let line = assert_one_line_error(&output, "bad --bind");
+    assert!(line.contains("--bind"), "bad --bind: {line}");
+
+    // (c) An unknown flag.
+    let output = cli(&["agent", "--name", "x", "--frobnicate"]);
+    let line = assert_one_line_error(&output, "unknown flag");
+    assert!(line.contains("--frobnicate"), "unknown flag: {line}");
+
+    // (d) No agent listening.
+    let closed = local(free_port());
+    let output = cli(&["members", "--agent", &closed.to_string()]);
+    let line = assert_one_line_error(&output, "members of a closed port");
+    assert!(line.contains("cannot reach"), "closed port: {line}");
+}
+
+#[test]
+fn random_bytes_on_tcp_port_do_not_break_the_agent() {
+    let agents = converged_cluster(&["junk-a", "junk-b"]);
+    let target = agents[0].addr;
+    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    let connect = || {
+        let stream = TcpStream::connect_timeout(&target, Duration::from_secs(5)).expect("connect");
+        stream
+            .set_write_timeout(Some(Duration::from_secs(5)))
+            .expect("write timeout");
+        stream
+    };
+    // Writes may fail once the agent hangs up on us: that is its right.
+    let send = |stream: &mut TcpStream, bytes: &[u8]| {
+        let _ = stream.write_all(bytes);
+        let _ = stream.flush();
+    };
+
+    // A length prefix far beyond the frame limit, then junk.
+    let mut huge = connect();
+    let mut bytes = vec![0xFF, 0xFF, 0xFF, 0xFF];
+    bytes.extend(rng.bytes(512));
+    send(&mut huge, &bytes);
+
+    // Half a frame, then silence: held open while the agent is queried below.
+    let mut stalled = connect();
+    let mut bytes = 200u32.to_be_bytes().to_vec();
+    bytes.extend(rng.bytes(100));
+    send(&mut stalled, &bytes);
+
+    // Plain garbage of assorted sizes.
+    for _ in 0..18 {
+        let mut stream = connect();
+        let len = 1 + (rng.next() % 4096) as usize;
+        let junk = rng.bytes(len);
+        send(&mut stream, &junk);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
+    drop(huge);
+
+    // The agent still answers, with the cluster intact, while one connection is stalled.
+    let rows = members(target).expect("members --json after garbage");
+    let seen = statuses(&rows);
+    assert_eq!(rows.len(), 2, "{seen:?}");
+    assert!(seen.values().all(|s| s == "alive"), "{seen:?}");
+    drop(stalled);
+
+    let refs: Vec<&Agent> = agents.iter().collect();
+    wait_all_alive(&refs, &refs);
+    let dropped = poll_until("tcp_dropped > 0 in info --json", CONVERGE, |last| {
+        let value = match info(target) {
+            Ok(value) => value,
+            Err(error) => {
+                *last = error;
+                return None;
+            }
+        };
+        *last = value["stats"].to_string();
+        value["stats"]["tcp_dropped"].as_u64().filter(|&n| n > 0)
+    });
+    assert!(dropped > 0);
+}
