@@ -1,6 +1,6 @@
 //! Timing profiles for the failure detector and the anti-entropy exchange.
 
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::{NonZeroU32, NonZeroU8, NonZeroUsize};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -32,6 +32,12 @@ impl std::str::FromStr for Profile {
     }
 }
 
+/// Fewest times an update is piggybacked.
+const MIN_TRANSMISSIONS: NonZeroU8 = match NonZeroU8::new(6) {
+    Some(n) => n,
+    None => NonZeroU8::MIN,
+};
+
 /// Room kept in every datagram for the envelope and, later, sealing overhead.
 const DATAGRAM_RESERVE: usize = 64;
 
@@ -44,6 +50,9 @@ impl Profile {
             Profile::Lan | Profile::Local => foca::Config::new_lan(n),
             Profile::Wan => foca::Config::new_wan(n),
         };
+        // foca's 4·log10(n+1) gives a small cluster a single transmission, so a burst of
+        // joins leaves members unaware of each other until the next anti-entropy round.
+        config.max_transmissions = config.max_transmissions.max(MIN_TRANSMISSIONS);
         config.max_packet_size = NonZeroUsize::new(wire::MAX_DATAGRAM - DATAGRAM_RESERVE)
             .unwrap_or(config.max_packet_size);
         // foca re-announces every 30 s by default; join bursts heal faster with less.

@@ -58,6 +58,9 @@ impl<T: Transport> Driver<T> {
         let mut seed_cursor = 0usize;
         let mut published = u64::MAX;
         let mut had_peers = false;
+        // After joining, a few quick push-pulls (1 s, 2 s, 4 s) fill in members that joined
+        // at the same time, instead of waiting for the periodic exchange.
+        let mut followup: Option<(Instant, Duration)> = None;
 
         loop {
             let deadline = self
@@ -100,6 +103,16 @@ impl<T: Transport> Driver<T> {
                         Err(error) => tracing::debug!(%error, "push-pull task ended abnormally"),
                     }
                 }
+                () = sleep_until_opt(followup.map(|(at, _)| at)) => {
+                    if let Some((_, gap)) = followup.take() {
+                        if let Some(peer) = self.random_peer() {
+                            self.start_push_pull(peer, &mut syncs);
+                        }
+                        if gap < FOLLOWUP_LAST {
+                            followup = Some((Instant::now() + gap * 2, gap * 2));
+                        }
+                    }
+                }
                 _ = join_tick.tick() => {
                     if self.membership.num_active_peers() == 0 {
                         self.try_join(&mut seed_cursor, &mut syncs);
@@ -117,6 +130,7 @@ impl<T: Transport> Driver<T> {
                 if let Some(peer) = self.random_peer() {
                     self.start_push_pull(peer, &mut syncs);
                 }
+                followup = Some((Instant::now() + FOLLOWUP_FIRST, FOLLOWUP_FIRST));
             }
             had_peers = has_peers;
             self.flush().await;
@@ -222,6 +236,17 @@ impl<T: Transport> Driver<T> {
                 profile: view.profile,
             })
         });
+    }
+}
+
+/// First and last gap of the push-pulls that follow a join.
+const FOLLOWUP_FIRST: Duration = Duration::from_secs(1);
+const FOLLOWUP_LAST: Duration = Duration::from_secs(4);
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
