@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+pub mod faulty;
 mod tokio_impl;
 
 pub use tokio_impl::TokioTransport;
