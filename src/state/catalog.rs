@@ -1032,3 +1032,722 @@ impl Catalog {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn svc(name: &str, id: &str) -> ServiceRecord {
+        ServiceRecord::new(Service::new(name, id, 8080), Health::Passing)
+    }
+
+    fn live_ids(c: &Catalog, owner: &str) -> Vec<String> {
+        c.owner_records(owner)
+            .into_iter()
+            .map(|r| r.service.id)
+            .collect()
+    }
+
+    /// One full anti-entropy pull: `to` sends its digest, `from` answers.
+    fn pull(from: &Catalog, to: &mut Catalog, budget: usize) -> usize {
+        let payload = from.deltas_for(&to.digest(), budget);
+        assert!(
+            payload.encoded_len() <= budget.max(1),
+            "payload over budget"
+        );
+        let n = payload.owners.len();
+        to.apply_sync(payload);
+        n
+    }
+
+    #[test]
+    fn validation_limits() {
+        let ok = svc("web-1.api_x", "i1");
+        assert_eq!(ok.validate(), Ok(()));
+        let mut s = Service::new("", "i", 1);
+        assert_eq!(s.validate(), Err(CatalogError::NameLength { len: 0 }));
+        s.name = "a".repeat(MAX_SERVICE_NAME_LEN + 1);
+        assert!(s.validate().unwrap_err().to_string().contains("1..=128"));
+        s.name = "bad name".into();
+        assert_eq!(s.validate(), Err(CatalogError::NameChar { ch: ' ' }));
+        s.name = "ok".into();
+        s.id = String::new();
+        assert_eq!(s.validate(), Err(CatalogError::IdLength { len: 0 }));
+        s.id = "i".into();
+        s.tags = vec!["t".into(); MAX_TAGS + 1];
+        assert_eq!(s.validate(), Err(CatalogError::TooManyTags { count: 33 }));
+        s.tags = vec!["t".repeat(MAX_TAG_LEN + 1)];
+        let err = s.validate().unwrap_err();
+        assert_eq!(err, CatalogError::TagTooLong { index: 0, len: 129 });
+        assert!(err.to_string().contains("at most 128 bytes"));
+        s.tags.clear();
+        s.meta = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
+        assert_eq!(s.validate(), Err(CatalogError::TooManyMeta { count: 65 }));
+        // 1 KB of meta is fine, 5 KB is not.
+        s.meta = [("blob".to_string(), "x".repeat(1024))].into();
+        assert_eq!(s.validate(), Ok(()));
+        s.meta = [("blob".to_string(), "x".repeat(5000))].into();
+        let err = s.validate().unwrap_err();
+        assert!(matches!(err, CatalogError::MetaTooLarge { .. }));
+        assert!(err.to_string().contains("4096"));
+        // The meta size formula is the real bincode size.
+        s.meta = (0..40)
+            .map(|i| (format!("key{i}"), "v".repeat(i * 10)))
+            .collect();
+        assert_eq!(meta_encoded_len(&s.meta), encoded_len(&s.meta));
+    }
+
+    #[test]
+    fn largest_record_fits_wire_bound() {
+        let mut s = Service::new("n".repeat(128), "i".repeat(128), u16::MAX);
+        s.addr = Some("::1".parse().unwrap());
+        s.tags = vec!["t".repeat(MAX_TAG_LEN); MAX_TAGS];
+        s.meta = [("m".to_string(), "v".repeat(4090))].into();
+        assert_eq!(s.validate(), Ok(()));
+        let id = s.id.clone();
+        let entry = Entry {
+            version: u64::MAX,
+            record: Some(ServiceRecord::new(s, Health::Critical)),
+        };
+        assert!(encoded_len(&(&id, &entry)) <= MAX_ENTRY_WIRE_LEN);
+    }
+
+    #[test]
+    fn health_names() {
+        assert_eq!(Health::Warning.to_string(), "warning");
+        assert_eq!(
+            serde_json::to_string(&Health::Critical).unwrap(),
+            "\"critical\""
+        );
+        let h: Health = serde_json::from_str("\"passing\"").unwrap();
+        assert_eq!(h, Health::Passing);
+    }
+
+    #[test]
+    fn local_writes() {
+        let mut c = Catalog::new("a", 1);
+        let d1 = c.register(svc("web", "w1")).unwrap();
+        assert_eq!((d1.owner.as_str(), d1.epoch, d1.version), ("a", 1, 1));
+        // Identical re-registration does not bump.
+        assert_eq!(c.register(svc("web", "w1")).unwrap(), d1);
+        assert_eq!(c.set_health("w1", Health::Passing), Ok(None));
+        let d2 = c.set_health("w1", Health::Critical).unwrap().unwrap();
+        assert_eq!(d2.version, 2);
+        assert_eq!(d2.record.as_ref().unwrap().health, Health::Critical);
+        let d3 = c.deregister("w1").unwrap();
+        assert_eq!((d3.version, d3.record), (3, None));
+        assert_eq!(
+            c.deregister("w1"),
+            Err(CatalogError::UnknownService("w1".into()))
+        );
+        assert!(c.set_health("nope", Health::Passing).is_err());
+        assert!(c.register(svc("bad name", "x")).is_err());
+        assert_eq!(c.local_max_version(), 3);
+        assert!(d1.encoded_len() < 100);
+    }
+
+    #[test]
+    fn service_limit_per_owner() {
+        let mut c = Catalog::new("a", 1);
+        for i in 0..MAX_SERVICES_PER_OWNER {
+            c.register(svc("s", &format!("i{i}"))).unwrap();
+        }
+        assert_eq!(
+            c.register(svc("s", "extra")),
+            Err(CatalogError::TooManyServices)
+        );
+        // Updating an existing one is fine; after a deregistration there is room again.
+        c.set_health("i0", Health::Warning).unwrap();
+        c.register(svc("t", "i1")).unwrap();
+        c.deregister("i2").unwrap();
+        c.register(svc("s", "extra")).unwrap();
+    }
+
+    #[test]
+    fn deltas_apply_idempotently_and_in_any_order() {
+        let mut a = Catalog::new("a", 1);
+        let d1 = a.register(svc("web", "w1")).unwrap();
+        let d2 = a.register(svc("web", "w2")).unwrap();
+        let d3 = a.deregister("w1").unwrap();
+        let mut b = Catalog::new("b", 1);
+        assert!(b.apply_delta(d3.clone()));
+        assert!(!b.apply_delta(d1.clone()), "older than the tombstone");
+        assert_eq!(b.owner("a").unwrap().max_version, 0, "gap before version 3");
+        assert!(b.apply_delta(d2.clone()));
+        assert!(!b.apply_delta(d2));
+        // Version 1 was superseded, so deltas alone cannot prove contiguity; a sync does.
+        assert_eq!(b.owner("a").unwrap().max_version, 0);
+        assert_eq!(live_ids(&b, "a"), vec!["w2"]);
+        let p = a.deltas_for(&b.digest(), 1 << 20);
+        assert_eq!(p.owners["a"].kind, UpdateKind::Since(0));
+        assert_eq!(b.apply_sync(p), Vec::<String>::new(), "no new entries");
+        assert_eq!(b.owner("a"), a.owner("a"));
+        // Invalid records are ignored.
+        let mut bad = d1;
+        bad.version = 9;
+        bad.record.as_mut().unwrap().service.name = "no spaces".into();
+        assert!(!b.apply_delta(bad));
+    }
+
+    #[test]
+    fn local_owner_is_never_written_remotely() {
+        let mut a = Catalog::new("a", 2);
+        a.register(svc("web", "w1")).unwrap();
+        let before = a.clone();
+        let mut forged = Delta {
+            owner: "a".into(),
+            epoch: 2,
+            version: 7,
+            service_id: "w1".into(),
+            record: None,
+        };
+        assert!(!a.apply_delta(forged.clone()));
+        forged.epoch = 1;
+        assert!(!a.apply_delta(forged.clone()));
+        assert_eq!(a, before);
+        assert_eq!(a.newer_local_epoch(), None);
+        forged.epoch = 5;
+        assert!(!a.apply_delta(forged));
+        assert_eq!(a.newer_local_epoch(), Some(5));
+        assert_eq!(a.owner("a"), before.owner("a"));
+        // Nor through sync or merge.
+        let mut evil = Catalog::new("a", 9);
+        evil.register(svc("x", "x")).unwrap();
+        a.apply_sync(evil.deltas_for(&Digest::default(), 1 << 20));
+        a.merge(&evil);
+        assert_eq!(a.owner("a"), before.owner("a"));
+        assert_eq!(a.newer_local_epoch(), Some(9));
+    }
+
+    #[test]
+    fn higher_epoch_replaces_owner_state() {
+        let mut a1 = Catalog::new("a", 1);
+        let old = a1.register(svc("web", "old")).unwrap();
+        let mut b = Catalog::new("b", 1);
+        b.apply_delta(old.clone());
+        let mut a2 = Catalog::new("a", 2);
+        let new = a2.register(svc("web", "new")).unwrap();
+        assert!(b.apply_delta(new));
+        assert_eq!(live_ids(&b, "a"), vec!["new"]);
+        assert!(!b.apply_delta(old), "older epoch ignored");
+        assert_eq!(b.owner("a").unwrap().epoch, 2);
+        // A sync from a stale peer does not bring the old epoch back.
+        let mut stale = Catalog::new("c", 1);
+        pull(&a1, &mut stale, 1 << 20);
+        let changed = b.apply_sync(stale.deltas_for(&b.digest(), 1 << 20));
+        assert_eq!(changed, vec!["c".to_string()]);
+        assert_eq!(live_ids(&b, "a"), vec!["new"]);
+    }
+
+    #[test]
+    fn sync_truncates_and_resumes() {
+        let mut a = Catalog::new("a", 1);
+        for i in 0..50 {
+            a.register(svc("web", &format!("w{i:02}"))).unwrap();
+        }
+        for i in 0..10 {
+            a.deregister(&format!("w{i:02}")).unwrap();
+        }
+        let mut b = Catalog::new("b", 1);
+        let mut rounds = 0;
+        while pull(&a, &mut b, 150) > 0 {
+            rounds += 1;
+            assert!(rounds < 100);
+        }
+        assert!(rounds > 5, "the budget must have split the transfer");
+        assert_eq!(b.owner("a"), a.owner("a"));
+        // Nothing left to send; a tiny budget sends nothing rather than too much.
+        assert!(a.deltas_for(&b.digest(), 1 << 20).is_empty());
+        assert!(a.deltas_for(&Digest::default(), 10).is_empty());
+    }
+
+    #[test]
+    fn tombstone_gc_forces_reset_and_replicas_drop_tombstones() {
+        let mut a = Catalog::new("a", 1);
+        a.register(svc("web", "w1")).unwrap();
+        a.register(svc("web", "w2")).unwrap();
+        let mut lagging = Catalog::new("l", 1);
+        pull(&a, &mut lagging, 1 << 20); // knows w1, w2 at version 2
+        let mut current = lagging.clone();
+        a.deregister("w1").unwrap(); // v3
+        a.register(svc("web", "w3")).unwrap(); // v4
+        pull(&a, &mut current, 1 << 20);
+        assert_eq!(current.owner("a").unwrap().entries.len(), 3);
+        assert_eq!(a.collect_tombstones(3), 1);
+        assert_eq!(a.owner("a").unwrap().gc_floor, 3);
+        // The lagging peer is below the floor: it gets a reset, and w1 disappears.
+        let p = a.deltas_for(&lagging.digest(), 1 << 20);
+        assert_eq!(p.owners["a"].kind, UpdateKind::Reset);
+        lagging.apply_sync(p);
+        assert_eq!(lagging.owner("a"), a.owner("a"));
+        // The up-to-date peer learns the floor and drops its copy of the tombstone.
+        assert_eq!(pull(&a, &mut current, 1 << 20), 1);
+        assert_eq!(current.owner("a"), a.owner("a"));
+        // A stale delta cannot resurrect w1 anywhere.
+        let stale = Delta {
+            owner: "a".into(),
+            epoch: 1,
+            version: 1,
+            service_id: "w1".into(),
+            record: Some(svc("web", "w1")),
+        };
+        assert!(!current.apply_delta(stale.clone()));
+        assert!(!lagging.apply_delta(stale));
+        let mut old = Catalog::new("o", 1);
+        old.owners.insert("a".into(), OwnerState::new(1));
+        old.owners.get_mut("a").unwrap().entries.insert(
+            "w1".into(),
+            Entry {
+                version: 1,
+                record: Some(svc("web", "w1")),
+            },
+        );
+        current.merge(&old);
+        assert_eq!(live_ids(&current, "a"), vec!["w2", "w3"]);
+    }
+
+    #[test]
+    fn forget_owner_blocks_stale_gossip() {
+        let mut a = Catalog::new("a", 1);
+        let d = a.register(svc("web", "w")).unwrap();
+        let mut b = Catalog::new("b", 1);
+        b.apply_delta(d.clone());
+        let mut c = b.clone();
+        assert!(b.forget_owner("a", 1));
+        assert!(!b.forget_owner("b", 1), "cannot forget self");
+        assert_eq!(b.forgotten_epoch("a"), Some(1));
+        assert!(!b.apply_delta(d));
+        assert!(b.apply_sync(c.deltas_for(&b.digest(), 1 << 20)).is_empty());
+        assert!(c.deltas_for(&b.digest(), 1 << 20).is_empty(), "digest mark");
+        b.merge(&c);
+        assert!(b.owner("a").is_none());
+        // Merging spreads the mark.
+        c.merge(&b);
+        assert!(c.owner("a").is_none());
+        // The node restarts with a higher epoch: accepted, mark cleared.
+        let mut a2 = Catalog::new("a", 2);
+        assert!(b.apply_delta(a2.register(svc("web", "w")).unwrap()));
+        assert_eq!(b.forgotten_epoch("a"), None);
+        assert_eq!(live_ids(&b, "a"), vec!["w"]);
+        // Forgetting an older epoch than held changes nothing.
+        assert!(!b.forget_owner("a", 1));
+        assert!(b.owner("a").is_some());
+    }
+
+    #[test]
+    fn forgotten_marks_are_bounded() {
+        let mut c = Catalog::new("me", 1);
+        for i in 0..10 {
+            c.forget_owner(&format!("n{i}"), 1);
+        }
+        c.prune_forgotten(3);
+        assert_eq!(c.forgotten_len(), 3);
+        assert_eq!(c.forgotten_epoch("n9"), Some(1));
+        assert_eq!(c.forgotten_epoch("n6"), None);
+        c.prune_forgotten(0);
+        assert_eq!(c.forgotten_len(), 0);
+        for i in 0..MAX_FORGOTTEN + 5 {
+            c.forget_owner(&format!("m{i}"), 1);
+        }
+        assert_eq!(c.forgotten_len(), MAX_FORGOTTEN);
+    }
+
+    #[test]
+    fn queries() {
+        let mut c = Catalog::new("b", 1);
+        c.register(svc("web", "w2")).unwrap();
+        c.register(svc("db", "d1")).unwrap();
+        let mut a = Catalog::new("a", 1);
+        a.register(svc("web", "w9")).unwrap();
+        a.register(svc("web", "w1")).unwrap();
+        a.register(svc("web", "gone")).unwrap();
+        a.deregister("gone").unwrap();
+        c.merge(&a);
+        let ids: Vec<(String, String)> = c
+            .instances("web")
+            .into_iter()
+            .map(|(o, r)| (o, r.service.id))
+            .collect();
+        let want = [("a", "w1"), ("a", "w9"), ("b", "w2")];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(o, i)| (o.to_string(), i.to_string()))
+            .collect();
+        assert_eq!(ids, want);
+        assert_eq!(c.instances_filtered("web", |o| o != "a").len(), 1);
+        assert!(c.instances("nope").is_empty());
+        let services: Vec<(String, usize)> = c.services().into_iter().collect();
+        assert_eq!(services, vec![("db".into(), 1), ("web".into(), 3)]);
+        assert_eq!(live_ids(&c, "a"), vec!["w1", "w9"]);
+        assert!(c.owner_records("zz").is_empty());
+    }
+
+    // ---------------------------------------------------------------- property tests
+
+    fn arb_record() -> impl Strategy<Value = ServiceRecord> {
+        (
+            prop::sample::select(vec!["api", "db", "web"]),
+            prop::sample::select(vec!["a", "b", "c", "d"]),
+            prop::option::of(any::<[u8; 4]>()),
+            any::<u16>(),
+            prop::collection::vec("[a-z]{0,4}", 0..3),
+            prop::collection::btree_map("[a-z]{1,3}", "[a-z]{0,5}", 0..3),
+            prop::sample::select(vec![Health::Passing, Health::Warning, Health::Critical]),
+        )
+            .prop_map(|(name, id, addr, port, tags, meta, health)| {
+                let mut s = Service::new(name, id, port);
+                s.addr = addr.map(IpAddr::from);
+                s.tags = tags;
+                s.meta = meta;
+                ServiceRecord::new(s, health)
+            })
+    }
+
+    fn arb_entry() -> impl Strategy<Value = Entry> {
+        (1u64..12, prop::option::of(arb_record()))
+            .prop_map(|(version, record)| Entry { version, record })
+    }
+
+    fn arb_owner_state() -> impl Strategy<Value = OwnerState> {
+        (
+            1u64..3,
+            0u64..12,
+            0u64..12,
+            prop::collection::btree_map(
+                prop::sample::select(vec!["a", "b", "c", "d"]).prop_map(String::from),
+                arb_entry(),
+                0..4,
+            ),
+        )
+            .prop_map(|(epoch, max_version, gc_floor, entries)| OwnerState {
+                epoch,
+                max_version,
+                gc_floor,
+                entries,
+            })
+    }
+
+    fn join_states(a: &OwnerState, b: &OwnerState) -> OwnerState {
+        if a.epoch != b.epoch {
+            return if a.epoch > b.epoch {
+                a.clone()
+            } else {
+                b.clone()
+            };
+        }
+        let mut out = a.clone();
+        out.join(&b.entries, b.gc_floor, b.max_version);
+        out
+    }
+
+    /// An observer catalog (it owns nothing) holding arbitrary replicas and marks.
+    fn arb_catalog(me: &'static str) -> impl Strategy<Value = Catalog> {
+        (
+            prop::collection::btree_map(
+                prop::sample::select(vec!["n0", "n1", "n2"]).prop_map(String::from),
+                arb_owner_state(),
+                0..3,
+            ),
+            prop::collection::btree_map(
+                prop::sample::select(vec!["n0", "n1", "n2"]).prop_map(String::from),
+                0u64..3,
+                0..2,
+            ),
+        )
+            .prop_map(move |(owners, marks)| {
+                let mut c = Catalog::new(me, 1);
+                c.owners.extend(owners);
+                for (name, epoch) in marks {
+                    c.mark_forgotten(&name, epoch);
+                }
+                c.apply_forgotten(&mut BTreeSet::new());
+                c
+            })
+    }
+
+    fn merged(a: &Catalog, b: &Catalog) -> Catalog {
+        let mut out = a.clone();
+        out.merge(b);
+        out
+    }
+
+    /// What the laws are about: owner → (epoch, entries), plus the floors and versions.
+    fn observable(c: &Catalog) -> BTreeMap<String, OwnerState> {
+        c.owners.clone()
+    }
+
+    proptest! {
+        #[test]
+        fn join_is_a_semilattice(a in arb_owner_state(), b in arb_owner_state(), c in arb_owner_state()) {
+            prop_assert_eq!(join_states(&a, &b), join_states(&b, &a));
+            prop_assert_eq!(
+                join_states(&a, &join_states(&b, &c)),
+                join_states(&join_states(&a, &b), &c)
+            );
+            prop_assert_eq!(join_states(&a, &a), a);
+        }
+
+        #[test]
+        fn catalog_merge_laws(a in arb_catalog("oa"), b in arb_catalog("ob"), c in arb_catalog("oc")) {
+            prop_assert_eq!(observable(&merged(&a, &b)), observable(&merged(&b, &a)));
+            prop_assert_eq!(
+                observable(&merged(&a, &merged(&b, &c))),
+                observable(&merged(&merged(&a, &b), &c))
+            );
+            prop_assert_eq!(observable(&merged(&a, &a)), observable(&a));
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Register(usize, ServiceRecord),
+        Deregister(usize, &'static str),
+        SetHealth(usize, &'static str, Health),
+        Gc(usize, u64),
+        Deliver(usize, usize),
+        Sync(usize, usize, usize),
+        Merge(usize, usize),
+        Restart(usize),
+    }
+
+    const NODES: usize = 3;
+
+    fn arb_op() -> impl Strategy<Value = Op> {
+        let node = 0..NODES;
+        let id = prop::sample::select(vec!["a", "b", "c", "d"]);
+        let health = prop::sample::select(vec![Health::Passing, Health::Warning, Health::Critical]);
+        prop_oneof![
+            4 => (node.clone(), arb_record()).prop_map(|(n, r)| Op::Register(n, r)),
+            2 => (node.clone(), id.clone()).prop_map(|(n, i)| Op::Deregister(n, i)),
+            2 => (node.clone(), id, health).prop_map(|(n, i, h)| Op::SetHealth(n, i, h)),
+            1 => (node.clone(), 0u64..4).prop_map(|(n, back)| Op::Gc(n, back)),
+            4 => (any::<usize>(), node.clone()).prop_map(|(d, n)| Op::Deliver(d, n)),
+            3 => (node.clone(), node.clone(), 0usize..1500).prop_map(|(f, t, b)| Op::Sync(f, t, b)),
+            1 => (node.clone(), node.clone()).prop_map(|(f, t)| Op::Merge(f, t)),
+            1 => node.prop_map(Op::Restart),
+        ]
+    }
+
+    fn run_ops(ops: &[Op]) -> Vec<Catalog> {
+        let mut cats: Vec<Catalog> = (0..NODES)
+            .map(|i| Catalog::new(format!("n{i}"), 1))
+            .collect();
+        let mut network: Vec<Delta> = Vec::new();
+        for op in ops {
+            match op.clone() {
+                Op::Register(n, r) => network.extend(cats[n].register(r).ok()),
+                Op::Deregister(n, id) => network.extend(cats[n].deregister(id).ok()),
+                Op::SetHealth(n, id, h) => network.extend(cats[n].set_health(id, h).ok().flatten()),
+                Op::Gc(n, back) => {
+                    let v = cats[n].local_max_version().saturating_sub(back);
+                    cats[n].collect_tombstones(v);
+                }
+                Op::Deliver(d, n) => {
+                    if !network.is_empty() {
+                        let delta = network[d % network.len()].clone();
+                        cats[n].apply_delta(delta);
+                    }
+                }
+                Op::Sync(f, t, budget) => {
+                    let from = cats[f].clone();
+                    pull(&from, &mut cats[t], budget);
+                }
+                Op::Merge(f, t) => {
+                    let from = cats[f].clone();
+                    cats[t].merge(&from);
+                }
+                Op::Restart(n) => {
+                    let epoch = cats[n].epoch() + 1;
+                    cats[n] = Catalog::new(format!("n{n}"), epoch);
+                }
+            }
+            // A node's own state is only ever changed by itself.
+            for c in &cats {
+                assert_eq!(c.owner(c.local_owner()).map(|s| s.epoch), Some(c.epoch()));
+            }
+        }
+        cats
+    }
+
+    fn assert_converged(cats: &[Catalog]) -> Result<(), TestCaseError> {
+        for owner in cats {
+            let truth = owner.owner(owner.local_owner()).unwrap();
+            for c in cats {
+                let copy = c.owner(owner.local_owner());
+                prop_assert!(copy.is_some());
+                let copy = copy.unwrap();
+                prop_assert_eq!(copy.epoch, truth.epoch);
+                prop_assert_eq!(&copy.entries, &truth.entries);
+                prop_assert_eq!(copy.max_version, truth.max_version);
+                prop_assert_eq!(c.owners.len(), NODES);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn random_histories_converge(ops in prop::collection::vec(arb_op(), 0..80)) {
+            let mut cats = run_ops(&ops);
+            for _ in 0..2 {
+                for f in 0..NODES {
+                    for t in 0..NODES {
+                        let from = cats[f].clone();
+                        pull(&from, &mut cats[t], 1 << 20);
+                    }
+                }
+            }
+            assert_converged(&cats)?;
+        }
+
+        #[test]
+        fn truncated_syncs_alone_converge(
+            ops in prop::collection::vec(arb_op(), 0..60),
+            budget in 400usize..3000,
+        ) {
+            let mut cats = run_ops(&ops);
+            let mut rounds = 0;
+            loop {
+                let mut sent = 0;
+                for f in 0..NODES {
+                    for t in 0..NODES {
+                        let from = cats[f].clone();
+                        sent += pull(&from, &mut cats[t], budget);
+                    }
+                }
+                if sent == 0 {
+                    break;
+                }
+                rounds += 1;
+                prop_assert!(rounds < 200, "no progress");
+            }
+            assert_converged(&cats)?;
+        }
+    }
+
+    // ---------------------------------------------------------------- wire
+
+    fn arb_delta() -> impl Strategy<Value = Delta> {
+        (
+            "\\PC{0,12}",
+            any::<u64>(),
+            any::<u64>(),
+            "\\PC{0,12}",
+            prop::option::of(arb_record()),
+        )
+            .prop_map(|(owner, epoch, version, service_id, record)| Delta {
+                owner,
+                epoch,
+                version,
+                service_id,
+                record,
+            })
+    }
+
+    fn arb_digest() -> impl Strategy<Value = Digest> {
+        prop::collection::btree_map(
+            "\\PC{0,8}",
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+                |(epoch, max_version, gc_floor)| OwnerDigest {
+                    epoch,
+                    max_version,
+                    gc_floor,
+                },
+            ),
+            0..5,
+        )
+        .prop_map(|owners| Digest { owners })
+    }
+
+    fn arb_payload() -> impl Strategy<Value = SyncPayload> {
+        let update = (
+            any::<u64>(),
+            prop::option::of(any::<u64>()),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            prop::collection::vec(("\\PC{0,6}", arb_entry()), 0..4),
+        )
+            .prop_map(
+                |(epoch, base, max_version, gc_floor, up_to, entries)| OwnerUpdate {
+                    epoch,
+                    kind: base.map_or(UpdateKind::Reset, UpdateKind::Since),
+                    max_version,
+                    gc_floor,
+                    up_to,
+                    entries,
+                },
+            );
+        prop::collection::btree_map("\\PC{0,8}", update, 0..4)
+            .prop_map(|owners| SyncPayload { owners })
+    }
+
+    const LIMIT: usize = 64 * 1024;
+
+    fn roundtrip<T>(value: &T) -> Result<(), TestCaseError>
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + fmt::Debug,
+    {
+        let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard())
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(bytes.len(), encoded_len(value));
+        let cfg = bincode::config::standard().with_limit::<LIMIT>();
+        let (back, used): (T, usize) = bincode::serde::decode_from_slice(&bytes, cfg)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(used, bytes.len());
+        prop_assert_eq!(&back, value);
+        Ok(())
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(
+        bytes: &[u8],
+    ) -> Result<T, bincode::error::DecodeError> {
+        let cfg = bincode::config::standard().with_limit::<LIMIT>();
+        bincode::serde::decode_from_slice(bytes, cfg).map(|(v, _)| v)
+    }
+
+    proptest! {
+        #[test]
+        fn wire_roundtrip(d in arb_delta(), g in arb_digest(), p in arb_payload()) {
+            roundtrip(&d)?;
+            roundtrip(&g)?;
+            roundtrip(&p)?;
+        }
+
+        #[test]
+        fn decoding_garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<Delta>(&bytes);
+            let _ = decode::<Digest>(&bytes);
+            if let Ok(p) = decode::<SyncPayload>(&bytes) {
+                // Whatever decodes is safe to apply.
+                let mut c = Catalog::new("n0", 1);
+                c.apply_sync(p);
+            }
+            if let Ok(d) = decode::<Delta>(&bytes) {
+                let mut c = Catalog::new("n0", 1);
+                c.apply_delta(d);
+            }
+        }
+
+        #[test]
+        fn truncated_encodings_are_errors(p in arb_payload(), cut in any::<prop::sample::Index>()) {
+            let bytes = bincode::serde::encode_to_vec(&p, bincode::config::standard()).unwrap();
+            let cut = cut.index(bytes.len());
+            prop_assert!(decode::<SyncPayload>(&bytes[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn huge_length_prefix_is_rejected() {
+        // A map claiming u64::MAX entries, and a string claiming 2^60 bytes.
+        let mut bytes = vec![253u8];
+        bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode::<Digest>(&bytes).is_err());
+        let mut bytes = vec![253u8];
+        bytes.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(decode::<Delta>(&bytes).is_err());
+    }
+}
