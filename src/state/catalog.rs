@@ -69,52 +69,29 @@ pub const MAX_ENTRY_WIRE_LEN: usize = 12 * 1024;
 /// Why a record or a local write was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CatalogError {
-    /// The service name is empty or too long.
-    #[error("service name is {len} bytes; it must be 1..={max} bytes", max = MAX_SERVICE_NAME_LEN)]
-    NameLength {
-        /// Actual length in bytes.
-        len: usize,
-    },
+    /// The service name (of this many bytes) is empty or too long.
+    #[error("service name is {0} bytes; it must be 1..={max} bytes", max = MAX_SERVICE_NAME_LEN)]
+    NameLength(usize),
     /// The service name contains a character outside `[A-Za-z0-9._-]`.
     #[error(
-        "service name contains {ch:?}; only ASCII letters, digits, '.', '_' and '-' are allowed"
+        "service name contains {0:?}; only ASCII letters, digits, '.', '_' and '-' are allowed"
     )]
-    NameChar {
-        /// The offending character.
-        ch: char,
-    },
-    /// The service id is empty or too long.
-    #[error("service id is {len} bytes; it must be 1..={max} bytes", max = MAX_SERVICE_ID_LEN)]
-    IdLength {
-        /// Actual length in bytes.
-        len: usize,
-    },
-    /// Too many tags.
-    #[error("service has {count} tags; at most {max} are allowed", max = MAX_TAGS)]
-    TooManyTags {
-        /// Number of tags given.
-        count: usize,
-    },
-    /// One tag is too long.
-    #[error("tag #{index} is {len} bytes; at most {max} bytes are allowed", max = MAX_TAG_LEN)]
-    TagTooLong {
-        /// Position of the tag.
-        index: usize,
-        /// Its length in bytes.
-        len: usize,
-    },
-    /// Too many meta entries.
-    #[error("service has {count} meta entries; at most {max} are allowed", max = MAX_META_ENTRIES)]
-    TooManyMeta {
-        /// Number of entries given.
-        count: usize,
-    },
-    /// The meta map is too large once encoded.
-    #[error("meta encodes to {len} bytes; at most {max} bytes are allowed", max = MAX_META_ENCODED_LEN)]
-    MetaTooLarge {
-        /// Encoded size in bytes.
-        len: usize,
-    },
+    NameChar(char),
+    /// The service id (of this many bytes) is empty or too long.
+    #[error("service id is {0} bytes; it must be 1..={max} bytes", max = MAX_SERVICE_ID_LEN)]
+    IdLength(usize),
+    /// Too many tags (this many given).
+    #[error("service has {0} tags; at most {max} are allowed", max = MAX_TAGS)]
+    TooManyTags(usize),
+    /// The tag at this position is this many bytes long: too long.
+    #[error("tag #{0} is {1} bytes; at most {max} bytes are allowed", max = MAX_TAG_LEN)]
+    TagTooLong(usize, usize),
+    /// Too many meta entries (this many given).
+    #[error("service has {0} meta entries; at most {max} are allowed", max = MAX_META_ENTRIES)]
+    TooManyMeta(usize),
+    /// The meta map encodes to this many bytes: too large.
+    #[error("meta encodes to {0} bytes; at most {max} bytes are allowed", max = MAX_META_ENCODED_LEN)]
+    MetaTooLarge(usize),
     /// The owner already has the maximum number of live services.
     #[error("this node already has {max} services registered (the limit); deregister one first", max = MAX_SERVICES_PER_OWNER)]
     TooManyServices,
@@ -157,20 +134,18 @@ impl Service {
     pub fn validate(&self) -> Result<(), CatalogError> {
         let len = self.name.len();
         if len == 0 || len > MAX_SERVICE_NAME_LEN {
-            return Err(CatalogError::NameLength { len });
+            return Err(CatalogError::NameLength(len));
         }
         if let Some(ch) = self
             .name
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
         {
-            return Err(CatalogError::NameChar { ch });
+            return Err(CatalogError::NameChar(ch));
         }
         validate_id(&self.id)?;
         if self.tags.len() > MAX_TAGS {
-            return Err(CatalogError::TooManyTags {
-                count: self.tags.len(),
-            });
+            return Err(CatalogError::TooManyTags(self.tags.len()));
         }
         if let Some((index, tag)) = self
             .tags
@@ -178,19 +153,14 @@ impl Service {
             .enumerate()
             .find(|(_, t)| t.len() > MAX_TAG_LEN)
         {
-            return Err(CatalogError::TagTooLong {
-                index,
-                len: tag.len(),
-            });
+            return Err(CatalogError::TagTooLong(index, tag.len()));
         }
         if self.meta.len() > MAX_META_ENTRIES {
-            return Err(CatalogError::TooManyMeta {
-                count: self.meta.len(),
-            });
+            return Err(CatalogError::TooManyMeta(self.meta.len()));
         }
         let len = meta_encoded_len(&self.meta);
         if len > MAX_META_ENCODED_LEN {
-            return Err(CatalogError::MetaTooLarge { len });
+            return Err(CatalogError::MetaTooLarge(len));
         }
         Ok(())
     }
@@ -199,7 +169,7 @@ impl Service {
 fn validate_id(id: &str) -> Result<(), CatalogError> {
     let len = id.len();
     if len == 0 || len > MAX_SERVICE_ID_LEN {
-        return Err(CatalogError::IdLength { len });
+        return Err(CatalogError::IdLength(len));
     }
     Ok(())
 }
@@ -585,25 +555,28 @@ impl Catalog {
             .or_insert_with(|| OwnerState::new(epoch))
     }
 
+    fn delta(&self, version: u64, service_id: String, record: Option<ServiceRecord>) -> Delta {
+        let (owner, epoch) = (self.local.clone(), self.epoch);
+        Delta {
+            owner,
+            epoch,
+            version,
+            service_id,
+            record,
+        }
+    }
+
     /// Stamps a local change with the next version and returns its delta.
     fn stamp(&mut self, id: String, record: Option<ServiceRecord>) -> Delta {
         let state = self.local_mut();
         state.max_version = state.max_version.saturating_add(1);
-        let version = state.max_version;
-        state.entries.insert(
-            id.clone(),
-            Entry {
-                version,
-                record: record.clone(),
-            },
-        );
-        Delta {
-            owner: self.local.clone(),
-            epoch: self.epoch,
-            version,
-            service_id: id,
-            record,
-        }
+        let entry = Entry {
+            version: state.max_version,
+            record: record.clone(),
+        };
+        let version = entry.version;
+        state.entries.insert(id.clone(), entry);
+        self.delta(version, id, record)
     }
 
     fn local_live(&self, id: &str) -> Option<(&Entry, &ServiceRecord)> {
@@ -618,13 +591,7 @@ impl Catalog {
         let id = record.service.id.clone();
         if let Some((entry, current)) = self.local_live(&id) {
             if *current == record {
-                return Ok(Delta {
-                    owner: self.local.clone(),
-                    epoch: self.epoch,
-                    version: entry.version,
-                    service_id: id,
-                    record: Some(record),
-                });
+                return Ok(self.delta(entry.version, id, Some(record)));
             }
         } else if self
             .owners
@@ -741,26 +708,19 @@ impl Catalog {
     /// This catalog's digest, including forgotten owner epochs (as `max_version == u64::MAX`, so
     /// peers do not send them back).
     pub fn digest(&self) -> Digest {
-        let mut owners: BTreeMap<String, OwnerDigest> = self
-            .forgotten
-            .iter()
-            .map(|(name, f)| {
-                let d = OwnerDigest {
-                    epoch: f.epoch,
-                    max_version: u64::MAX,
-                    gc_floor: 0,
-                };
-                (name.clone(), d)
-            })
+        let digest = |epoch, max_version, gc_floor| OwnerDigest {
+            epoch,
+            max_version,
+            gc_floor,
+        };
+        let forgotten = (self.forgotten.iter()).map(|(n, f)| (n, digest(f.epoch, u64::MAX, 0)));
+        let known =
+            (self.owners.iter()).map(|(n, s)| (n, digest(s.epoch, s.max_version, s.gc_floor)));
+        // `known` comes last: an owner state overrides a (stale) mark.
+        let owners = forgotten
+            .chain(known)
+            .map(|(n, d)| (n.clone(), d))
             .collect();
-        for (name, s) in &self.owners {
-            let d = OwnerDigest {
-                epoch: s.epoch,
-                max_version: s.max_version,
-                gc_floor: s.gc_floor,
-            };
-            owners.insert(name.clone(), d);
-        }
         Digest { owners }
     }
 
@@ -1066,30 +1026,30 @@ mod tests {
         let ok = svc("web-1.api_x", "i1");
         assert_eq!(ok.validate(), Ok(()));
         let mut s = Service::new("", "i", 1);
-        assert_eq!(s.validate(), Err(CatalogError::NameLength { len: 0 }));
+        assert_eq!(s.validate(), Err(CatalogError::NameLength(0)));
         s.name = "a".repeat(MAX_SERVICE_NAME_LEN + 1);
         assert!(s.validate().unwrap_err().to_string().contains("1..=128"));
         s.name = "bad name".into();
-        assert_eq!(s.validate(), Err(CatalogError::NameChar { ch: ' ' }));
+        assert_eq!(s.validate(), Err(CatalogError::NameChar(' ')));
         s.name = "ok".into();
         s.id = String::new();
-        assert_eq!(s.validate(), Err(CatalogError::IdLength { len: 0 }));
+        assert_eq!(s.validate(), Err(CatalogError::IdLength(0)));
         s.id = "i".into();
         s.tags = vec!["t".into(); MAX_TAGS + 1];
-        assert_eq!(s.validate(), Err(CatalogError::TooManyTags { count: 33 }));
+        assert_eq!(s.validate(), Err(CatalogError::TooManyTags(33)));
         s.tags = vec!["t".repeat(MAX_TAG_LEN + 1)];
         let err = s.validate().unwrap_err();
-        assert_eq!(err, CatalogError::TagTooLong { index: 0, len: 129 });
+        assert_eq!(err, CatalogError::TagTooLong(0, 129));
         assert!(err.to_string().contains("at most 128 bytes"));
         s.tags.clear();
         s.meta = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
-        assert_eq!(s.validate(), Err(CatalogError::TooManyMeta { count: 65 }));
+        assert_eq!(s.validate(), Err(CatalogError::TooManyMeta(65)));
         // 1 KB of meta is fine, 5 KB is not.
         s.meta = [("blob".to_string(), "x".repeat(1024))].into();
         assert_eq!(s.validate(), Ok(()));
         s.meta = [("blob".to_string(), "x".repeat(5000))].into();
         let err = s.validate().unwrap_err();
-        assert!(matches!(err, CatalogError::MetaTooLarge { .. }));
+        assert!(matches!(err, CatalogError::MetaTooLarge(_)));
         assert!(err.to_string().contains("4096"));
         // The meta size formula is the real bincode size.
         s.meta = (0..40)
