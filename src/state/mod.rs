@@ -1,1 +1,2 @@
 //! Sans-IO replicated state: the service catalog and the configuration store.
+pub mod catalog;
