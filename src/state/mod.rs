@@ -1,1 +1,3 @@
 //! Sans-IO replicated state: the service catalog and the configuration store.
+
+pub mod hlc;
