@@ -180,7 +180,7 @@ mod tests {
 
     #[test]
     fn logical_overflow_rolls_into_the_next_millisecond() {
-        let mut c = HybridClock::default();
+        let mut c = HybridClock::new(DEFAULT_MAX_DRIFT_MS);
         c.last = Timestamp::new(5, u32::MAX);
         assert_eq!(c.now(0), Timestamp::new(6, 0));
         c.last = Timestamp::new(u64::MAX, u32::MAX);
