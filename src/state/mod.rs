@@ -1,3 +1,4 @@
 //! Sans-IO replicated state: the service catalog and the configuration store.
 
+pub mod config;
 pub mod hlc;
