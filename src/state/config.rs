@@ -887,3 +887,691 @@ fn entry_hash(key: &str, entry: &Entry) -> u64 {
     }
     h.finish()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const NOW: u64 = 1_700_000_000_000;
+
+    fn state(s: &ConfigStore) -> Vec<(String, Entry)> {
+        s.snapshot("").1
+    }
+
+    fn digest_from_scratch(s: &ConfigStore) -> Digest {
+        let mut buckets = vec![0u64; DIGEST_BUCKETS];
+        for (k, slot) in &s.entries {
+            let b = &mut buckets[bucket_of(k)];
+            *b = b.wrapping_add(entry_hash(k, &slot.entry));
+        }
+        Digest { buckets }
+    }
+
+    fn entry(value: Option<&[u8]>, wall_ms: u64, logical: u32, writer: &str) -> Entry {
+        Entry {
+            value: value.map(<[u8]>::to_vec),
+            version: Version {
+                hlc: Timestamp::new(wall_ms, logical),
+                writer: writer.to_owned(),
+            },
+        }
+    }
+
+    /// One-way full exchange `from -> to` through digest and differing buckets.
+    fn push_all(from: &ConfigStore, to: &mut ConfigStore, now_ms: u64) -> Vec<Change> {
+        let buckets = to.diff_buckets(&from.digest());
+        let (entries, truncated) = from.entries_in_buckets(&buckets, usize::MAX);
+        assert!(!truncated);
+        to.apply_many(entries, now_ms)
+    }
+
+    fn sync(a: &mut ConfigStore, b: &mut ConfigStore, now_ms: u64) {
+        push_all(a, b, now_ms);
+        push_all(b, a, now_ms);
+    }
+
+    #[test]
+    fn key_validation() {
+        for ok in [
+            "prod/orders",
+            "prod/orders/max_conn",
+            "a/b",
+            "dev/x.y-z_1/Q",
+        ] {
+            validate_key(ok).unwrap();
+        }
+        validate_key(&format!("p/{}", "x".repeat(MAX_KEY_LEN - 2))).unwrap();
+        let too_long = format!("p/{}", "x".repeat(MAX_KEY_LEN - 1));
+        let err = validate_key(&too_long).unwrap_err();
+        assert!(matches!(err, ConfigError::KeyTooLong { len: 513 }));
+        assert!(err.to_string().contains("limit is 512 bytes"), "{err}");
+        assert!(matches!(validate_key(""), Err(ConfigError::EmptyKey)));
+        let err = validate_key("prod").unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::TooFewSegments { segments: 1, .. }
+        ));
+        assert!(err.to_string().contains("at least 2"), "{err}");
+        for bad in ["/prod/x", "prod/x/", "prod//x", "/"] {
+            assert!(
+                matches!(validate_key(bad), Err(ConfigError::EmptySegment { .. })),
+                "{bad}"
+            );
+        }
+        for bad in ["prod/a b", "prod/é", "prod/x\0", "prod\\x/y", "prod/x:y"] {
+            assert!(
+                matches!(validate_key(bad), Err(ConfigError::InvalidChar { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn value_limit() {
+        let mut s = ConfigStore::new("n1".into());
+        s.set("prod/big", vec![0u8; MAX_VALUE_LEN], NOW).unwrap();
+        let err = s
+            .set("prod/big", vec![0u8; MAX_VALUE_LEN + 1], NOW)
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::ValueTooLarge { len, .. } if len == MAX_VALUE_LEN + 1));
+        assert!(err.to_string().contains("65536 bytes (64 KiB)"), "{err}");
+        assert_eq!(s.get("prod/big").map(<[u8]>::len), Some(MAX_VALUE_LEN));
+        let mut long_writer = ConfigStore::new("w".repeat(MAX_WRITER_LEN + 1));
+        assert!(matches!(
+            long_writer.set("prod/a", "x", NOW),
+            Err(ConfigError::WriterTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn set_get_delete_list() {
+        let mut s = ConfigStore::new("n1".into());
+        let c = s.set("prod/orders/max_conn", "10", NOW).unwrap();
+        assert_eq!(c.seq, 1);
+        assert_eq!(c.value.as_deref(), Some(&b"10"[..]));
+        assert_eq!(c.version.writer, "n1");
+        s.set("prod/orders/timeout", "5s", NOW).unwrap();
+        s.set("prod/orders2/x", "y", NOW).unwrap();
+        s.set("prod/orders-x/x", "y", NOW).unwrap();
+        s.set("dev/orders/max_conn", "1", NOW).unwrap();
+        assert_eq!(s.get("prod/orders/max_conn"), Some(&b"10"[..]));
+        assert_eq!(s.get("prod/missing"), None);
+        assert_eq!(s.get("not a key"), None);
+
+        let keys = |l: Vec<(String, Vec<u8>)>| l.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert_eq!(
+            keys(s.list("prod/orders")),
+            ["prod/orders/max_conn", "prod/orders/timeout"]
+        );
+        assert_eq!(keys(s.list("prod/orders/")), keys(s.list("prod/orders")));
+        assert_eq!(keys(s.list("prod/orders/timeout")), ["prod/orders/timeout"]);
+        assert_eq!(s.list("").len(), 5);
+        assert_eq!(s.list("prod").len(), 4);
+        assert!(s.list("pro").is_empty());
+
+        let del = s.delete("prod/orders/timeout", NOW).unwrap().unwrap();
+        assert_eq!(del.value, None);
+        assert!(del.version > c.version);
+        assert_eq!(s.get("prod/orders/timeout"), None);
+        assert!(s.entry("prod/orders/timeout").unwrap().is_tombstone());
+        assert_eq!(keys(s.list("prod/orders")), ["prod/orders/max_conn"]);
+        assert_eq!(s.delete("prod/orders/timeout", NOW).unwrap(), None);
+        assert_eq!(s.delete("prod/never", NOW).unwrap(), None);
+        assert!(s.delete("bad", NOW).is_err());
+        // The tombstone is part of the replicable state.
+        assert_eq!(s.snapshot("prod/orders").1.len(), 2);
+        assert_eq!(s.len(), 5);
+        // Writing again resurrects the key locally with a newer version.
+        s.set("prod/orders/timeout", "6s", NOW).unwrap();
+        assert_eq!(s.get_str("prod/orders/timeout").unwrap(), Some("6s"));
+    }
+
+    #[test]
+    fn typed_helpers() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Pool {
+            max: u32,
+            name: String,
+        }
+        let mut s = ConfigStore::new("n1".into());
+        s.set_str("prod/s", "héllo", NOW).unwrap();
+        assert_eq!(s.get_str("prod/s").unwrap(), Some("héllo"));
+        assert_eq!(s.get_str("prod/none").unwrap(), None);
+        s.set("prod/bin", vec![0xff, 0xfe], NOW).unwrap();
+        let err = s.get_str("prod/bin").unwrap_err();
+        assert!(matches!(err, ConfigError::NotUtf8 { .. }));
+        assert!(std::error::Error::source(&err).is_some());
+
+        let pool = Pool {
+            max: 7,
+            name: "db".into(),
+        };
+        s.set_json("prod/pool", &pool, NOW).unwrap();
+        assert_eq!(s.get_as::<Pool>("prod/pool").unwrap(), Some(pool));
+        assert_eq!(s.get_as::<Pool>("prod/none").unwrap(), None);
+        assert!(matches!(
+            s.get_as::<Pool>("prod/s"),
+            Err(ConfigError::Json { .. })
+        ));
+        assert!(matches!(
+            s.set_json("prod/big", &"x".repeat(MAX_VALUE_LEN), NOW),
+            Err(ConfigError::ValueTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn skewed_clocks_later_write_wins() {
+        // A's clock is 10 s ahead of B's.
+        let mut a = ConfigStore::new("a".into());
+        let mut b = ConfigStore::new("b".into());
+        let ca = a.set("prod/x", "from-a", NOW + 10_000).unwrap();
+        assert!(b.apply("prod/x", ca.entry(), NOW + 5).is_some());
+        let cb = b.set("prod/x", "from-b", NOW + 6).unwrap();
+        assert!(cb.version > ca.version);
+        assert_eq!(b.get("prod/x"), Some(&b"from-b"[..]));
+        assert!(a.apply("prod/x", cb.entry(), NOW + 10_007).is_some());
+        assert_eq!(a.get("prod/x"), Some(&b"from-b"[..]));
+        assert_eq!(state(&a), state(&b));
+    }
+
+    #[test]
+    fn far_future_entries_are_refused_and_counted() {
+        let mut s = ConfigStore::new("n1".into());
+        let before = s.clock().last();
+        let e = entry(Some(b"v"), NOW + DEFAULT_MAX_DRIFT_MS + 1, 0, "broken");
+        assert_eq!(s.apply("prod/x", e, NOW), None);
+        assert_eq!(s.get("prod/x"), None);
+        assert_eq!(s.stats().rejected_clock_drift, 1);
+        assert_eq!(s.clock().last(), before);
+        assert_eq!(s.current_seq(), 0);
+        let ok = entry(Some(b"v"), NOW + DEFAULT_MAX_DRIFT_MS, 0, "fast");
+        assert!(s.apply("prod/x", ok, NOW).is_some());
+        // Later local writes order after what was seen.
+        let c = s.set("prod/x", "local", NOW).unwrap();
+        assert!(c.version.hlc.wall_ms >= NOW + DEFAULT_MAX_DRIFT_MS);
+    }
+
+    #[test]
+    fn invalid_remote_entries_are_refused_and_counted() {
+        let mut s = ConfigStore::new("n1".into());
+        let big = vec![1u8; MAX_VALUE_LEN + 1];
+        assert_eq!(s.apply("prod/x", entry(Some(&big), NOW, 0, "w"), NOW), None);
+        assert_eq!(
+            s.apply("bad key", entry(Some(b"v"), NOW, 0, "w"), NOW),
+            None
+        );
+        let w = "w".repeat(MAX_WRITER_LEN + 1);
+        assert_eq!(s.apply("prod/x", entry(Some(b"v"), NOW, 0, &w), NOW), None);
+        assert_eq!(s.stats().rejected_invalid, 3);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn apply_is_idempotent_and_older_loses() {
+        let mut s = ConfigStore::new("n1".into());
+        let e2 = entry(Some(b"two"), NOW, 2, "w");
+        assert!(s.apply("prod/x", e2.clone(), NOW).is_some());
+        assert_eq!(s.apply("prod/x", e2, NOW), None);
+        assert_eq!(
+            s.apply("prod/x", entry(Some(b"one"), NOW, 1, "w"), NOW),
+            None
+        );
+        assert_eq!(s.apply("prod/x", entry(None, NOW, 1, "z"), NOW), None);
+        assert_eq!(s.get("prod/x"), Some(&b"two"[..]));
+        assert_eq!(s.current_seq(), 1);
+        assert_eq!(s.stats().applied_remote, 1);
+        // A newer tombstone wins.
+        let c = s.apply("prod/x", entry(None, NOW, 3, "a"), NOW).unwrap();
+        assert_eq!((c.seq, c.value), (2, None));
+        assert_eq!(s.get("prod/x"), None);
+    }
+
+    #[test]
+    fn concurrent_writes_of_one_key_converge() {
+        let mut stores: Vec<ConfigStore> = (0..4)
+            .map(|i| ConfigStore::new(format!("node-{i}")))
+            .collect();
+        for (i, s) in stores.iter_mut().enumerate() {
+            s.set("prod/leader", format!("v{i}"), NOW).unwrap();
+        }
+        for _ in 0..2 {
+            for i in 0..stores.len() {
+                for j in 0..stores.len() {
+                    if i != j {
+                        let from = stores[i].clone();
+                        push_all(&from, &mut stores[j], NOW);
+                    }
+                }
+            }
+        }
+        // Same HLC everywhere: the greatest writer id wins.
+        for s in &stores {
+            assert_eq!(s.get_str("prod/leader").unwrap(), Some("v3"));
+            assert_eq!(state(s), state(&stores[0]));
+            assert_eq!(s.digest(), stores[0].digest());
+        }
+    }
+
+    #[test]
+    fn anomalous_ties_converge_by_value() {
+        let x = entry(Some(b"x"), NOW, 0, "w");
+        let y = entry(Some(b"y"), NOW, 0, "w");
+        let t = entry(None, NOW, 0, "w");
+        let mut a = ConfigStore::new("a".into());
+        let mut b = ConfigStore::new("b".into());
+        a.apply_many(
+            [("p/k".to_owned(), x.clone()), ("p/k".to_owned(), t.clone())],
+            NOW,
+        );
+        b.apply_many([("p/k".to_owned(), y), ("p/k".to_owned(), x)], NOW);
+        assert_ne!(a.digest(), b.digest());
+        sync(&mut a, &mut b, NOW);
+        assert_eq!(a.get("p/k"), Some(&b"y"[..]));
+        assert_eq!(state(&a), state(&b));
+    }
+
+    #[test]
+    fn change_log_and_compaction() {
+        let opts = ConfigStoreOptions {
+            history_capacity: 3,
+            ..ConfigStoreOptions::default()
+        };
+        let mut s = ConfigStore::with_options("n1".into(), opts);
+        assert_eq!(s.current_seq(), 0);
+        assert_eq!(s.changes_since(0, "").unwrap(), vec![]);
+        s.set("prod/a", "1", NOW).unwrap();
+        s.set("dev/a", "1", NOW).unwrap();
+        assert_eq!(s.changes_since(0, "").unwrap().len(), 2);
+        assert_eq!(s.changes_since(1, "").unwrap()[0].key, "dev/a");
+        assert_eq!(s.changes_since(0, "prod").unwrap().len(), 1);
+        assert!(s.changes_since(2, "").unwrap().is_empty());
+        s.set("prod/b", "1", NOW).unwrap();
+        s.delete("prod/a", NOW).unwrap();
+        assert_eq!(s.current_seq(), 4);
+        // Seq 1 was dropped: asking from 0 must fail, from 1 on works.
+        let err = s.changes_since(0, "").unwrap_err();
+        assert_eq!(
+            err,
+            Compacted {
+                requested: 0,
+                retained_from: 1,
+                current: 4
+            }
+        );
+        assert!(err.to_string().contains("snapshot"));
+        let since1 = s.changes_since(1, "prod").unwrap();
+        assert_eq!(since1.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![3, 4]);
+        assert_eq!(since1[1].value, None);
+        // From the future: another incarnation.
+        assert!(s.changes_since(5, "").is_err());
+        let (seq, snap) = s.snapshot("prod");
+        assert_eq!(seq, 4);
+        assert_eq!(snap.len(), 2);
+        assert!(s.changes_since(seq, "prod").unwrap().is_empty());
+
+        // Byte bound.
+        let opts = ConfigStoreOptions {
+            history_max_bytes: 100,
+            ..ConfigStoreOptions::default()
+        };
+        let mut s = ConfigStore::with_options("n1".into(), opts);
+        s.set("prod/a", vec![0u8; 60], NOW).unwrap();
+        s.set("prod/b", vec![0u8; 60], NOW).unwrap();
+        assert!(s.changes_since(0, "").is_err());
+        assert_eq!(s.changes_since(1, "").unwrap().len(), 1);
+        s.set("prod/c", vec![0u8; 200], NOW).unwrap();
+        // A change larger than the whole bound is not retained either.
+        assert!(s.changes_since(2, "").is_err());
+        assert!(s.changes_since(3, "").unwrap().is_empty());
+    }
+
+    #[test]
+    fn tombstone_collection_does_not_resurrect_deleted_keys() {
+        const HORIZON: u64 = 24 * 3_600_000;
+        let mut a = ConfigStore::new("a".into());
+        let mut c = ConfigStore::new("c".into());
+        a.set("prod/old", "v", NOW).unwrap();
+        a.set("prod/kept", "k", NOW).unwrap();
+        sync(&mut a, &mut c, NOW);
+        let c_before = c.clone();
+
+        // C goes away; A deletes the key.
+        a.delete("prod/old", NOW + 1_000).unwrap();
+
+        // 1. C comes back within the horizon: GC has not collected the tombstone yet, the
+        //    merge delivers it, nothing resurrects.
+        let t1 = NOW + HORIZON / 2;
+        assert_eq!(a.collect_tombstones(t1, HORIZON), 0);
+        sync(&mut a, &mut c, t1);
+        assert_eq!(a.get("prod/old"), None);
+        assert_eq!(c.get("prod/old"), None);
+        // Both collect after the horizon; a later sync brings nothing back.
+        let t2 = NOW + HORIZON + 2_000;
+        assert_eq!(a.collect_tombstones(t2, HORIZON), 1);
+        assert_eq!(c.collect_tombstones(t2, HORIZON), 1);
+        assert_eq!(a.digest(), c.digest());
+        assert_eq!(a.digest(), digest_from_scratch(&a));
+        sync(&mut a, &mut c, t2);
+        assert_eq!((a.get("prod/old"), c.get("prod/old")), (None, None));
+        assert_eq!(a.stats().tombstones_collected, 1);
+
+        // 2. A replica that still has the old value (it missed the delete) syncs after the
+        //    tombstone was collected: the watermark refuses the stale value.
+        let mut stale = c_before;
+        let changes = push_all(&stale, &mut a, t2);
+        assert!(changes.is_empty(), "{changes:?}");
+        assert_eq!(a.get("prod/old"), None);
+        assert_eq!(a.stats().rejected_below_watermark, 1);
+        assert!(a.gc_watermark() > NOW + 1_000);
+        // The stale replica itself keeps the value (documented limitation) but gets
+        // everything else.
+        push_all(&a, &mut stale, t2);
+        assert_eq!(stale.get("prod/kept"), Some(&b"k"[..]));
+
+        // 3. The watermark does not block new writes of the collected key.
+        let mut b = ConfigStore::new("b".into());
+        b.set("prod/old", "new", t2).unwrap();
+        push_all(&b, &mut a, t2);
+        assert_eq!(a.get_str("prod/old").unwrap(), Some("new"));
+    }
+
+    #[test]
+    fn collect_keeps_live_entries_and_recent_tombstones() {
+        let mut s = ConfigStore::new("n".into());
+        s.set("p/live", "v", 10).unwrap();
+        s.set("p/old", "v", 10).unwrap();
+        s.delete("p/old", 20).unwrap();
+        s.set("p/new", "v", 30).unwrap();
+        s.delete("p/new", 1_000).unwrap();
+        assert_eq!(s.collect_tombstones(500, 1_000), 0); // horizon larger than now
+        assert_eq!(s.collect_tombstones(1_500, 1_000), 1);
+        assert_eq!(
+            state(&s).into_iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            ["p/live", "p/new"]
+        );
+        assert_eq!(s.digest(), digest_from_scratch(&s));
+        assert_eq!(s.current_seq(), 5, "GC records no change");
+    }
+
+    #[test]
+    fn digest_diff_and_budgets() {
+        let mut a = ConfigStore::new("a".into());
+        assert_eq!(a.digest().buckets, vec![0; DIGEST_BUCKETS]);
+        for i in 0..50 {
+            a.set(&format!("prod/k{i}"), vec![b'x'; 100], NOW).unwrap();
+        }
+        let b = ConfigStore::new("b".into());
+        let diff = b.diff_buckets(&a.digest());
+        assert!(!diff.is_empty() && diff.len() <= 50);
+        assert!(diff.windows(2).all(|w| w[0] < w[1]));
+        let bad = Digest {
+            buckets: vec![0; 3],
+        };
+        assert_eq!(a.diff_buckets(&bad).len(), DIGEST_BUCKETS);
+
+        let (all, truncated) = a.entries_in_buckets(&diff, usize::MAX);
+        assert_eq!((all.len(), truncated), (50, false));
+        let (some, truncated) = a.entries_in_buckets(&diff, 1_000);
+        assert!(truncated);
+        assert!(some.iter().map(|(k, e)| e.wire_size(k)).sum::<usize>() <= 1_000);
+        let (one, truncated) = a.entries_in_buckets(&diff, 0);
+        assert_eq!((one.len(), truncated), (1, true));
+        assert!(a.entries_in_buckets(&[], usize::MAX).0.is_empty());
+        assert!(a.entries_in_buckets(&[999, 4_000], usize::MAX).0.is_empty());
+
+        // Two-step: only what the peer lacks.
+        let mut b = b;
+        b.apply_many(some.clone(), NOW);
+        let summary = b.bucket_versions(&diff);
+        assert_eq!(summary.len(), some.len());
+        let (rest, truncated) = a.entries_newer_than(&diff, &summary, usize::MAX);
+        assert!(!truncated);
+        assert_eq!(rest.len(), 50 - some.len());
+        b.apply_many(rest, NOW);
+        assert_eq!(a.digest(), b.digest());
+        assert!(a.diff_buckets(&b.digest()).is_empty());
+    }
+
+    // ---------------------------------------------------------------- property tests
+
+    const KEYS: usize = 40;
+
+    fn key_name(i: usize) -> String {
+        let env = if i % 3 == 0 { "dev" } else { "prod" };
+        format!("{env}/svc/k{i}")
+    }
+
+    fn arb_entry() -> impl Strategy<Value = Entry> {
+        (
+            proptest::option::weighted(0.8, proptest::collection::vec(0u8..4, 0..3)),
+            0u64..6,
+            0u32..3,
+            0usize..3,
+        )
+            .prop_map(|(value, wall, logical, w)| Entry {
+                value,
+                version: Version {
+                    hlc: Timestamp::new(NOW + wall, logical),
+                    writer: ["a", "b", "c"][w].to_owned(),
+                },
+            })
+    }
+
+    fn arb_state() -> impl Strategy<Value = Vec<(String, Entry)>> {
+        proptest::collection::vec((0..8usize, arb_entry()), 0..24)
+            .prop_map(|v| v.into_iter().map(|(k, e)| (key_name(k), e)).collect())
+    }
+
+    fn store_of(entries: &[(String, Entry)]) -> ConfigStore {
+        let mut s = ConfigStore::new("m".into());
+        s.apply_many(entries.iter().cloned(), NOW);
+        s
+    }
+
+    fn join(a: &ConfigStore, b: &ConfigStore) -> ConfigStore {
+        let mut s = ConfigStore::new("m".into());
+        s.apply_many(state(a), NOW);
+        s.apply_many(state(b), NOW);
+        s
+    }
+
+    #[derive(Debug, Clone)]
+    enum Mode {
+        Full,
+        Truncated(usize),
+        TwoStep(usize),
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Set(usize, usize, u8),
+        Delete(usize, usize),
+        Tick(u64),
+        Exchange(usize, usize, Mode),
+    }
+
+    fn arb_op() -> impl Strategy<Value = Op> {
+        let mode = prop_oneof![
+            Just(Mode::Full),
+            (0usize..400).prop_map(Mode::Truncated),
+            (0usize..400).prop_map(Mode::TwoStep),
+        ];
+        prop_oneof![
+            4 => (0..3usize, 0..KEYS, any::<u8>()).prop_map(|(n, k, v)| Op::Set(n, k, v)),
+            2 => (0..3usize, 0..KEYS).prop_map(|(n, k)| Op::Delete(n, k)),
+            2 => (0u64..50).prop_map(Op::Tick),
+            3 => (0..3usize, 0..3usize, mode).prop_map(|(a, b, m)| Op::Exchange(a, b, m)),
+        ]
+    }
+
+    /// One-way exchange `from -> to` in the given mode.
+    fn exchange(stores: &mut [ConfigStore], from: usize, to: usize, mode: &Mode, now: u64) {
+        if from == to {
+            return;
+        }
+        let buckets = stores[to].diff_buckets(&stores[from].digest());
+        let entries = match *mode {
+            Mode::Full => stores[from].entries_in_buckets(&buckets, usize::MAX).0,
+            Mode::Truncated(budget) => stores[from].entries_in_buckets(&buckets, budget).0,
+            Mode::TwoStep(budget) => {
+                let summary = stores[to].bucket_versions(&buckets);
+                stores[from]
+                    .entries_newer_than(&buckets, &summary, budget)
+                    .0
+            }
+        };
+        stores[to].apply_many(entries, now);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn merge_is_commutative_associative_idempotent(
+            a in arb_state(), b in arb_state(), c in arb_state()
+        ) {
+            let (a, b, c) = (store_of(&a), store_of(&b), store_of(&c));
+            prop_assert_eq!(state(&join(&a, &b)), state(&join(&b, &a)));
+            prop_assert_eq!(
+                state(&join(&join(&a, &b), &c)),
+                state(&join(&a, &join(&b, &c)))
+            );
+            prop_assert_eq!(state(&join(&a, &a)), state(&a));
+            // In-place merge is the same join, and the digest tracks it.
+            let mut ab = a.clone();
+            ab.apply_many(state(&b), NOW);
+            prop_assert_eq!(state(&ab), state(&join(&a, &b)));
+            prop_assert_eq!(ab.digest(), digest_from_scratch(&ab));
+            prop_assert_eq!(ab.digest(), join(&b, &a).digest());
+        }
+
+        #[test]
+        fn replicas_converge_under_random_interleavings(
+            ops in proptest::collection::vec(arb_op(), 1..120),
+            skews in proptest::array::uniform3(0u64..3_000),
+            final_budget in 0usize..300,
+        ) {
+            let mut stores: Vec<ConfigStore> =
+                ["n0", "n1", "n2"].iter().map(|w| ConfigStore::new((*w).into())).collect();
+            let mut now = NOW;
+            let mut expected: BTreeMap<String, Entry> = BTreeMap::new();
+            let mut record = |c: Change| {
+                let e = c.entry();
+                match expected.get(&c.key) {
+                    Some(old) if !e.supersedes(old) => {}
+                    _ => {
+                        expected.insert(c.key, e);
+                    }
+                }
+            };
+            for op in &ops {
+                match op {
+                    Op::Set(n, k, v) => {
+                        let c = stores[*n].set(&key_name(*k), vec![*v], now + skews[*n]).unwrap();
+                        record(c);
+                    }
+                    Op::Delete(n, k) => {
+                        if let Some(c) = stores[*n].delete(&key_name(*k), now + skews[*n]).unwrap() {
+                            record(c);
+                        }
+                    }
+                    Op::Tick(ms) => now += ms,
+                    Op::Exchange(from, to, mode) => {
+                        exchange(&mut stores, *from, *to, mode, now + skews[*to]);
+                    }
+                }
+                for s in &stores {
+                    prop_assert_eq!(s.digest(), digest_from_scratch(s));
+                }
+            }
+            // Finish with truncated two-step exchanges only: they must make progress.
+            let mut rounds = 0;
+            while !(stores[0].digest() == stores[1].digest() && stores[1].digest() == stores[2].digest()) {
+                rounds += 1;
+                prop_assert!(rounds < 1_000, "no convergence");
+                for from in 0..3 {
+                    for (to, skew) in skews.iter().enumerate() {
+                        exchange(&mut stores, from, to, &Mode::TwoStep(final_budget), now + skew);
+                    }
+                }
+            }
+            let expected: Vec<(String, Entry)> = expected.into_iter().collect();
+            for s in &stores {
+                prop_assert_eq!(&state(s), &expected);
+                prop_assert_eq!(s.stats().rejected_clock_drift, 0);
+            }
+        }
+
+        #[test]
+        fn bincode_round_trips(
+            e in arb_entry(),
+            key in "[a-z]{1,8}/[a-z0-9._-]{1,8}",
+            seq in any::<u64>(),
+            buckets in proptest::collection::vec(any::<u64>(), 0..300),
+            value in proptest::collection::vec(any::<u8>(), 0..2_000),
+        ) {
+            let cfg = bincode::config::standard().with_limit::<{ 1 << 20 }>();
+            let mut e = e;
+            if e.value.is_some() {
+                e.value = Some(value);
+            }
+            let bytes = bincode::serde::encode_to_vec(&e, cfg).unwrap();
+            let (back, used): (Entry, usize) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+            prop_assert_eq!((&back, used), (&e, bytes.len()));
+            let pair = bincode::serde::encode_to_vec((&key, &e), cfg).unwrap();
+            prop_assert!(pair.len() <= e.wire_size(&key), "{} > {}", pair.len(), e.wire_size(&key));
+
+            let d = Digest { buckets };
+            let bytes = bincode::serde::encode_to_vec(&d, cfg).unwrap();
+            let (back, _): (Digest, usize) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+            prop_assert_eq!(back, d);
+
+            let c = Change { seq, key, value: e.value.clone(), version: e.version.clone() };
+            let bytes = bincode::serde::encode_to_vec(&c, cfg).unwrap();
+            let (back, _): (Change, usize) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+            prop_assert_eq!(back, c);
+        }
+
+        #[test]
+        fn decoding_random_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let cfg = bincode::config::standard().with_limit::<{ 1 << 20 }>();
+            let _ = bincode::serde::decode_from_slice::<Entry, _>(&bytes, cfg);
+            let _ = bincode::serde::decode_from_slice::<Digest, _>(&bytes, cfg);
+            let _ = bincode::serde::decode_from_slice::<Change, _>(&bytes, cfg);
+            let _ = bincode::serde::decode_from_slice::<(String, Entry), _>(&bytes, cfg);
+        }
+
+        #[test]
+        fn arbitrary_inputs_never_panic(
+            key in ".{0,40}",
+            value in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
+            wall in any::<u64>(),
+            logical in any::<u32>(),
+            writer in ".{0,8}",
+            now in any::<u64>(),
+            prefix in ".{0,8}",
+        ) {
+            let mut s = ConfigStore::new("n".into());
+            let _ = validate_key(&key);
+            let e = Entry { value, version: Version { hlc: Timestamp::new(wall, logical), writer } };
+            let _ = s.apply(&key, e, now);
+            let _ = s.set(&key, "v", now);
+            let _ = s.delete(&key, now);
+            let _ = s.list(&prefix);
+            let _ = s.changes_since(wall, &prefix);
+            let _ = s.collect_tombstones(now, wall);
+            prop_assert_eq!(s.digest(), digest_from_scratch(&s));
+        }
+    }
+
+    #[test]
+    fn huge_length_prefixes_are_refused_without_allocating() {
+        let cfg = bincode::config::standard().with_limit::<{ 1 << 16 }>();
+        // Varint tag 0xFD: a u64 length follows.
+        let mut bytes = vec![0xFD];
+        bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(bincode::serde::decode_from_slice::<Digest, _>(&bytes, cfg).is_err());
+        assert!(bincode::serde::decode_from_slice::<(String, Entry), _>(&bytes, cfg).is_err());
+    }
+}
