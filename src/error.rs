@@ -44,6 +44,9 @@ pub enum Error {
     /// The membership protocol refused an operation.
     #[error(transparent)]
     Membership(#[from] MembershipError),
+    /// A service registration was refused.
+    #[error(transparent)]
+    Catalog(#[from] crate::state::catalog::CatalogError),
     /// The remote side answered with an error.
     #[error("remote error: {0}")]
     Remote(String),

@@ -23,8 +23,13 @@ pub mod membership;
 pub mod net;
 pub mod node;
 pub mod state;
+pub mod sync;
 pub mod wire;
 
 pub use error::{Error, Result};
 pub use membership::{Member, MemberEvent, MemberStatus, NodeId, Profile};
-pub use node::{MemberEvents, Node, NodeBuilder, StatsSnapshot};
+pub use node::{
+    CatalogHandle, Check, Instance, MemberEvents, Node, NodeBuilder, Query, ServiceHandle,
+    ServiceSummary, ServiceWatch, StatsSnapshot,
+};
+pub use state::catalog::{Health, Service};

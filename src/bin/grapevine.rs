@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use grapevine::node::control;
-use grapevine::{Member, Node, Profile};
+use std::time::Duration;
+
+use grapevine::{Check, Instance, Member, Node, Profile, Service};
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +27,17 @@ enum Command {
     /// List the members a running agent sees.
     Members {
         /// The agent to ask (its gossip/TCP address).
+        #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, default_value = "127.0.0.1:7946")]
+        agent: SocketAddr,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the service instances a running agent knows (all, or those of one service).
+    Services {
+        /// Only this service.
+        service: Option<String>,
+        /// The agent to ask.
         #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, default_value = "127.0.0.1:7946")]
         agent: SocketAddr,
         /// Print a JSON array instead of a table.
@@ -59,6 +72,39 @@ struct AgentArgs {
     /// Timing profile: lan, wan or local.
     #[arg(long, default_value = "lan")]
     profile: Profile,
+    /// A service instance to register at start, NAME:PORT[:TAG,TAG...]; repeatable. Its
+    /// health is a TCP connect check against the port unless --no-check.
+    #[arg(long = "service", value_name = "NAME:PORT[:TAGS]", value_parser = parse_service)]
+    services: Vec<Service>,
+    /// Register --service instances without a health check (always passing).
+    #[arg(long)]
+    no_check: bool,
+    /// Accept control commands (members, services, ...) from other hosts, not only loopback.
+    #[arg(long)]
+    allow_remote_control: bool,
+}
+
+fn parse_service(text: &str) -> Result<Service, String> {
+    let mut parts = text.splitn(3, ':');
+    let name = parts.next().unwrap_or_default();
+    let port: u16 = parts
+        .next()
+        .ok_or_else(|| format!("{text:?} is not NAME:PORT[:TAG,TAG...]"))?
+        .parse()
+        .map_err(|_| format!("{text:?} has no valid port (1-65535)"))?;
+    if port == 0 {
+        return Err(format!("{text:?} has no valid port (1-65535)"));
+    }
+    let mut service = Service::new(name, format!("{name}-{port}"), port);
+    if let Some(tags) = parts.next() {
+        service.tags = tags
+            .split(',')
+            .filter(|t| !t.is_empty())
+            .map(str::to_string)
+            .collect();
+    }
+    service.validate().map_err(|error| error.to_string())?;
+    Ok(service)
 }
 
 fn parse_addr(text: &str) -> Result<SocketAddr, String> {
@@ -127,6 +173,35 @@ async fn run(cli: Cli) -> grapevine::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Services {
+            service,
+            agent,
+            json,
+        } => {
+            let instances = control::services(agent, service).await?;
+            if json {
+                let rows: Vec<_> = instances
+                    .iter()
+                    .map(|i| {
+                        serde_json::json!({
+                            "service": i.service,
+                            "id": i.id,
+                            "node": i.node,
+                            "addr": i.addr,
+                            "port": i.port,
+                            "tags": i.tags,
+                            "meta": i.meta,
+                            "health": i.health,
+                            "node_status": i.node_status,
+                        })
+                    })
+                    .collect();
+                println!("{}", to_json(&rows));
+            } else {
+                print_services(&instances);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Info { agent, json } => {
             let info = control::info(agent).await?;
             if json {
@@ -176,16 +251,51 @@ fn print_members(members: &[Member]) {
     }
 }
 
+fn print_services(instances: &[Instance]) {
+    println!(
+        "{:<16}  {:<20}  {:<12}  {:<21}  {:<8}  {:<7}  TAGS",
+        "SERVICE", "ID", "NODE", "ADDR", "HEALTH", "NODE"
+    );
+    for i in instances {
+        println!(
+            "{:<16}  {:<20}  {:<12}  {:<21}  {:<8}  {:<7}  {}",
+            i.service,
+            i.id,
+            i.node,
+            i.socket_addr().to_string(),
+            i.health.to_string(),
+            i.node_status.to_string(),
+            i.tags.join(",")
+        );
+    }
+}
+
 async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
     init_logging();
     let mut builder = Node::builder(args.name)
         .bind(args.bind)
         .seeds(args.join)
-        .profile(args.profile);
+        .profile(args.profile)
+        .allow_remote_control(args.allow_remote_control);
     if let Some(advertise) = args.advertise {
         builder = builder.advertise(advertise);
     }
     let node = builder.start().await?;
+    let check_interval = match args.profile {
+        Profile::Local => Duration::from_secs(1),
+        Profile::Lan => Duration::from_secs(5),
+        Profile::Wan => Duration::from_secs(15),
+    };
+    for service in args.services {
+        let id = service.id.clone();
+        if args.no_check {
+            node.register(service).await?;
+        } else {
+            node.register_with_check(service, Check::tcp(check_interval))
+                .await?;
+        }
+        tracing::info!(%id, "service registered");
+    }
     tracing::info!(addr = %node.addr(), "agent running; press Ctrl-C to leave");
     wait_for_signal().await;
     tracing::info!("leaving the cluster");

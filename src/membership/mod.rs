@@ -13,7 +13,9 @@ use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use foca::{AccumulatingRuntime, Foca, NoCustomBroadcast, OwnedNotification, State, Timer};
+use foca::{
+    AccumulatingRuntime, BroadcastHandler, Foca, NoCustomBroadcast, OwnedNotification, State, Timer,
+};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -30,6 +32,8 @@ const MAX_LEFT_REMEMBERED: usize = 4096;
 const MAX_DEAD_IN_VIEW: usize = 4096;
 /// How long a down or left member stays listed.
 const DEAD_MEMBER_RETENTION: Duration = Duration::from_secs(3600);
+/// Largest custom broadcast item: foca accepts bigger ones but never sends them.
+pub const MAX_BROADCAST_ITEM: usize = 1024;
 /// Most members accepted in one push-pull exchange.
 pub const MAX_PUSH_PULL_MEMBERS: usize = 65_536;
 
@@ -158,11 +162,12 @@ struct ViewEntry {
     since: Instant,
 }
 
-type SwimCore = Foca<NodeId, BincodeCodec, SmallRng, NoCustomBroadcast>;
+type SwimCore<B> = Foca<NodeId, BincodeCodec, SmallRng, B>;
 
-/// SWIM membership of one node, without IO.
-pub struct Membership {
-    foca: SwimCore,
+/// SWIM membership of one node, without IO. `B` receives the custom broadcasts
+/// (replicated-state deltas) that ride on SWIM packets.
+pub struct Membership<B: BroadcastHandler<NodeId> = NoCustomBroadcast> {
+    foca: SwimCore<B>,
     runtime: AccumulatingRuntime<NodeId>,
     profile: Profile,
     /// Cluster size foca's configuration was last tuned for.
@@ -180,11 +185,29 @@ pub struct Membership {
 impl Membership {
     /// Creates the membership of `identity`, with foca's randomness seeded by `seed`.
     pub fn new(identity: NodeId, profile: Profile, seed: u64, now: Instant) -> Self {
-        let foca = Foca::new(
+        Membership::with_broadcasts(identity, profile, seed, now, NoCustomBroadcast)
+    }
+}
+
+impl<B> Membership<B>
+where
+    B: BroadcastHandler<NodeId>,
+    B::Error: 'static,
+{
+    /// Creates the membership of `identity` whose custom broadcasts go to `handler`.
+    pub fn with_broadcasts(
+        identity: NodeId,
+        profile: Profile,
+        seed: u64,
+        now: Instant,
+        handler: B,
+    ) -> Self {
+        let foca = Foca::with_custom_broadcast(
             identity.clone(),
             profile.foca_config(1),
             SmallRng::seed_from_u64(seed),
             BincodeCodec::default(),
+            handler,
         );
         let mut view = BTreeMap::new();
         view.insert(
@@ -262,6 +285,26 @@ impl Membership {
             }
         }
         Ok(())
+    }
+
+    /// Queues a custom broadcast (at most about 1 KB) and sends it to a few peers at once;
+    /// it then rides on SWIM traffic a bounded number of times. `Ok(false)` if the handler
+    /// found nothing new in it.
+    pub fn add_broadcast(&mut self, item: &[u8], now: Instant) -> Result<bool, MembershipError> {
+        if item.len() > MAX_BROADCAST_ITEM {
+            return Err(WireError::TooLarge {
+                size: item.len(),
+                limit: MAX_BROADCAST_ITEM,
+            }
+            .into());
+        }
+        let added = self.foca.add_broadcast(item)?;
+        if added {
+            let result = self.foca.broadcast(&mut self.runtime);
+            self.after_call(now);
+            result?;
+        }
+        Ok(added)
     }
 
     /// The deadline of the earliest pending timer.

@@ -80,6 +80,34 @@ impl Profile {
         }
     }
 
+    /// How often a node runs anti-entropy of the replicated state with a random peer.
+    pub fn sync_interval(self) -> Duration {
+        match self {
+            Profile::Lan => Duration::from_secs(2),
+            Profile::Wan => Duration::from_secs(10),
+            Profile::Local => Duration::from_secs(1),
+        }
+    }
+
+    /// How long the records of a down or left node are kept before they are forgotten
+    /// (they leave lookups at once; this only bounds the memory they hold).
+    pub fn catalog_grace(self) -> Duration {
+        match self {
+            Profile::Lan => Duration::from_secs(300),
+            Profile::Wan => Duration::from_secs(900),
+            Profile::Local => Duration::from_secs(30),
+        }
+    }
+
+    /// Age after which a deregistration's tombstone is collected.
+    pub fn tombstone_horizon(self) -> Duration {
+        match self {
+            Profile::Lan => Duration::from_secs(600),
+            Profile::Wan => Duration::from_secs(1800),
+            Profile::Local => Duration::from_secs(60),
+        }
+    }
+
     /// How often a node with no live peer retries its seeds.
     pub fn join_retry_interval(self) -> Duration {
         match self {

@@ -33,7 +33,9 @@ impl Faults {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<(SocketAddr, SocketAddr)>> {
-        self.cut.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.cut
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Cuts every link between a node of `left` and a node of `right`.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::catalog::Instance;
 use super::protocol::{exchange, Request, Response};
 use super::stats::StatsSnapshot;
 use crate::error::{Error, Result};
@@ -18,6 +19,11 @@ pub enum ControlRequest {
     Members,
     /// The node's identity, profile and counters.
     Info,
+    /// Every known instance (of one service, if named), unhealthy and down ones included.
+    Services {
+        /// Only this service.
+        service: Option<String>,
+    },
 }
 
 /// A node's answer to a [`ControlRequest`].
@@ -27,6 +33,8 @@ pub enum ControlResponse {
     Members(Vec<Member>),
     /// Answer to [`ControlRequest::Info`].
     Info(NodeInfo),
+    /// Answer to [`ControlRequest::Services`].
+    Services(Vec<Instance>),
 }
 
 /// Identity and counters of a node.
@@ -58,9 +66,9 @@ pub async fn control_request(
     match response {
         Response::Control(answer) => Ok(answer),
         Response::Error(message) => Err(Error::Remote(message)),
-        Response::PushPull(_) => Err(Error::Protocol(
-            "unexpected push-pull answer to a control request".into(),
-        )),
+        other => Err(Error::Protocol(format!(
+            "unexpected answer to a control request: {other:?}"
+        ))),
     }
 }
 
@@ -76,6 +84,14 @@ pub async fn members(agent: SocketAddr) -> Result<Vec<Member>> {
 pub async fn info(agent: SocketAddr) -> Result<NodeInfo> {
     match control_request(agent, ControlRequest::Info, CONTROL_TIMEOUT).await? {
         ControlResponse::Info(info) => Ok(info),
+        other => Err(Error::Protocol(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// Instances known to the node at `agent`, of `service` or of all services.
+pub async fn services(agent: SocketAddr, service: Option<String>) -> Result<Vec<Instance>> {
+    match control_request(agent, ControlRequest::Services { service }, CONTROL_TIMEOUT).await? {
+        ControlResponse::Services(instances) => Ok(instances),
         other => Err(Error::Protocol(format!("unexpected answer {other:?}"))),
     }
 }

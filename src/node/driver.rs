@@ -1,5 +1,7 @@
-//! The driver task: the one owner of a node's membership state and UDP socket.
+//! The driver task: the one owner of a node's membership, its UDP socket, and the writer of
+//! its own catalog records.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,18 +12,24 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::protocol::{exchange, Request, Response};
+use super::catalog::CatalogView;
+use super::protocol::{connect, exchange, within, Request, Response};
 use super::stats::Stats;
 use super::View;
 use crate::error::{Error, Result};
-use crate::membership::{MemberEvent, Membership, PushPull};
+use crate::membership::{MemberEvent, Membership, Profile, PushPull};
 use crate::net::{Transport, UdpSocket};
+use crate::state::catalog::{CatalogError, Delta, Health, ServiceRecord};
+use crate::sync::{self, Replicated, SharedState, StateBroadcasts};
 use crate::wire;
 
 /// Bound of the driver's command queue.
 pub(crate) const COMMAND_QUEUE: usize = 256;
-/// Most push-pull exchanges this node starts at once.
-const MAX_OUTBOUND_SYNCS: usize = 4;
+/// Most TCP exchanges (push-pull, anti-entropy) this node runs at once.
+const MAX_OUTBOUND: usize = 4;
+/// First and last gap of the push-pulls that follow a join.
+const FOLLOWUP_FIRST: Duration = Duration::from_secs(1);
+const FOLLOWUP_LAST: Duration = Duration::from_secs(4);
 
 /// Messages to the driver.
 pub(crate) enum Command {
@@ -30,34 +38,73 @@ pub(crate) enum Command {
         state: PushPull,
         reply: oneshot::Sender<PushPull>,
     },
+    /// Register (or replace) a local service.
+    Register {
+        record: ServiceRecord,
+        reply: oneshot::Sender<Result<(), CatalogError>>,
+    },
+    /// Deregister a local service.
+    Deregister {
+        id: String,
+        reply: oneshot::Sender<Result<(), CatalogError>>,
+    },
+    /// A health check's verdict on a local service.
+    SetHealth { id: String, health: Health },
+    /// A TCP task merged remote state: publish it.
+    StateChanged,
     /// Leave the cluster gracefully, then report.
     Leave { done: oneshot::Sender<Result<()>> },
 }
 
+/// What a finished outbound TCP exchange brought back.
+enum Outcome {
+    Members(PushPull),
+    Synced,
+}
+
 pub(crate) struct Driver<T: Transport> {
-    pub(crate) membership: Membership,
+    pub(crate) membership: Membership<StateBroadcasts>,
+    pub(crate) state: SharedState,
     pub(crate) transport: T,
     pub(crate) udp: T::Udp,
     pub(crate) commands: mpsc::Receiver<Command>,
     pub(crate) view: watch::Sender<Arc<View>>,
+    pub(crate) catalog_view: watch::Sender<Arc<CatalogView>>,
     pub(crate) events: broadcast::Sender<MemberEvent>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) seeds: Vec<SocketAddr>,
     pub(crate) rng: SmallRng,
+    pub(crate) profile: Profile,
+}
+
+/// Book-keeping of the driver loop.
+#[derive(Default)]
+struct Progress {
+    members_published: Option<u64>,
+    state_published: Option<(u64, u64)>,
+    had_peers: bool,
+    seed_cursor: usize,
+    /// When a down or left node was first seen so; its records go after a grace period.
+    dead_since: BTreeMap<String, Instant>,
+    /// `(when, local max version)` samples: tombstones older than the horizon are collected.
+    tombstone_marks: VecDeque<(Instant, u64)>,
 }
 
 impl<T: Transport> Driver<T> {
+    /// The replicated state of a node, and foca's handler sharing it.
+    pub(crate) fn state_for(name: &str, epoch: u64) -> (SharedState, StateBroadcasts) {
+        let state: SharedState = Arc::new(std::sync::Mutex::new(Replicated::new(name, epoch)));
+        let handler = StateBroadcasts::new(state.clone());
+        (state, handler)
+    }
+
     pub(crate) async fn run(mut self) {
-        let profile_push_pull = self.profile().push_pull_interval();
-        let mut push_pull_tick = tokio::time::interval(profile_push_pull);
-        push_pull_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut join_tick = tokio::time::interval(self.profile().join_retry_interval());
-        join_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut syncs: JoinSet<Result<PushPull>> = JoinSet::new();
+        let mut push_pull_tick = interval(self.profile.push_pull_interval());
+        let mut sync_tick = interval(self.profile.sync_interval());
+        let mut join_tick = interval(self.profile.join_retry_interval());
+        let mut tasks: JoinSet<Result<Outcome>> = JoinSet::new();
         let mut buf = vec![0u8; wire::MAX_DATAGRAM + 1];
-        let mut seed_cursor = 0usize;
-        let mut published = u64::MAX;
-        let mut had_peers = false;
+        let mut progress = Progress::default();
         // After joining, a few quick push-pulls (1 s, 2 s, 4 s) fill in members that joined
         // at the same time, instead of waiting for the periodic exchange.
         let mut followup: Option<(Instant, Duration)> = None;
@@ -71,17 +118,14 @@ impl<T: Transport> Driver<T> {
             tokio::select! {
                 biased;
                 command = self.commands.recv() => match command {
-                    Some(Command::PushPullIn { state, reply }) => {
-                        self.apply_push_pull(state);
-                        let _ = reply.send(self.membership.push_pull_state());
-                    }
                     Some(Command::Leave { done }) => {
                         let result = self.membership.leave(now()).map_err(Error::from);
-                        self.flush().await;
-                        self.publish(&mut published);
+                        self.flush(&mut progress).await;
+                        self.publish(&mut progress);
                         let _ = done.send(result);
                         return;
                     }
+                    Some(command) => self.handle_command(command),
                     // Every handle is gone: the node was dropped.
                     None => return,
                 },
@@ -90,24 +134,21 @@ impl<T: Transport> Driver<T> {
                     self.membership.handle_due_timers(now());
                 }
                 received = self.udp.recv_from(&mut buf) => match received {
-                    Ok((len, from)) => self.handle_datagram(&buf[..len], from),
+                    Ok((len, from)) => self.handle_datagram(&buf[..len], from, &mut tasks),
                     Err(error) => tracing::debug!(%error, "udp receive failed"),
                 },
-                Some(joined) = syncs.join_next(), if !syncs.is_empty() => {
-                    match joined {
-                        Ok(Ok(state)) => self.apply_push_pull(state),
-                        Ok(Err(error)) => {
-                            Stats::add(&self.stats.push_pull_failed, 1);
-                            tracing::debug!(%error, "push-pull failed");
-                        }
-                        Err(error) => tracing::debug!(%error, "push-pull task ended abnormally"),
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => match joined {
+                    Ok(Ok(Outcome::Members(state))) => self.apply_push_pull(state),
+                    Ok(Ok(Outcome::Synced)) => {}
+                    Ok(Err(error)) => {
+                        Stats::add(&self.stats.sync_failed, 1);
+                        tracing::debug!(%error, "tcp exchange failed");
                     }
-                }
+                    Err(error) => tracing::debug!(%error, "tcp exchange task ended abnormally"),
+                },
                 () = sleep_until_opt(followup.map(|(at, _)| at)) => {
                     if let Some((_, gap)) = followup.take() {
-                        if let Some(peer) = self.random_peer() {
-                            self.start_push_pull(peer, &mut syncs);
-                        }
+                        self.push_pull_random(&mut tasks);
                         if gap < FOLLOWUP_LAST {
                             followup = Some((Instant::now() + gap * 2, gap * 2));
                         }
@@ -115,39 +156,137 @@ impl<T: Transport> Driver<T> {
                 }
                 _ = join_tick.tick() => {
                     if self.membership.num_active_peers() == 0 {
-                        self.try_join(&mut seed_cursor, &mut syncs);
+                        self.try_join(&mut progress, &mut tasks);
                     }
                 }
-                _ = push_pull_tick.tick() => {
+                _ = sync_tick.tick() => {
                     if let Some(peer) = self.random_peer() {
-                        self.start_push_pull(peer, &mut syncs);
+                        self.start_sync(peer, &mut tasks);
                     }
+                    self.housekeeping(&mut progress);
                 }
+                _ = push_pull_tick.tick() => self.push_pull_random(&mut tasks),
             }
             let has_peers = self.membership.num_active_peers() > 0;
-            if has_peers && !had_peers {
-                // Just joined: fetch the whole member list instead of waiting for gossip.
+            if has_peers && !progress.had_peers {
+                // Just joined: fetch the whole member list and state instead of waiting.
+                self.push_pull_random(&mut tasks);
                 if let Some(peer) = self.random_peer() {
-                    self.start_push_pull(peer, &mut syncs);
+                    self.start_sync(peer, &mut tasks);
                 }
                 followup = Some((Instant::now() + FOLLOWUP_FIRST, FOLLOWUP_FIRST));
             }
-            had_peers = has_peers;
-            self.flush().await;
-            self.publish(&mut published);
+            progress.had_peers = has_peers;
+            self.follow_identity();
+            self.flush(&mut progress).await;
+            self.publish(&mut progress);
         }
     }
 
-    fn profile(&self) -> crate::membership::Profile {
-        self.view.borrow().profile
+    fn handle_command(&mut self, command: Command) {
+        match command {
+            Command::PushPullIn { state, reply } => {
+                self.apply_push_pull(state);
+                let _ = reply.send(self.membership.push_pull_state());
+            }
+            Command::Register { record, reply } => {
+                let result = sync::lock(&self.state).catalog.register(record);
+                let _ = reply.send(result.map(|delta| self.announce(&delta)));
+            }
+            Command::Deregister { id, reply } => {
+                let result = sync::lock(&self.state).catalog.deregister(&id);
+                let _ = reply.send(result.map(|delta| self.announce(&delta)));
+            }
+            Command::SetHealth { id, health } => {
+                let result = sync::lock(&self.state).catalog.set_health(&id, health);
+                match result {
+                    Ok(Some(delta)) => self.announce(&delta),
+                    Ok(None) => {}
+                    // The service was deregistered while its check ran.
+                    Err(error) => tracing::debug!(%error, "health update ignored"),
+                }
+            }
+            Command::StateChanged => {}
+            Command::Leave { .. } => unreachable!("handled by the loop"),
+        }
     }
 
-    fn handle_datagram(&mut self, datagram: &[u8], from: SocketAddr) {
+    /// Spreads a local change: the state moved on, and the delta (or a hint) rides on SWIM.
+    fn announce(&mut self, delta: &Delta) {
+        sync::lock(&self.state).touch();
+        match Replicated::broadcast_item(delta) {
+            Ok(item) => {
+                if let Err(error) = self.membership.add_broadcast(&item, now()) {
+                    tracing::warn!(%error, "could not broadcast a catalog change");
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not encode a catalog change"),
+        }
+    }
+
+    /// Keeps the catalog's epoch at the identity's generation: a node that renewed its
+    /// identity (declared down, then back) re-announces its records under the new epoch.
+    fn follow_identity(&mut self) {
+        let generation = self.membership.identity().generation;
+        let rebased = {
+            let mut state = sync::lock(&self.state);
+            let target = match state.catalog.newer_local_epoch() {
+                Some(newer) if newer >= generation => newer + 1,
+                _ => generation,
+            };
+            let rebased = state.catalog.rebase(target);
+            if rebased {
+                state.touch();
+            }
+            rebased.then(|| {
+                (
+                    state.catalog.local_owner().to_string(),
+                    state.catalog.epoch(),
+                    state.catalog.local_max_version(),
+                )
+            })
+        };
+        if let Some((owner, epoch, version)) = rebased {
+            tracing::info!(epoch, "catalog records re-announced under a new epoch");
+            let hint = sync::GossipItem::CatalogHint {
+                owner,
+                epoch,
+                version,
+            };
+            let mut item = Vec::new();
+            if wire::encode_datagram_into(&hint, &mut item, crate::membership::MAX_BROADCAST_ITEM)
+                .is_ok()
+            {
+                let _ = self.membership.add_broadcast(&item, now());
+            }
+        }
+    }
+
+    fn handle_datagram(
+        &mut self,
+        datagram: &[u8],
+        from: SocketAddr,
+        tasks: &mut JoinSet<Result<Outcome>>,
+    ) {
         Stats::add(&self.stats.udp_received, 1);
         Stats::add(&self.stats.udp_received_bytes, datagram.len() as u64);
         if let Err(error) = self.membership.handle_datagram(datagram, now()) {
             Stats::add(&self.stats.udp_dropped, 1);
             tracing::debug!(%from, %error, "dropped datagram");
+        }
+        // Hints of changes too big to gossip: fetch them from their owner.
+        let behind = sync::lock(&self.state).take_behind();
+        if !behind.is_empty() {
+            let view = self.view.borrow().clone();
+            for owner in behind {
+                if let Some(member) = view
+                    .members
+                    .iter()
+                    .find(|m| m.name == owner && m.status.is_active())
+                {
+                    self.start_sync(member.addr, tasks);
+                }
+            }
         }
     }
 
@@ -158,7 +297,7 @@ impl<T: Transport> Driver<T> {
         }
     }
 
-    fn try_join(&mut self, cursor: &mut usize, syncs: &mut JoinSet<Result<PushPull>>) {
+    fn try_join(&mut self, progress: &mut Progress, tasks: &mut JoinSet<Result<Outcome>>) {
         let me = self.membership.identity().addr;
         let seeds: Vec<SocketAddr> = self.seeds.iter().copied().filter(|s| *s != me).collect();
         if seeds.is_empty() {
@@ -170,10 +309,10 @@ impl<T: Transport> Driver<T> {
             }
         }
         // TCP push-pull with one seed per round also joins when UDP is lossy.
-        let seed = seeds[*cursor % seeds.len()];
-        *cursor = cursor.wrapping_add(1);
+        let seed = seeds[progress.seed_cursor % seeds.len()];
+        progress.seed_cursor = progress.seed_cursor.wrapping_add(1);
         tracing::debug!(%seed, "joining through seed");
-        self.start_push_pull(seed, syncs);
+        self.start_push_pull(seed, tasks);
     }
 
     fn random_peer(&mut self) -> Option<SocketAddr> {
@@ -184,26 +323,103 @@ impl<T: Transport> Driver<T> {
         Some(peers[self.rng.random_range(0..peers.len())])
     }
 
-    fn start_push_pull(&mut self, peer: SocketAddr, syncs: &mut JoinSet<Result<PushPull>>) {
-        if syncs.len() >= MAX_OUTBOUND_SYNCS {
+    fn push_pull_random(&mut self, tasks: &mut JoinSet<Result<Outcome>>) {
+        if let Some(peer) = self.random_peer() {
+            self.start_push_pull(peer, tasks);
+        }
+    }
+
+    fn start_push_pull(&mut self, peer: SocketAddr, tasks: &mut JoinSet<Result<Outcome>>) {
+        if tasks.len() >= MAX_OUTBOUND {
             return;
         }
         let request = Request::PushPull(self.membership.push_pull_state());
         let transport = self.transport.clone();
-        let timeout = self.profile().tcp_timeout();
+        let timeout = self.profile.tcp_timeout();
         let stats = self.stats.clone();
-        syncs.spawn(async move {
+        tasks.spawn(async move {
             let (response, bytes) = exchange(&transport, peer, &request, timeout).await?;
             Stats::add(&stats.tcp_bytes, bytes);
             match response {
-                Response::PushPull(state) => Ok(state),
-                Response::Error(message) => Err(Error::Remote(message)),
-                Response::Control(_) => Err(Error::Protocol("control answer to push-pull".into())),
+                Response::PushPull(state) => Ok(Outcome::Members(state)),
+                other => Err(Error::Protocol(format!("{other:?} answered a push-pull"))),
             }
         });
     }
 
-    async fn flush(&mut self) {
+    /// Anti-entropy with `peer`: send our digest, merge what we lacked, send what it lacked.
+    fn start_sync(&mut self, peer: SocketAddr, tasks: &mut JoinSet<Result<Outcome>>) {
+        if tasks.len() >= MAX_OUTBOUND {
+            return;
+        }
+        let state = self.state.clone();
+        let transport = self.transport.clone();
+        let timeout = self.profile.tcp_timeout();
+        let stats = self.stats.clone();
+        tasks.spawn(within(timeout, "anti-entropy", async move {
+            let mut connection = connect(&transport, peer).await?;
+            let digest = sync::lock(&state).digest();
+            let result = match connection.call(&Request::Sync(digest)).await? {
+                Response::Sync { update, digest } => {
+                    let for_peer = {
+                        let mut state = sync::lock(&state);
+                        state.apply_update(update);
+                        state.updates_for(&digest)
+                    };
+                    if !for_peer.catalog.is_empty() {
+                        connection.call(&Request::SyncPush(for_peer)).await?;
+                    }
+                    Ok(Outcome::Synced)
+                }
+                other => Err(Error::Protocol(format!("{other:?} answered a sync"))),
+            };
+            Stats::add(&stats.tcp_bytes, connection.bytes);
+            Stats::add(&stats.sync_ok, 1);
+            result
+        }));
+    }
+
+    /// Periodic upkeep: forget the records of nodes down for longer than the grace period,
+    /// and collect old local tombstones.
+    fn housekeeping(&mut self, progress: &mut Progress) {
+        let now = Instant::now();
+        let grace = self.profile.catalog_grace();
+        let expired: Vec<String> = progress
+            .dead_since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= grace)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut state = sync::lock(&self.state);
+        for name in expired {
+            progress.dead_since.remove(&name);
+            let epoch = state.catalog.owner(&name).map(|o| o.epoch);
+            if let Some(epoch) = epoch {
+                if state.catalog.forget_owner(&name, epoch) {
+                    tracing::debug!(owner = %name, "forgot the records of a departed node");
+                    state.touch();
+                }
+            }
+        }
+        state
+            .catalog
+            .prune_forgotten(crate::state::catalog::MAX_FORGOTTEN);
+        let horizon = self.profile.tombstone_horizon();
+        progress
+            .tombstone_marks
+            .push_back((now, state.catalog.local_max_version()));
+        while let Some((at, version)) = progress.tombstone_marks.front().copied() {
+            if now.duration_since(at) < horizon {
+                break;
+            }
+            progress.tombstone_marks.pop_front();
+            if state.catalog.collect_tombstones(version) > 0 {
+                state.touch();
+            }
+        }
+    }
+
+    async fn flush(&mut self, progress: &mut Progress) {
         let outgoing: Vec<_> = self.membership.drain_outbox().collect();
         for (to, datagram) in outgoing {
             match self.udp.send_to(&datagram, to).await {
@@ -216,32 +432,53 @@ impl<T: Transport> Driver<T> {
         }
         for event in self.membership.drain_events() {
             tracing::info!(?event, "membership");
+            match &event {
+                MemberEvent::Down(m) | MemberEvent::Left(m) => {
+                    progress
+                        .dead_since
+                        .entry(m.name.clone())
+                        .or_insert_with(Instant::now);
+                }
+                MemberEvent::Joined(m) | MemberEvent::Updated(m) => {
+                    progress.dead_since.remove(&m.name);
+                }
+                MemberEvent::Suspect(_) => {}
+            }
             // No subscriber is fine; a lagging one is counted when it reads.
             let _ = self.events.send(event);
         }
     }
 
-    fn publish(&mut self, published: &mut u64) {
-        let version = self.membership.view_version();
-        if version == *published {
-            return;
+    fn publish(&mut self, progress: &mut Progress) {
+        let members_version = self.membership.view_version();
+        if progress.members_published != Some(members_version) {
+            let identity = self.membership.identity().clone();
+            let members = self.membership.members();
+            self.view.send_modify(|view| {
+                *view = Arc::new(View {
+                    identity,
+                    members,
+                    profile: view.profile,
+                })
+            });
         }
-        *published = version;
-        let identity = self.membership.identity().clone();
-        let members = self.membership.members();
-        self.view.send_modify(|view| {
-            *view = Arc::new(View {
-                identity,
-                members,
-                profile: view.profile,
-            })
-        });
+        let state = sync::lock(&self.state);
+        let versions = (members_version, state.version());
+        if progress.state_published != Some(versions) {
+            let view = CatalogView::build(&state.catalog, &self.view.borrow().members);
+            drop(state);
+            self.catalog_view.send_replace(Arc::new(view));
+            progress.state_published = Some(versions);
+        }
+        progress.members_published = Some(members_version);
     }
 }
 
-/// First and last gap of the push-pulls that follow a join.
-const FOLLOWUP_FIRST: Duration = Duration::from_secs(1);
-const FOLLOWUP_LAST: Duration = Duration::from_secs(4);
+fn interval(period: Duration) -> tokio::time::Interval {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    interval
+}
 
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {

@@ -1,11 +1,14 @@
 //! The public face of grapevine: [`Node`], built by [`NodeBuilder`].
 
+pub mod catalog;
+mod checks;
 pub mod control;
 mod driver;
 mod protocol;
 mod server;
 mod stats;
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,11 +18,17 @@ use rand::SeedableRng;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+pub use catalog::{CatalogHandle, Instance, Query, ServiceSummary, ServiceWatch};
+pub use checks::{Check, ServiceHandle};
 pub use stats::StatsSnapshot;
 
 use crate::error::{Error, Result};
 use crate::membership::{validate_name, Member, MemberEvent, Membership, NodeId, Profile};
 use crate::net::{Listener, TokioTransport, Transport, UdpSocket};
+use crate::state::catalog::{Health, Service, ServiceRecord};
+use crate::sync::SharedState;
+use catalog::CatalogView;
+use checks::{ask, Connector};
 use driver::{Command, Driver, COMMAND_QUEUE};
 
 /// Capacity of the member-event channel; a subscriber further behind skips ahead.
@@ -39,7 +48,18 @@ pub(crate) struct View {
 pub(crate) struct Shared {
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) view: watch::Receiver<Arc<View>>,
+    pub(crate) catalog_view: watch::Receiver<Arc<CatalogView>>,
+    pub(crate) state: SharedState,
     pub(crate) stats: Arc<stats::Stats>,
+    pub(crate) allow_remote_control: bool,
+}
+
+impl Shared {
+    pub(crate) fn catalog(&self) -> CatalogHandle {
+        CatalogHandle {
+            view: self.catalog_view.clone(),
+        }
+    }
 }
 
 /// Configures and starts a [`Node`].
@@ -52,9 +72,16 @@ pub struct NodeBuilder {
     profile: Profile,
     generation: Option<u64>,
     rng_seed: Option<u64>,
+    allow_remote_control: bool,
 }
 
 impl NodeBuilder {
+    /// Accepts control requests (what the CLI sends) from any address, not only loopback.
+    pub fn allow_remote_control(mut self, allow: bool) -> Self {
+        self.allow_remote_control = allow;
+        self
+    }
+
     /// Address to bind UDP and TCP on (default `127.0.0.1:0`, a free port).
     pub fn bind(mut self, addr: SocketAddr) -> Self {
         self.bind = addr;
@@ -136,7 +163,9 @@ impl NodeBuilder {
             .rng_seed
             .unwrap_or_else(|| fnv1a(self.name.as_bytes()) ^ generation);
         let now = tokio::time::Instant::now().into_std();
-        let membership = Membership::new(identity.clone(), self.profile, rng_seed, now);
+        let (state, handler) = Driver::<T>::state_for(&identity.name, generation);
+        let membership =
+            Membership::with_broadcasts(identity.clone(), self.profile, rng_seed, now, handler);
 
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
         let (view_tx, view_rx) = watch::channel(Arc::new(View {
@@ -144,15 +173,27 @@ impl NodeBuilder {
             members: membership.members(),
             profile: self.profile,
         }));
+        let (catalog_tx, catalog_rx) = watch::channel(Arc::new(CatalogView::default()));
         let (events_tx, _) = broadcast::channel(EVENT_CHANNEL);
         let stats = Arc::new(stats::Stats::default());
         let shared = Arc::new(Shared {
             commands: commands_tx,
             view: view_rx,
+            catalog_view: catalog_rx,
+            state: state.clone(),
             stats: stats.clone(),
+            allow_remote_control: self.allow_remote_control,
+        });
+        let connect_through = transport.clone();
+        let connector: Connector = Arc::new(move |addr| {
+            let transport = connect_through.clone();
+            Box::pin(async move { transport.connect(addr).await.map(drop) })
         });
         let driver = Driver {
             membership,
+            state,
+            catalog_view: catalog_tx,
+            profile: self.profile,
             transport,
             udp,
             commands: commands_rx,
@@ -171,6 +212,8 @@ impl NodeBuilder {
             shared,
             events: events_tx,
             tasks: Mutex::new(tasks),
+            checks: Mutex::new(BTreeMap::new()),
+            connector,
         })
     }
 }
@@ -208,6 +251,15 @@ pub struct Node {
     shared: Arc<Shared>,
     events: broadcast::Sender<MemberEvent>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Health-check tasks by service id.
+    checks: Mutex<BTreeMap<String, JoinHandle<()>>>,
+    connector: Connector,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Node {
@@ -221,7 +273,88 @@ impl Node {
             profile: Profile::default(),
             generation: None,
             rng_seed: None,
+            allow_remote_control: false,
         }
+    }
+
+    /// Registers (or replaces) a service instance of this node, passing and unchecked; its
+    /// health is whatever the returned handle reports. It reaches every node by gossip.
+    pub async fn register(&self, service: Service) -> Result<ServiceHandle> {
+        self.register_record(service, Health::Passing, None).await
+    }
+
+    /// Registers (or replaces) a service instance whose health `check` decides.
+    pub async fn register_with_check(
+        &self,
+        service: Service,
+        check: Check,
+    ) -> Result<ServiceHandle> {
+        service.validate()?;
+        let target = SocketAddr::new(service.addr.unwrap_or(self.addr().ip()), service.port);
+        let status = check.first_status(target, &self.connector).await;
+        self.register_record(service, status, Some((check, target)))
+            .await
+    }
+
+    async fn register_record(
+        &self,
+        service: Service,
+        health: Health,
+        check: Option<(Check, SocketAddr)>,
+    ) -> Result<ServiceHandle> {
+        let id = service.id.clone();
+        let record = ServiceRecord::new(service, health);
+        ask(&self.shared.commands, |reply| Command::Register {
+            record,
+            reply,
+        })
+        .await??;
+        let mut handle = ServiceHandle {
+            id: id.clone(),
+            commands: self.shared.commands.clone(),
+            ttl: None,
+        };
+        let task = check.map(|(check, target)| {
+            let deadline = check.ttl_period().map(|ttl| {
+                let (tx, rx) = watch::channel(tokio::time::Instant::now() + ttl);
+                handle.ttl = Some((ttl, Arc::new(tx)));
+                rx
+            });
+            tokio::spawn(check.run(
+                id.clone(),
+                health,
+                target,
+                self.connector.clone(),
+                self.shared.commands.clone(),
+                deadline,
+            ))
+        });
+        if let Some(old) = match task {
+            Some(task) => locked(&self.checks).insert(id, task),
+            None => locked(&self.checks).remove(&id),
+        } {
+            old.abort();
+        }
+        Ok(handle)
+    }
+
+    /// Deregisters a service instance of this node and stops its check.
+    pub async fn deregister(&self, id: &str) -> Result<()> {
+        if let Some(task) = locked(&self.checks).remove(id) {
+            task.abort();
+        }
+        let id = id.to_string();
+        ask(&self.shared.commands, |reply| Command::Deregister {
+            id,
+            reply,
+        })
+        .await??;
+        Ok(())
+    }
+
+    /// The service catalog: lookups and watches.
+    pub fn catalog(&self) -> CatalogHandle {
+        self.shared.catalog()
     }
 
     /// This node's current identity.
@@ -295,10 +428,8 @@ impl Node {
     }
 
     fn stop(&self) -> Vec<JoinHandle<()>> {
-        let handles: Vec<_> = match self.tasks.lock() {
-            Ok(mut tasks) => tasks.drain(..).collect(),
-            Err(poisoned) => poisoned.into_inner().drain(..).collect(),
-        };
+        let mut handles: Vec<_> = locked(&self.tasks).drain(..).collect();
+        handles.extend(std::mem::take(&mut *locked(&self.checks)).into_values());
         for handle in &handles {
             handle.abort();
         }

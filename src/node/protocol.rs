@@ -1,21 +1,32 @@
-//! Requests and responses on a node's TCP port (one request, one response per connection).
+//! Requests and responses on a node's TCP port. A connection carries a few request/response
+//! rounds (an anti-entropy exchange takes two), each frame length-prefixed and size-checked.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use super::control::{ControlRequest, ControlResponse};
 use crate::error::{Error, Result};
 use crate::membership::PushPull;
 use crate::net::Transport;
+use crate::sync::{SyncDigest, SyncUpdate};
 use crate::wire;
+
+/// Most requests served on one connection.
+pub(crate) const MAX_REQUESTS_PER_CONNECTION: usize = 4;
 
 /// What a TCP client asks.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Request {
     /// Exchange of full member lists.
     PushPull(PushPull),
+    /// Anti-entropy, first round: the sender's digest.
+    Sync(SyncDigest),
+    /// Anti-entropy, second round: what the receiver lacked.
+    SyncPush(SyncUpdate),
     /// A command from the CLI or an operator.
     Control(ControlRequest),
 }
@@ -25,41 +36,93 @@ pub(crate) enum Request {
 pub(crate) enum Response {
     /// The node's member list, in answer to a push-pull.
     PushPull(PushPull),
+    /// What the asker lacks, and the answering node's digest.
+    Sync {
+        /// Records the asker lacks.
+        update: SyncUpdate,
+        /// What the answering node has.
+        digest: SyncDigest,
+    },
+    /// Received.
+    Ack,
     /// The answer to a control request.
     Control(ControlResponse),
     /// The request could not be served.
     Error(String),
 }
 
-/// Sends one request to `addr` and waits for its response, all within `timeout`.
-pub(crate) async fn exchange<T: Transport>(
-    transport: &T,
-    addr: std::net::SocketAddr,
-    request: &Request,
-    timeout: Duration,
-) -> Result<(Response, u64)> {
-    let frame = wire::encode_frame(request)?;
-    let work = async {
-        let stream = transport
-            .connect(addr)
-            .await
-            .map_err(|source| Error::Connect { addr, source })?;
-        let mut framed = wire::framed(stream);
-        let sent = frame.len() as u64;
-        framed
+/// A client connection to a node's TCP port.
+pub(crate) struct Connection<S> {
+    framed: Framed<S, LengthDelimitedCodec>,
+    addr: SocketAddr,
+    /// Bytes sent and received so far.
+    pub(crate) bytes: u64,
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Connection<S> {
+    /// Sends one request and reads its response.
+    pub(crate) async fn call(&mut self, request: &Request) -> Result<Response> {
+        let addr = self.addr;
+        let frame = wire::encode_frame(request)?;
+        self.bytes += frame.len() as u64 + 4;
+        self.framed
             .send(bytes::Bytes::from(frame))
             .await
             .map_err(|source| Error::Connect { addr, source })?;
-        match framed.next().await {
-            Some(Ok(bytes)) => Ok((wire::decode_frame(&bytes)?, sent + bytes.len() as u64)),
+        match self.framed.next().await {
+            Some(Ok(bytes)) => {
+                self.bytes += bytes.len() as u64 + 4;
+                match wire::decode_frame(&bytes)? {
+                    Response::Error(message) => Err(Error::Remote(message)),
+                    response => Ok(response),
+                }
+            }
             Some(Err(source)) => Err(Error::Connect { addr, source }),
             None => Err(Error::Protocol(format!("{addr} closed the connection"))),
         }
+    }
+}
+
+/// Opens a connection to the node at `addr`.
+pub(crate) async fn connect<T: Transport>(
+    transport: &T,
+    addr: SocketAddr,
+) -> Result<Connection<T::Stream>> {
+    let stream = transport
+        .connect(addr)
+        .await
+        .map_err(|source| Error::Connect { addr, source })?;
+    Ok(Connection {
+        framed: wire::framed(stream),
+        addr,
+        bytes: 0,
+    })
+}
+
+/// Sends one request to `addr` and waits for its response, all within `timeout`.
+pub(crate) async fn exchange<T: Transport>(
+    transport: &T,
+    addr: SocketAddr,
+    request: &Request,
+    timeout: Duration,
+) -> Result<(Response, u64)> {
+    let work = async {
+        let mut connection = connect(transport, addr).await?;
+        let response = connection.call(request).await?;
+        Ok((response, connection.bytes))
     };
+    within(timeout, "request", work).await
+}
+
+/// Runs `work` with a deadline.
+pub(crate) async fn within<F, R>(timeout: Duration, what: &'static str, work: F) -> Result<R>
+where
+    F: std::future::Future<Output = Result<R>>,
+{
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| Error::Timeout {
-            what: "request",
+            what,
             after: timeout,
         })?
 }

@@ -9,11 +9,12 @@ use tokio::task::JoinSet;
 
 use super::control::{ControlRequest, ControlResponse, NodeInfo};
 use super::driver::Command;
-use super::protocol::{Request, Response};
+use super::protocol::{Request, Response, MAX_REQUESTS_PER_CONNECTION};
 use super::stats::Stats;
 use super::Shared;
 use crate::error::{Error, Result};
 use crate::net::{Listener, Transport};
+use crate::sync;
 use crate::wire;
 
 /// Most TCP connections served at once; more are closed at once.
@@ -67,12 +68,28 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut framed = wire::framed(stream);
-    let frame = match framed.next().await {
-        Some(frame) => frame.map_err(|source| Error::Connect { addr: peer, source })?,
-        None => return Ok(()),
-    };
-    let request: Request = wire::decode_frame(&frame)?;
-    let response = match request {
+    for _ in 0..MAX_REQUESTS_PER_CONNECTION {
+        let frame = match framed.next().await {
+            Some(frame) => frame.map_err(|source| Error::Connect { addr: peer, source })?,
+            None => return Ok(()),
+        };
+        let request: Request = wire::decode_frame(&frame)?;
+        let response = answer(request, peer, shared).await?;
+        let bytes = wire::encode_frame(&response)?;
+        Stats::add(
+            &shared.stats.tcp_bytes,
+            (frame.len() + bytes.len() + 8) as u64,
+        );
+        framed
+            .send(bytes::Bytes::from(bytes))
+            .await
+            .map_err(|source| Error::Connect { addr: peer, source })?;
+    }
+    Ok(())
+}
+
+async fn answer(request: Request, peer: SocketAddr, shared: &Shared) -> Result<Response> {
+    Ok(match request {
         Request::PushPull(state) => {
             let (reply, answer) = oneshot::channel();
             shared
@@ -85,27 +102,53 @@ where
                 Err(_) => Response::Error("node is stopping".into()),
             }
         }
-        Request::Control(request) => Response::Control(control(request, shared)),
-    };
-    let bytes = wire::encode_frame(&response)?;
-    Stats::add(&shared.stats.tcp_bytes, (frame.len() + bytes.len()) as u64);
-    framed
-        .send(bytes::Bytes::from(bytes))
-        .await
-        .map_err(|source| Error::Connect { addr: peer, source })?;
-    Ok(())
+        Request::Sync(digest) => {
+            let state = sync::lock(&shared.state);
+            Response::Sync {
+                update: state.updates_for(&digest),
+                digest: state.digest(),
+            }
+        }
+        Request::SyncPush(update) => {
+            let changed = sync::lock(&shared.state).apply_update(update);
+            if changed {
+                // The driver publishes on its next turn anyway; this only makes it sooner.
+                let _ = shared.commands.try_send(Command::StateChanged);
+            }
+            Response::Ack
+        }
+        Request::Control(request) => {
+            if !shared.allow_remote_control && !peer.ip().is_loopback() {
+                Response::Error(format!(
+                    "control requests are accepted from loopback only; {peer} is not"
+                ))
+            } else {
+                Response::Control(control(request, shared))
+            }
+        }
+    })
 }
 
 fn control(request: ControlRequest, shared: &Shared) -> ControlResponse {
-    let view = shared.view.borrow().clone();
     match request {
-        ControlRequest::Members => ControlResponse::Members(view.members.clone()),
-        ControlRequest::Info => ControlResponse::Info(NodeInfo {
-            name: view.identity.name.clone(),
-            addr: view.identity.addr,
-            generation: view.identity.generation,
-            profile: view.profile,
-            stats: shared.stats.snapshot(),
-        }),
+        ControlRequest::Members => ControlResponse::Members(shared.view.borrow().members.clone()),
+        ControlRequest::Info => {
+            let view = shared.view.borrow().clone();
+            ControlResponse::Info(NodeInfo {
+                name: view.identity.name.clone(),
+                addr: view.identity.addr,
+                generation: view.identity.generation,
+                profile: view.profile,
+                stats: shared.stats.snapshot(),
+            })
+        }
+        ControlRequest::Services { service } => {
+            let catalog = shared.catalog();
+            let mut instances = catalog.all_instances();
+            if let Some(name) = service {
+                instances.retain(|i| i.service == name);
+            }
+            ControlResponse::Services(instances)
+        }
     }
 }

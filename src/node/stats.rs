@@ -43,8 +43,10 @@ counters! {
     tcp_bytes,
     /// Push-pull exchanges that completed (either side).
     push_pull_ok,
-    /// Push-pull exchanges that failed.
-    push_pull_failed,
+    /// Anti-entropy exchanges this node started that completed.
+    sync_ok,
+    /// Outbound TCP exchanges (push-pull, anti-entropy) that failed.
+    sync_failed,
     /// Member events a slow subscriber missed.
     events_lagged,
 }

@@ -603,6 +603,36 @@ impl Catalog {
         Ok(self.stamp(id, Some(record)))
     }
 
+    /// Moves this node's records to a newer `epoch` (after the node renewed its identity, or
+    /// learnt that gossip carries a newer epoch of its name): the live records are stamped
+    /// afresh and tombstones dropped, so the new epoch replaces every replica of the old one
+    /// and passes any "forgotten" mark peers hold for the old epoch. Returns `false`, changing
+    /// nothing, if `epoch` is not above the current one.
+    pub fn rebase(&mut self, epoch: u64) -> bool {
+        if epoch <= self.epoch {
+            return false;
+        }
+        let old = self.owners.remove(&self.local).unwrap_or_default();
+        self.epoch = epoch;
+        if self.newer_local_epoch.is_some_and(|newer| newer <= epoch) {
+            self.newer_local_epoch = None;
+        }
+        let mut fresh = OwnerState::new(epoch);
+        for record in old.entries.into_values().filter_map(|e| e.record) {
+            fresh.max_version += 1;
+            let id = record.service.id.clone();
+            fresh.entries.insert(
+                id,
+                Entry {
+                    version: fresh.max_version,
+                    record: Some(record),
+                },
+            );
+        }
+        self.owners.insert(self.local.clone(), fresh);
+        true
+    }
+
     /// Deregisters a local service, leaving a tombstone.
     pub fn deregister(&mut self, id: &str) -> Result<Delta, CatalogError> {
         if self.local_live(id).is_none() {
@@ -1709,5 +1739,30 @@ mod tests {
         let mut bytes = vec![253u8];
         bytes.extend_from_slice(&(1u64 << 60).to_le_bytes());
         assert!(decode::<Delta>(&bytes).is_err());
+    }
+
+    #[test]
+    fn rebase_moves_local_records_to_a_newer_epoch() {
+        let mut a = Catalog::new("a", 1);
+        a.register(ServiceRecord::new(
+            Service::new("web", "w1", 80),
+            Health::Passing,
+        ))
+        .unwrap();
+        a.register(ServiceRecord::new(
+            Service::new("web", "w2", 81),
+            Health::Passing,
+        ))
+        .unwrap();
+        a.deregister("w2").unwrap();
+        let mut b = Catalog::new("b", 1);
+        b.apply_sync(a.deltas_for(&b.digest(), 1 << 20));
+        assert!(b.forget_owner("a", 1));
+        assert!(!a.rebase(1));
+        assert!(a.rebase(2));
+        assert_eq!(a.owner("a").unwrap().entries.len(), 1);
+        b.apply_sync(a.deltas_for(&b.digest(), 1 << 20));
+        assert_eq!(b.instances("web").len(), 1);
+        assert_eq!(b.owner("a").unwrap().epoch, 2);
     }
 }

@@ -1,0 +1,222 @@
+//! Reading the service catalog: lookups, queries and watches over the node's published view.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::membership::{Member, MemberStatus};
+use crate::state::catalog::{Catalog, Health};
+
+/// One instance of a service, as the catalog and membership see it together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Service name.
+    pub service: String,
+    /// Instance id, unique on its node.
+    pub id: String,
+    /// Name of the node that registered it.
+    pub node: String,
+    /// Address to reach it at (the node's advertised IP unless the service gave its own).
+    pub addr: IpAddr,
+    /// Port.
+    pub port: u16,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Free-form metadata.
+    pub meta: BTreeMap<String, String>,
+    /// Health reported by the owning node's checks.
+    pub health: Health,
+    /// Liveness of the owning node.
+    pub node_status: MemberStatus,
+}
+
+impl Instance {
+    /// `addr:port` of the instance.
+    pub fn socket_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.addr, self.port)
+    }
+}
+
+/// A lookup with filters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Query {
+    /// Only instances carrying every one of these tags.
+    pub tags: Vec<String>,
+    /// Also return instances whose health is `warning` or `critical`.
+    pub include_unhealthy: bool,
+}
+
+impl Query {
+    /// Requires a tag.
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.tags.push(tag.into());
+        self
+    }
+
+    /// Includes instances that are not passing.
+    pub fn include_unhealthy(mut self) -> Self {
+        self.include_unhealthy = true;
+        self
+    }
+
+    fn matches(&self, instance: &Instance) -> bool {
+        // Instances of failed or departed nodes never answer a lookup.
+        instance.node_status.is_active()
+            && (self.include_unhealthy || instance.health == Health::Passing)
+            && self.tags.iter().all(|t| instance.tags.contains(t))
+    }
+}
+
+/// Summary of one service across the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    /// Instances on live nodes.
+    pub instances: usize,
+    /// Of those, how many are passing.
+    pub passing: usize,
+}
+
+/// The catalog joined with membership, published by the driver after every change.
+#[derive(Debug, Default)]
+pub(crate) struct CatalogView {
+    /// Instances by service name, sorted by node then id.
+    pub(crate) services: BTreeMap<String, Vec<Instance>>,
+}
+
+impl CatalogView {
+    /// Joins the catalog's records with the member list. Records of owners not (yet) in
+    /// the member list are left out: their address and liveness are unknown.
+    pub(crate) fn build(catalog: &Catalog, members: &[Member]) -> Self {
+        let by_name: BTreeMap<&str, &Member> =
+            members.iter().map(|m| (m.name.as_str(), m)).collect();
+        let mut services: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
+        for (owner, state) in catalog.owners() {
+            let Some(member) = by_name.get(owner.as_str()) else {
+                continue;
+            };
+            for record in state.records() {
+                let service = &record.service;
+                services
+                    .entry(service.name.clone())
+                    .or_default()
+                    .push(Instance {
+                        service: service.name.clone(),
+                        id: service.id.clone(),
+                        node: owner.clone(),
+                        addr: service.addr.unwrap_or(member.addr.ip()),
+                        port: service.port,
+                        tags: service.tags.clone(),
+                        meta: service.meta.clone(),
+                        health: record.health,
+                        node_status: member.status,
+                    });
+            }
+        }
+        CatalogView { services }
+    }
+
+    pub(crate) fn query(&self, name: &str, query: &Query) -> Vec<Instance> {
+        self.services
+            .get(name)
+            .map(|all| all.iter().filter(|i| query.matches(i)).cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Read access to the catalog of a node. Cheap to clone; never blocks the node.
+#[derive(Debug, Clone)]
+pub struct CatalogHandle {
+    pub(crate) view: watch::Receiver<Arc<CatalogView>>,
+}
+
+impl CatalogHandle {
+    /// Passing instances of `service` on live nodes.
+    pub fn lookup(&self, service: &str) -> Vec<Instance> {
+        self.lookup_with(service, &Query::default())
+    }
+
+    /// Instances of `service` that match `query`.
+    pub fn lookup_with(&self, service: &str, query: &Query) -> Vec<Instance> {
+        self.view.borrow().query(service, query)
+    }
+
+    /// Every service with at least one instance on a live node.
+    pub fn services(&self) -> BTreeMap<String, ServiceSummary> {
+        let view = self.view.borrow();
+        let mut out = BTreeMap::new();
+        for (name, instances) in &view.services {
+            let live: Vec<_> = instances
+                .iter()
+                .filter(|i| i.node_status.is_active())
+                .collect();
+            if live.is_empty() {
+                continue;
+            }
+            out.insert(
+                name.clone(),
+                ServiceSummary {
+                    instances: live.len(),
+                    passing: live.iter().filter(|i| i.health == Health::Passing).count(),
+                },
+            );
+        }
+        out
+    }
+
+    /// Every known instance, those of down or left nodes included (see `node_status`).
+    pub fn all_instances(&self) -> Vec<Instance> {
+        self.view
+            .borrow()
+            .services
+            .values()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    /// Watches the passing instances of `service`.
+    pub fn watch(&self, service: &str) -> ServiceWatch {
+        self.watch_with(service, Query::default())
+    }
+
+    /// Watches the instances of `service` that match `query`.
+    pub fn watch_with(&self, service: &str, query: Query) -> ServiceWatch {
+        ServiceWatch {
+            view: self.view.clone(),
+            service: service.to_string(),
+            query,
+            last: None,
+        }
+    }
+}
+
+/// The instance set of a service, yielded anew on every change. Latest-value semantics: a
+/// slow reader skips intermediate states and never makes anything queue up.
+#[derive(Debug)]
+pub struct ServiceWatch {
+    view: watch::Receiver<Arc<CatalogView>>,
+    service: String,
+    query: Query,
+    last: Option<Vec<Instance>>,
+}
+
+impl ServiceWatch {
+    /// The current set on the first call, then the next different set; `None` once the
+    /// node has stopped.
+    pub async fn next(&mut self) -> Option<Vec<Instance>> {
+        loop {
+            let current = self
+                .view
+                .borrow_and_update()
+                .query(&self.service, &self.query);
+            if self.last.as_ref() != Some(&current) {
+                self.last = Some(current.clone());
+                return Some(current);
+            }
+            self.view.changed().await.ok()?;
+        }
+    }
+}
