@@ -193,6 +193,18 @@ impl CatalogHandle {
     }
 }
 
+/// Whether two instance sets differ only in their nodes' alive/suspect status, which a
+/// watcher need not act on (suspect nodes' instances still answer lookups).
+fn same_instances(a: &[Instance], b: &[Instance]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            Instance {
+                node_status: y.node_status,
+                ..x.clone()
+            } == *y
+        })
+}
+
 /// The instance set of a service, yielded anew on every change. Latest-value semantics: a
 /// slow reader skips intermediate states and never makes anything queue up.
 #[derive(Debug)]
@@ -212,11 +224,45 @@ impl ServiceWatch {
                 .view
                 .borrow_and_update()
                 .query(&self.service, &self.query);
-            if self.last.as_ref() != Some(&current) {
+            if !self
+                .last
+                .as_ref()
+                .is_some_and(|last| same_instances(last, &current))
+            {
                 self.last = Some(current.clone());
                 return Some(current);
             }
             self.view.changed().await.ok()?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_only_changes_are_the_same_set() {
+        let a = Instance {
+            service: "web".into(),
+            id: "w".into(),
+            node: "n".into(),
+            addr: "127.0.0.1".parse().unwrap(),
+            port: 1,
+            tags: vec![],
+            meta: BTreeMap::new(),
+            health: Health::Passing,
+            node_status: MemberStatus::Alive,
+        };
+        let b = Instance {
+            node_status: MemberStatus::Suspect,
+            ..a.clone()
+        };
+        assert!(same_instances(&[a.clone()], &[b]));
+        let c = Instance {
+            health: Health::Critical,
+            ..a.clone()
+        };
+        assert!(!same_instances(&[a], &[c]));
     }
 }
