@@ -258,7 +258,7 @@ mod tests {
             node_status: MemberStatus::Suspect,
             ..a.clone()
         };
-        assert!(same_instances(&[a.clone()], &[b]));
+        assert!(same_instances(std::slice::from_ref(&a), &[b]));
         let c = Instance {
             health: Health::Critical,
             ..a.clone()
