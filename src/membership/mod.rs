@@ -271,7 +271,15 @@ where
         let (kind, payload) = wire::open_datagram(datagram)?;
         match kind {
             DatagramKind::Swim => {
+                let backlog = self.foca.custom_broadcast_backlog();
                 let result = self.foca.handle_data(payload, &mut self.runtime);
+                if self.foca.custom_broadcast_backlog() > backlog {
+                    // News arrived: pass it on now rather than on the next gossip round,
+                    // so a change crosses the cluster in a few network hops.
+                    if let Err(error) = self.foca.broadcast(&mut self.runtime) {
+                        tracing::debug!(%error, "eager broadcast failed");
+                    }
+                }
                 self.after_call(now);
                 result?;
             }
