@@ -192,6 +192,8 @@ async fn partition_then_heal_converges_to_one_catalog() {
     let left: Vec<SocketAddr> = nodes[..3].iter().map(|n| n.addr()).collect();
     let right: Vec<SocketAddr> = nodes[3..].iter().map(|n| n.addr()).collect();
     faults.partition(&left, &right);
+    // Let exchanges that were under way when the links were cut finish first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     // Both sides change the catalog while cut off from each other.
     nodes[0].register(web("web-left", 8001)).await.unwrap();
     nodes[4].register(web("web-right", 8002)).await.unwrap();
