@@ -359,6 +359,12 @@ impl<T: Transport> Driver<T> {
         tasks.spawn(within(timeout, "anti-entropy", async move {
             let mut connection = connect(&transport, peer).await?;
             let digest = sync::lock(&state).digest();
+            let check = Request::SyncCheck(digest.fingerprint());
+            if let Response::InSync = connection.call(&check).await? {
+                Stats::add(&stats.tcp_bytes, connection.bytes);
+                Stats::add(&stats.sync_ok, 1);
+                return Ok(Outcome::Synced);
+            }
             let result = match connection.call(&Request::Sync(digest)).await? {
                 Response::Sync { update, digest } => {
                     let for_peer = {

@@ -161,7 +161,7 @@ impl NodeBuilder {
         };
         let rng_seed = self
             .rng_seed
-            .unwrap_or_else(|| fnv1a(self.name.as_bytes()) ^ generation);
+            .unwrap_or_else(|| crate::wire::stable_hash(self.name.as_bytes()) ^ generation);
         let now = tokio::time::Instant::now().into_std();
         let (state, handler) = Driver::<T>::state_for(&identity.name, generation);
         let membership =
@@ -237,12 +237,6 @@ async fn bind_pair<T: Transport>(transport: &T, bind: SocketAddr) -> Result<(T::
     Err(bind_error(last_error.unwrap_or_else(|| {
         std::io::Error::other("no free port for both UDP and TCP")
     })))
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
-        (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 /// A running grapevine node. Dropping it stops the node without leaving (like a crash);

@@ -23,6 +23,8 @@ pub(crate) const MAX_REQUESTS_PER_CONNECTION: usize = 4;
 pub(crate) enum Request {
     /// Exchange of full member lists.
     PushPull(PushPull),
+    /// Anti-entropy, round zero: the fingerprint of the sender's digest.
+    SyncCheck(u64),
     /// Anti-entropy, first round: the sender's digest.
     Sync(SyncDigest),
     /// Anti-entropy, second round: what the receiver lacked.
@@ -45,6 +47,10 @@ pub(crate) enum Response {
     },
     /// Received.
     Ack,
+    /// The fingerprints match: nothing to exchange.
+    InSync,
+    /// The fingerprints differ: send the digest.
+    OutOfSync,
     /// The answer to a control request.
     Control(ControlResponse),
     /// The request could not be served.

@@ -102,6 +102,13 @@ async fn answer(request: Request, peer: SocketAddr, shared: &Shared) -> Result<R
                 Err(_) => Response::Error("node is stopping".into()),
             }
         }
+        Request::SyncCheck(fingerprint) => {
+            if sync::lock(&shared.state).digest().fingerprint() == fingerprint {
+                Response::InSync
+            } else {
+                Response::OutOfSync
+            }
+        }
         Request::Sync(digest) => {
             let state = sync::lock(&shared.state);
             Response::Sync {

@@ -65,6 +65,7 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 
+use crate::wire::StableHasher;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -830,38 +831,6 @@ fn change_size(c: &Change) -> usize {
 
 fn bucket_id(i: usize) -> u16 {
     u16::try_from(i).unwrap_or(u16::MAX)
-}
-
-/// Stable 64-bit FNV-1a with a final avalanche (SplitMix64 finalizer), so that sums of
-/// entry hashes are well spread. Part of the wire protocol: do not change it.
-struct StableHasher(u64);
-
-impl StableHasher {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-
-    fn new() -> Self {
-        StableHasher(Self::OFFSET)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(Self::PRIME);
-        }
-    }
-
-    fn write_len_prefixed(&mut self, bytes: &[u8]) {
-        self.write(&(bytes.len() as u64).to_le_bytes());
-        self.write(bytes);
-    }
-
-    fn finish(&self) -> u64 {
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
 }
 
 /// The digest bucket of a key.

@@ -156,6 +156,51 @@ pub fn framed<S: AsyncRead + AsyncWrite>(stream: S) -> Framed<S, LengthDelimited
     Framed::new(stream, codec)
 }
 
+/// Stable 64-bit FNV-1a with a final avalanche (SplitMix64 finalizer), so that sums of
+/// entry hashes are well spread. Part of the wire protocol: do not change it.
+#[derive(Debug, Clone)]
+pub struct StableHasher(u64);
+
+impl StableHasher {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+
+    /// A hasher with FNV-1a's offset basis.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        StableHasher(Self::OFFSET)
+    }
+
+    /// Feeds bytes.
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(Self::PRIME);
+        }
+    }
+
+    /// Feeds a length, then the bytes (so that concatenations cannot collide).
+    pub fn write_len_prefixed(&mut self, bytes: &[u8]) {
+        self.write(&(bytes.len() as u64).to_le_bytes());
+        self.write(bytes);
+    }
+
+    /// The hash so far.
+    pub fn finish(&self) -> u64 {
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// [`StableHasher`] over one byte string.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut hasher = StableHasher::new();
+    hasher.write(bytes);
+    hasher.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
