@@ -56,14 +56,17 @@ async fn junk_datagrams_are_dropped_and_counted() {
         };
         socket.send_to(&datagram, a.addr()).await.unwrap();
         sent += 1;
-        if round % 200 == 0 {
-            tokio::task::yield_now().await;
+        if round % 50 == 0 {
+            // Pace the flood so the kernel's socket buffer, not the node, is not the limit.
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
     // Let the node drain its socket, then check the books.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stats = a.stats();
     assert!(stats.udp_dropped > sent / 2, "{stats:?}");
+    // Everything received was junk but the few packets of the live peer.
+    assert!(stats.udp_dropped + 100 >= stats.udp_received, "{stats:?}");
 
     // Membership is intact and a newcomer still joins.
     let c = start("c", &[a.addr()]).await;
