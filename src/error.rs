@@ -44,6 +44,9 @@ pub enum Error {
     /// The membership protocol refused an operation.
     #[error(transparent)]
     Membership(#[from] MembershipError),
+    /// A configuration key or value was refused.
+    #[error(transparent)]
+    ConfigStore(#[from] crate::state::config::ConfigError),
     /// A service registration was refused.
     #[error(transparent)]
     Catalog(#[from] crate::state::catalog::CatalogError),

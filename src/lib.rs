@@ -29,7 +29,7 @@ pub mod wire;
 pub use error::{Error, Result};
 pub use membership::{Member, MemberEvent, MemberStatus, NodeId, Profile};
 pub use node::{
-    CatalogHandle, Check, Instance, MemberEvents, Node, NodeBuilder, Query, ServiceHandle,
-    ServiceSummary, ServiceWatch, StatsSnapshot,
+    CatalogHandle, Check, ConfigEvent, ConfigHandle, ConfigWatch, Instance, MemberEvents, Node,
+    NodeBuilder, Query, ServiceHandle, ServiceSummary, ServiceWatch, StatsSnapshot,
 };
 pub use state::catalog::{Health, Service};

@@ -20,7 +20,8 @@ use crate::error::{Error, Result};
 use crate::membership::{MemberEvent, Membership, Profile, PushPull};
 use crate::net::{Transport, UdpSocket};
 use crate::state::catalog::{CatalogError, Delta, Health, ServiceRecord};
-use crate::sync::{self, Replicated, SharedState, StateBroadcasts};
+use crate::state::config::{Change, ConfigError, ConfigStoreOptions};
+use crate::sync::{self, Replicated, SharedState, StateBroadcasts, WallClock};
 use crate::wire;
 
 /// Bound of the driver's command queue.
@@ -48,6 +49,17 @@ pub(crate) enum Command {
         id: String,
         reply: oneshot::Sender<Result<(), CatalogError>>,
     },
+    /// Write a config key.
+    ConfigSet {
+        key: String,
+        value: Vec<u8>,
+        reply: oneshot::Sender<Result<Change, ConfigError>>,
+    },
+    /// Delete a config key.
+    ConfigDelete {
+        key: String,
+        reply: oneshot::Sender<Result<Option<Change>, ConfigError>>,
+    },
     /// A health check's verdict on a local service.
     SetHealth { id: String, health: Health },
     /// A TCP task merged remote state: publish it.
@@ -70,6 +82,9 @@ pub(crate) struct Driver<T: Transport> {
     pub(crate) commands: mpsc::Receiver<Command>,
     pub(crate) view: watch::Sender<Arc<View>>,
     pub(crate) catalog_view: watch::Sender<Arc<CatalogView>>,
+    /// Sequence number of the last config change applied, for config watches.
+    pub(crate) config_seq: watch::Sender<u64>,
+    pub(crate) tombstone_horizon: Duration,
     pub(crate) events: broadcast::Sender<MemberEvent>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) seeds: Vec<SocketAddr>,
@@ -92,8 +107,15 @@ struct Progress {
 
 impl<T: Transport> Driver<T> {
     /// The replicated state of a node, and foca's handler sharing it.
-    pub(crate) fn state_for(name: &str, epoch: u64) -> (SharedState, StateBroadcasts) {
-        let state: SharedState = Arc::new(std::sync::Mutex::new(Replicated::new(name, epoch)));
+    pub(crate) fn state_for(
+        name: &str,
+        epoch: u64,
+        config: ConfigStoreOptions,
+        clock: WallClock,
+    ) -> (SharedState, StateBroadcasts) {
+        let state: SharedState = Arc::new(std::sync::Mutex::new(Replicated::new(
+            name, epoch, config, clock,
+        )));
         let handler = StateBroadcasts::new(state.clone());
         (state, handler)
     }
@@ -197,6 +219,20 @@ impl<T: Transport> Driver<T> {
                 let result = sync::lock(&self.state).catalog.deregister(&id);
                 let _ = reply.send(result.map(|delta| self.announce(&delta)));
             }
+            Command::ConfigSet { key, value, reply } => {
+                let result = sync::lock(&self.state).config_set(&key, value);
+                if let Ok(change) = &result {
+                    self.announce_config(change);
+                }
+                let _ = reply.send(result);
+            }
+            Command::ConfigDelete { key, reply } => {
+                let result = sync::lock(&self.state).config_delete(&key);
+                if let Ok(Some(change)) = &result {
+                    self.announce_config(change);
+                }
+                let _ = reply.send(result);
+            }
             Command::SetHealth { id, health } => {
                 let result = sync::lock(&self.state).catalog.set_health(&id, health);
                 match result {
@@ -221,6 +257,19 @@ impl<T: Transport> Driver<T> {
                 }
             }
             Err(error) => tracing::warn!(%error, "could not encode a catalog change"),
+        }
+    }
+
+    /// Spreads a local config write or delete.
+    fn announce_config(&mut self, change: &Change) {
+        let origin = self.membership.identity().name.clone();
+        match Replicated::config_broadcast_item(change, &origin) {
+            Ok(item) => {
+                if let Err(error) = self.membership.add_broadcast(&item, now()) {
+                    tracing::warn!(%error, "could not broadcast a config change");
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not encode a config change"),
         }
     }
 
@@ -366,14 +415,20 @@ impl<T: Transport> Driver<T> {
                 return Ok(Outcome::Synced);
             }
             let result = match connection.call(&Request::Sync(digest)).await? {
-                Response::Sync { update, digest } => {
-                    let for_peer = {
-                        let mut state = sync::lock(&state);
-                        state.apply_update(update);
-                        state.updates_for(&digest)
-                    };
-                    if !for_peer.catalog.is_empty() {
-                        connection.call(&Request::SyncPush(for_peer)).await?;
+                Response::Sync(reply) => {
+                    let push = sync::lock(&state).apply_reply(reply);
+                    let nothing_to_say = push.catalog.is_empty()
+                        && push.config_entries.is_empty()
+                        && push.config_wanted.is_empty();
+                    if !nothing_to_say {
+                        match connection.call(&Request::SyncPush(push)).await? {
+                            Response::SyncPushed(reply) => {
+                                sync::lock(&state).apply_push_reply(reply)
+                            }
+                            other => {
+                                return Err(Error::Protocol(format!("{other:?} answered a push")))
+                            }
+                        }
                     }
                     Ok(Outcome::Synced)
                 }
@@ -410,6 +465,11 @@ impl<T: Transport> Driver<T> {
         state
             .catalog
             .prune_forgotten(crate::state::catalog::MAX_FORGOTTEN);
+        let now_ms = state.now_ms();
+        let horizon_ms = self.tombstone_horizon.as_millis() as u64;
+        if state.config.collect_tombstones(now_ms, horizon_ms) > 0 {
+            state.touch();
+        }
         let horizon = self.profile.tombstone_horizon();
         progress
             .tombstone_marks
@@ -469,6 +529,10 @@ impl<T: Transport> Driver<T> {
             });
         }
         let state = sync::lock(&self.state);
+        let config_seq = state.config.current_seq();
+        if *self.config_seq.borrow() != config_seq {
+            self.config_seq.send_replace(config_seq);
+        }
         let versions = (members_version, state.version());
         if progress.state_published != Some(versions) {
             let view = CatalogView::build(&state.catalog, &self.view.borrow().members);

@@ -2,6 +2,7 @@
 
 pub mod catalog;
 mod checks;
+pub mod config;
 pub mod control;
 mod driver;
 mod protocol;
@@ -20,13 +21,15 @@ use tokio::task::JoinHandle;
 
 pub use catalog::{CatalogHandle, Instance, Query, ServiceSummary, ServiceWatch};
 pub use checks::{Check, ServiceHandle};
+pub use config::{ConfigEvent, ConfigHandle, ConfigWatch};
 pub use stats::StatsSnapshot;
 
 use crate::error::{Error, Result};
 use crate::membership::{validate_name, Member, MemberEvent, Membership, NodeId, Profile};
 use crate::net::{Listener, TokioTransport, Transport, UdpSocket};
 use crate::state::catalog::{Health, Service, ServiceRecord};
-use crate::sync::SharedState;
+use crate::state::config::ConfigStoreOptions;
+use crate::sync::{SharedState, WallClock};
 use catalog::CatalogView;
 use checks::{ask, Connector};
 use driver::{Command, Driver, COMMAND_QUEUE};
@@ -49,6 +52,7 @@ pub(crate) struct Shared {
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) view: watch::Receiver<Arc<View>>,
     pub(crate) catalog_view: watch::Receiver<Arc<CatalogView>>,
+    pub(crate) config_seq: watch::Receiver<u64>,
     pub(crate) state: SharedState,
     pub(crate) stats: Arc<stats::Stats>,
     pub(crate) allow_remote_control: bool,
@@ -60,10 +64,18 @@ impl Shared {
             view: self.catalog_view.clone(),
         }
     }
+
+    pub(crate) fn config(&self) -> ConfigHandle {
+        ConfigHandle {
+            commands: self.commands.clone(),
+            state: self.state.clone(),
+            seq: self.config_seq.clone(),
+        }
+    }
 }
 
 /// Configures and starts a [`Node`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeBuilder {
     name: String,
     bind: SocketAddr,
@@ -73,9 +85,45 @@ pub struct NodeBuilder {
     generation: Option<u64>,
     rng_seed: Option<u64>,
     allow_remote_control: bool,
+    wall_clock: Option<WallClock>,
+    config_history: usize,
+    tombstone_horizon: Option<Duration>,
+}
+
+impl std::fmt::Debug for NodeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeBuilder")
+            .field("name", &self.name)
+            .field("bind", &self.bind)
+            .field("advertise", &self.advertise)
+            .field("seeds", &self.seeds)
+            .field("profile", &self.profile)
+            .finish_non_exhaustive()
+    }
 }
 
 impl NodeBuilder {
+    /// The wall clock that stamps config writes (milliseconds since the Unix epoch; default:
+    /// the system clock). Tests and simulations use it to skew nodes' clocks.
+    pub fn wall_clock(mut self, clock: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        self.wall_clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// How many config changes are kept for watches to resume from (default 10,000).
+    pub fn config_history(mut self, changes: usize) -> Self {
+        self.config_history = changes.max(1);
+        self
+    }
+
+    /// Age after which config tombstones (deleted keys) are collected (default: the
+    /// profile's, 10 min on LAN). Must exceed the longest partition you want to heal
+    /// automatically: see the config store's documentation.
+    pub fn config_tombstone_horizon(mut self, horizon: Duration) -> Self {
+        self.tombstone_horizon = Some(horizon);
+        self
+    }
+
     /// Accepts control requests (what the CLI sends) from any address, not only loopback.
     pub fn allow_remote_control(mut self, allow: bool) -> Self {
         self.allow_remote_control = allow;
@@ -163,7 +211,16 @@ impl NodeBuilder {
             .rng_seed
             .unwrap_or_else(|| crate::wire::stable_hash(self.name.as_bytes()) ^ generation);
         let now = tokio::time::Instant::now().into_std();
-        let (state, handler) = Driver::<T>::state_for(&identity.name, generation);
+        let config_options = ConfigStoreOptions {
+            history_capacity: self.config_history,
+            ..ConfigStoreOptions::default()
+        };
+        let clock = self
+            .wall_clock
+            .clone()
+            .unwrap_or_else(crate::sync::system_clock);
+        let (state, handler) =
+            Driver::<T>::state_for(&identity.name, generation, config_options, clock);
         let membership =
             Membership::with_broadcasts(identity.clone(), self.profile, rng_seed, now, handler);
 
@@ -174,12 +231,14 @@ impl NodeBuilder {
             profile: self.profile,
         }));
         let (catalog_tx, catalog_rx) = watch::channel(Arc::new(CatalogView::default()));
+        let (config_seq_tx, config_seq_rx) = watch::channel(0u64);
         let (events_tx, _) = broadcast::channel(EVENT_CHANNEL);
         let stats = Arc::new(stats::Stats::default());
         let shared = Arc::new(Shared {
             commands: commands_tx,
             view: view_rx,
             catalog_view: catalog_rx,
+            config_seq: config_seq_rx,
             state: state.clone(),
             stats: stats.clone(),
             allow_remote_control: self.allow_remote_control,
@@ -193,6 +252,10 @@ impl NodeBuilder {
             membership,
             state,
             catalog_view: catalog_tx,
+            config_seq: config_seq_tx,
+            tombstone_horizon: self
+                .tombstone_horizon
+                .unwrap_or_else(|| self.profile.tombstone_horizon()),
             profile: self.profile,
             transport,
             udp,
@@ -268,7 +331,15 @@ impl Node {
             generation: None,
             rng_seed: None,
             allow_remote_control: false,
+            wall_clock: None,
+            config_history: crate::state::config::DEFAULT_HISTORY_CAPACITY,
+            tombstone_horizon: None,
         }
+    }
+
+    /// The configuration store: cluster-wide keys, writes and prefix watches.
+    pub fn config(&self) -> ConfigHandle {
+        self.shared.config()
     }
 
     /// Registers (or replaces) a service instance of this node, passing and unchecked; its

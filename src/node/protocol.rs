@@ -12,7 +12,7 @@ use super::control::{ControlRequest, ControlResponse};
 use crate::error::{Error, Result};
 use crate::membership::PushPull;
 use crate::net::Transport;
-use crate::sync::{SyncDigest, SyncUpdate};
+use crate::sync::{SyncDigest, SyncPush, SyncPushReply, SyncReply};
 use crate::wire;
 
 /// Most requests served on one connection.
@@ -27,8 +27,8 @@ pub(crate) enum Request {
     SyncCheck(u64),
     /// Anti-entropy, first round: the sender's digest.
     Sync(SyncDigest),
-    /// Anti-entropy, second round: what the receiver lacked.
-    SyncPush(SyncUpdate),
+    /// Anti-entropy, second round: what the receiver lacked, and what the sender wants.
+    SyncPush(SyncPush),
     /// A command from the CLI or an operator.
     Control(ControlRequest),
 }
@@ -38,15 +38,10 @@ pub(crate) enum Request {
 pub(crate) enum Response {
     /// The node's member list, in answer to a push-pull.
     PushPull(PushPull),
-    /// What the asker lacks, and the answering node's digest.
-    Sync {
-        /// Records the asker lacks.
-        update: SyncUpdate,
-        /// What the answering node has.
-        digest: SyncDigest,
-    },
-    /// Received.
-    Ack,
+    /// What the asker lacks, the answering node's digest and config versions.
+    Sync(SyncReply),
+    /// The config entries the asker wanted.
+    SyncPushed(SyncPushReply),
     /// The fingerprints match: nothing to exchange.
     InSync,
     /// The fingerprints differ: send the digest.

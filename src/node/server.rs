@@ -109,20 +109,19 @@ async fn answer(request: Request, peer: SocketAddr, shared: &Shared) -> Result<R
                 Response::OutOfSync
             }
         }
-        Request::Sync(digest) => {
-            let state = sync::lock(&shared.state);
-            Response::Sync {
-                update: state.updates_for(&digest),
-                digest: state.digest(),
-            }
-        }
-        Request::SyncPush(update) => {
-            let changed = sync::lock(&shared.state).apply_update(update);
+        Request::Sync(digest) => Response::Sync(sync::lock(&shared.state).answer_digest(&digest)),
+        Request::SyncPush(push) => {
+            let (reply, changed) = {
+                let mut state = sync::lock(&shared.state);
+                let before = state.version();
+                let reply = state.apply_push(push);
+                (reply, state.version() != before)
+            };
             if changed {
                 // The driver publishes on its next turn anyway; this only makes it sooner.
                 let _ = shared.commands.try_send(Command::StateChanged);
             }
-            Response::Ack
+            Response::SyncPushed(reply)
         }
         Request::Control(request) => {
             if !shared.allow_remote_control && !peer.ip().is_loopback() {

@@ -14,28 +14,65 @@ use serde::{Deserialize, Serialize};
 
 use crate::membership::{NodeId, MAX_BROADCAST_ITEM};
 use crate::state::catalog::{Catalog, Delta, Digest, SyncPayload};
+use crate::state::config::{self, Change, ConfigStore, ConfigStoreOptions, Entry, Version};
 use crate::wire::{self, WireError};
 
-/// Most bytes of catalog records sent in answer to one digest; the rest follows next round.
+/// Most bytes of catalog records, and of config entries, sent in one anti-entropy message;
+/// the rest follows next round.
 pub const SYNC_BUDGET: usize = 4 * 1024 * 1024;
+/// Most config keys one anti-entropy message may list or ask for.
+pub const MAX_SYNC_KEYS: usize = 100_000;
+
+/// Milliseconds since the Unix epoch, as the node's wall clock says.
+pub type WallClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> WallClock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    })
+}
 
 /// The replicated state of one node.
-#[derive(Debug)]
 pub struct Replicated {
     /// The service catalog.
     pub catalog: Catalog,
+    /// The configuration store.
+    pub config: ConfigStore,
+    clock: WallClock,
     version: u64,
     behind: BTreeSet<String>,
 }
 
+impl std::fmt::Debug for Replicated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicated")
+            .field("catalog", &self.catalog)
+            .field("config_keys", &self.config.len())
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
 impl Replicated {
-    /// State of the node `name`, whose records start at `epoch`.
-    pub fn new(name: &str, epoch: u64) -> Self {
+    /// State of the node `name`, whose records start at `epoch`. Config writes are stamped
+    /// `name#epoch` (a writer id unique per incarnation) with times from `clock`.
+    pub fn new(name: &str, epoch: u64, config: ConfigStoreOptions, clock: WallClock) -> Self {
         Replicated {
             catalog: Catalog::new(name, epoch),
+            config: ConfigStore::with_options(format!("{name}#{epoch}"), config),
+            clock,
             version: 0,
             behind: BTreeSet::new(),
         }
+    }
+
+    /// The wall clock's current time, in milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        (self.clock)()
     }
 
     /// A counter that grows with every applied change, local or remote.
@@ -57,23 +94,128 @@ impl Replicated {
     pub fn digest(&self) -> SyncDigest {
         SyncDigest {
             catalog: self.catalog.digest(),
+            config: self.config.digest(),
         }
     }
 
-    /// What a peer with `digest` lacks.
-    pub fn updates_for(&self, digest: &SyncDigest) -> SyncUpdate {
-        SyncUpdate {
-            catalog: self.catalog.deltas_for(&digest.catalog, SYNC_BUDGET),
+    /// Step 2 of an exchange (on the answering side): the catalog records the asker lacks,
+    /// our digest, and the versions of our config keys in the buckets that differ.
+    pub fn answer_digest(&self, peer: &SyncDigest) -> SyncReply {
+        let buckets = self.config.diff_buckets(&peer.config);
+        let mut versions = self.config.bucket_versions(&buckets);
+        versions.truncate(MAX_SYNC_KEYS);
+        SyncReply {
+            catalog: self.catalog.deltas_for(&peer.catalog, SYNC_BUDGET),
+            digest: self.digest(),
+            config_buckets: buckets,
+            config_versions: versions,
         }
     }
 
-    /// Merges what a peer sent; returns whether anything changed.
-    pub fn apply_update(&mut self, update: SyncUpdate) -> bool {
-        let changed = !self.catalog.apply_sync(update.catalog).is_empty();
-        if changed {
+    /// Step 3 (on the asking side): merge the reply's records, and prepare what the peer
+    /// lacks plus the config keys we want from it.
+    pub fn apply_reply(&mut self, reply: SyncReply) -> SyncPush {
+        if !self.catalog.apply_sync(reply.catalog).is_empty() {
             self.touch();
         }
-        changed
+        let (config_entries, _) = self.config.entries_newer_than(
+            &reply.config_buckets,
+            &reply.config_versions,
+            SYNC_BUDGET,
+        );
+        let mut config_wanted: Vec<String> = reply
+            .config_versions
+            .into_iter()
+            .filter(|(key, version)| self.config.entry(key).is_none_or(|e| e.version < *version))
+            .map(|(key, _)| key)
+            .collect();
+        config_wanted.truncate(MAX_SYNC_KEYS);
+        SyncPush {
+            catalog: self.catalog.deltas_for(&reply.digest.catalog, SYNC_BUDGET),
+            config_entries,
+            config_wanted,
+        }
+    }
+
+    /// Step 4 (on the answering side): merge what the asker sent, and send the config
+    /// entries it asked for.
+    pub fn apply_push(&mut self, push: SyncPush) -> SyncPushReply {
+        if !self.catalog.apply_sync(push.catalog).is_empty() {
+            self.touch();
+        }
+        self.apply_config(push.config_entries);
+        let mut entries = Vec::new();
+        let mut used = 0usize;
+        for key in push.config_wanted.iter().take(MAX_SYNC_KEYS) {
+            if let Some(entry) = self.config.entry(key) {
+                used += entry.wire_size(key);
+                if used > SYNC_BUDGET && !entries.is_empty() {
+                    break;
+                }
+                entries.push((key.clone(), entry.clone()));
+            }
+        }
+        SyncPushReply {
+            config_entries: entries,
+        }
+    }
+
+    /// Step 5 (on the asking side): merge the config entries we asked for.
+    pub fn apply_push_reply(&mut self, reply: SyncPushReply) {
+        self.apply_config(reply.config_entries);
+    }
+
+    fn apply_config(&mut self, entries: Vec<(String, Entry)>) -> Vec<Change> {
+        let now = self.now_ms();
+        let changes = self
+            .config
+            .apply_many(entries.into_iter().take(MAX_SYNC_KEYS), now);
+        if !changes.is_empty() {
+            self.touch();
+        }
+        changes
+    }
+
+    /// Writes a config key locally.
+    pub fn config_set(&mut self, key: &str, value: Vec<u8>) -> Result<Change, config::ConfigError> {
+        let now = self.now_ms();
+        let change = self.config.set(key, value, now)?;
+        self.touch();
+        Ok(change)
+    }
+
+    /// Deletes a config key locally; `None` if it was absent.
+    pub fn config_delete(&mut self, key: &str) -> Result<Option<Change>, config::ConfigError> {
+        let now = self.now_ms();
+        let change = self.config.delete(key, now)?;
+        if change.is_some() {
+            self.touch();
+        }
+        Ok(change)
+    }
+
+    /// The broadcast item announcing a local config change: the entry itself when it fits,
+    /// otherwise a hint that makes receivers fetch it from `origin` over TCP.
+    pub fn config_broadcast_item(change: &Change, origin: &str) -> Result<Vec<u8>, WireError> {
+        let mut item = Vec::new();
+        let full = GossipItem::Config {
+            key: change.key.clone(),
+            entry: change.entry(),
+        };
+        match wire::encode_datagram_into(&full, &mut item, MAX_BROADCAST_ITEM) {
+            Ok(()) => Ok(item),
+            Err(WireError::TooLarge { .. }) => {
+                item.clear();
+                let hint = GossipItem::ConfigHint {
+                    key: change.key.clone(),
+                    version: change.version.clone(),
+                    origin: origin.to_string(),
+                };
+                wire::encode_datagram_into(&hint, &mut item, MAX_BROADCAST_ITEM)?;
+                Ok(item)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// The broadcast item announcing a local catalog change: the delta itself when it fits,
@@ -116,6 +258,39 @@ pub fn lock(state: &SharedState) -> MutexGuard<'_, Replicated> {
 pub struct SyncDigest {
     /// Catalog versions per owner.
     pub catalog: Digest,
+    /// Config bucket hashes.
+    pub config: config::Digest,
+}
+
+/// Answer to a [`SyncDigest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncReply {
+    /// Catalog records the asker lacks.
+    pub catalog: SyncPayload,
+    /// What the answering node has.
+    pub digest: SyncDigest,
+    /// Config buckets whose hashes differ.
+    pub config_buckets: Vec<u16>,
+    /// Keys and versions the answering node holds in those buckets.
+    pub config_versions: Vec<(String, Version)>,
+}
+
+/// The asker's second message: what the answering node lacks, and which keys it wants.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncPush {
+    /// Catalog records the answering node lacks.
+    pub catalog: SyncPayload,
+    /// Config entries newer than the answering node's.
+    pub config_entries: Vec<(String, Entry)>,
+    /// Config keys the asker lacks or holds older.
+    pub config_wanted: Vec<String>,
+}
+
+/// The config entries the asker wanted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncPushReply {
+    /// Entries, within [`SYNC_BUDGET`].
+    pub config_entries: Vec<(String, Entry)>,
 }
 
 impl SyncDigest {
@@ -128,13 +303,6 @@ impl SyncDigest {
             Err(_) => u64::MAX,
         }
     }
-}
-
-/// What one side lacks, sent by the other.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SyncUpdate {
-    /// Catalog records.
-    pub catalog: SyncPayload,
 }
 
 /// An item carried by SWIM packets.
@@ -151,24 +319,81 @@ pub enum GossipItem {
         /// Version of the change.
         version: u64,
     },
+    /// One config write or delete.
+    Config {
+        /// The key.
+        key: String,
+        /// Its new entry.
+        entry: Entry,
+    },
+    /// A config write too big to gossip: fetch it from `origin` over TCP.
+    ConfigHint {
+        /// The key.
+        key: String,
+        /// Version of the write.
+        version: Version,
+        /// Name of the node that wrote it.
+        origin: String,
+    },
 }
 
 /// Identifies a broadcast so that a newer change of the same record replaces an older one
 /// still waiting in foca's queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GossipKey {
-    owner: String,
-    /// Service id, or empty for a hint.
-    record: String,
-    epoch: u64,
-    version: u64,
+pub enum GossipKey {
+    /// A catalog change (or hint, with an empty record).
+    Catalog {
+        /// Owner node.
+        owner: String,
+        /// Service id, or empty for a hint.
+        record: String,
+        /// Owner's epoch.
+        epoch: u64,
+        /// Version.
+        version: u64,
+    },
+    /// A config write (or hint).
+    Config {
+        /// The key.
+        key: String,
+        /// Whether this is a hint.
+        hint: bool,
+        /// Version of the write.
+        version: Version,
+    },
 }
 
 impl foca::Invalidates for GossipKey {
     fn invalidates(&self, other: &Self) -> bool {
-        self.owner == other.owner
-            && self.record == other.record
-            && (self.epoch, self.version) >= (other.epoch, other.version)
+        match (self, other) {
+            (
+                GossipKey::Catalog {
+                    owner,
+                    record,
+                    epoch,
+                    version,
+                },
+                GossipKey::Catalog {
+                    owner: other_owner,
+                    record: other_record,
+                    epoch: other_epoch,
+                    version: other_version,
+                },
+            ) => {
+                owner == other_owner
+                    && record == other_record
+                    && (epoch, version) >= (other_epoch, other_version)
+            }
+            (
+                GossipKey::Config { key, hint, version },
+                GossipKey::Config {
+                    key: other_key,
+                    hint: other_hint,
+                    version: other_version,
+                },
+            ) => key == other_key && hint == other_hint && version >= other_version,
+            _ => false,
+        }
     }
 }
 
@@ -200,17 +425,18 @@ impl foca::BroadcastHandler<NodeId> for StateBroadcasts {
             return Err(WireError::Trailing(data.len() - used));
         }
         let mut state = lock(&self.state);
+        // Our own items are already applied; they are news to everyone else.
+        let local = sender.is_none();
         let (key, news) = match item {
             GossipItem::Catalog(delta) => {
-                let key = GossipKey {
+                let key = GossipKey::Catalog {
                     owner: delta.owner.clone(),
                     record: delta.service_id.clone(),
                     epoch: delta.epoch,
                     version: delta.version,
                 };
-                // Our own items are already applied; they are news to everyone else.
-                let news = sender.is_none() || state.catalog.apply_delta(delta);
-                if news && sender.is_some() {
+                let news = local || state.catalog.apply_delta(delta);
+                if news && !local {
                     state.touch();
                 }
                 (key, news)
@@ -228,20 +454,56 @@ impl foca::BroadcastHandler<NodeId> for StateBroadcasts {
                     .catalog
                     .forgotten_epoch(&owner)
                     .is_some_and(|e| e >= epoch);
-                let news = sender.is_none()
+                let news = local
                     || (owner != state.catalog.local_owner()
                         && !forgotten
                         && (epoch, version) > known);
-                if news && sender.is_some() {
+                if news && !local {
                     state.behind.insert(owner.clone());
                 }
-                let key = GossipKey {
+                let key = GossipKey::Catalog {
                     owner,
                     record: String::new(),
                     epoch,
                     version,
                 };
                 (key, news)
+            }
+            GossipItem::Config { key, entry } => {
+                let gossip_key = GossipKey::Config {
+                    key: key.clone(),
+                    hint: false,
+                    version: entry.version.clone(),
+                };
+                let news = local || {
+                    let now = state.now_ms();
+                    let applied = state.config.apply(&key, entry, now).is_some();
+                    if applied {
+                        state.touch();
+                    }
+                    applied
+                };
+                (gossip_key, news)
+            }
+            GossipItem::ConfigHint {
+                key,
+                version,
+                origin,
+            } => {
+                let news = local
+                    || state
+                        .config
+                        .entry(&key)
+                        .is_none_or(|entry| entry.version < version);
+                if news && !local {
+                    state.behind.insert(origin);
+                }
+                let gossip_key = GossipKey::Config {
+                    key,
+                    hint: true,
+                    version,
+                };
+                (gossip_key, news)
             }
         };
         Ok(news.then_some(key))

@@ -1,0 +1,206 @@
+//! The configuration store of a node: reads, writes and prefix watches.
+
+use std::collections::VecDeque;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use super::checks::ask;
+use super::driver::Command;
+use crate::error::Result;
+use crate::state::config::{Change, ConfigError};
+use crate::sync::{self, SharedState};
+
+/// Access to the cluster-wide configuration store through this node. Cheap to clone.
+///
+/// Consistency: eventual, last-writer-wins by hybrid logical clock. A write is applied here
+/// at once and reaches every node within milliseconds by gossip (anti-entropy repairs what
+/// gossip misses). Concurrent writes of one key from different nodes all succeed locally;
+/// the one with the greatest `(hlc, writer)` wins everywhere. There is no linearizable
+/// compare-and-set: give each key a single writer when that matters.
+#[derive(Clone)]
+pub struct ConfigHandle {
+    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) state: SharedState,
+    pub(crate) seq: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for ConfigHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigHandle")
+            .field("seq", &*self.seq.borrow())
+            .finish()
+    }
+}
+
+/// What a prefix watch yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigEvent {
+    /// One change, in the order this node applied it. `value: None` means deleted.
+    Changed(Change),
+    /// The history needed to resume was compacted: the whole current state of the prefix,
+    /// as of `seq`; changes after it follow.
+    Snapshot {
+        /// Local sequence number the snapshot reflects (resume from it).
+        seq: u64,
+        /// Every key under the prefix with its value.
+        entries: Vec<(String, Vec<u8>)>,
+    },
+}
+
+impl ConfigHandle {
+    /// Writes `key` (e.g. `prod/orders/max_conn`) on every node.
+    pub async fn set(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<Change> {
+        let key = key.to_string();
+        let value = value.into();
+        let change = ask(&self.commands, |reply| Command::ConfigSet {
+            key,
+            value,
+            reply,
+        })
+        .await??;
+        Ok(change)
+    }
+
+    /// Writes a UTF-8 string.
+    pub async fn set_str(&self, key: &str, value: &str) -> Result<Change> {
+        self.set(key, value.as_bytes()).await
+    }
+
+    /// Writes a value as JSON.
+    pub async fn set_json<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<Change> {
+        let bytes = serde_json::to_vec(value).map_err(|source| ConfigError::Json {
+            key: key.to_string(),
+            source,
+        })?;
+        self.set(key, bytes).await
+    }
+
+    /// Deletes `key` everywhere; `false` if this node did not hold it.
+    pub async fn delete(&self, key: &str) -> Result<bool> {
+        let key = key.to_string();
+        let change = ask(&self.commands, |reply| Command::ConfigDelete { key, reply }).await??;
+        Ok(change.is_some())
+    }
+
+    /// The value of `key`, if set.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        sync::lock(&self.state).config.get(key).map(<[u8]>::to_vec)
+    }
+
+    /// The value of `key` as UTF-8.
+    pub fn get_str(&self, key: &str) -> Result<Option<String>> {
+        Ok(sync::lock(&self.state)
+            .config
+            .get_str(key)?
+            .map(str::to_string))
+    }
+
+    /// The value of `key` decoded from JSON into `T`.
+    pub fn get_as<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        Ok(sync::lock(&self.state).config.get_as(key)?)
+    }
+
+    /// Every key under `prefix` (whole path segments; `""` for all) with its value, in key
+    /// order.
+    pub fn list(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        sync::lock(&self.state).config.list(prefix)
+    }
+
+    /// The sequence number of the last change this node applied.
+    pub fn current_seq(&self) -> u64 {
+        sync::lock(&self.state).config.current_seq()
+    }
+
+    /// Watches changes under `prefix` from now on.
+    pub fn watch_prefix(&self, prefix: &str) -> ConfigWatch {
+        let seq = self.current_seq();
+        self.watch_prefix_from(prefix, seq)
+    }
+
+    /// Watches changes under `prefix` applied after `seq` (a value a previous watch
+    /// returned). If that history was compacted, the watch first yields a snapshot.
+    /// Sequence numbers are local to this node and this run of it.
+    pub fn watch_prefix_from(&self, prefix: &str, seq: u64) -> ConfigWatch {
+        ConfigWatch {
+            state: self.state.clone(),
+            seq: self.seq.clone(),
+            prefix: prefix.trim_end_matches('/').to_string(),
+            after: seq,
+            pending: VecDeque::new(),
+        }
+    }
+}
+
+/// Changes of a key prefix, in the order this node applied them. Reads from the node's
+/// bounded change history; a watcher that falls behind the history gets a snapshot instead
+/// of an unbounded queue.
+pub struct ConfigWatch {
+    state: SharedState,
+    seq: watch::Receiver<u64>,
+    prefix: String,
+    after: u64,
+    pending: VecDeque<Change>,
+}
+
+impl std::fmt::Debug for ConfigWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigWatch")
+            .field("prefix", &self.prefix)
+            .field("after", &self.after)
+            .finish()
+    }
+}
+
+impl ConfigWatch {
+    /// The sequence number up to which this watch has yielded changes (resume point).
+    pub fn seq(&self) -> u64 {
+        self.after
+    }
+
+    /// The next change; `None` once the node has stopped.
+    pub async fn next(&mut self) -> Option<ConfigEvent> {
+        loop {
+            if let Some(change) = self.pending.pop_front() {
+                self.after = change.seq;
+                return Some(ConfigEvent::Changed(change));
+            }
+            self.seq.borrow_and_update();
+            let fetched = {
+                let state = sync::lock(&self.state);
+                match state.config.changes_since(self.after, &self.prefix) {
+                    Ok(changes) => {
+                        let current = state.config.current_seq();
+                        Ok((changes, current))
+                    }
+                    Err(_) => {
+                        let (seq, entries) = state.config.snapshot(&self.prefix);
+                        let entries = entries
+                            .into_iter()
+                            .filter_map(|(key, entry)| entry.value.map(|v| (key, v)))
+                            .collect();
+                        Err(ConfigEvent::Snapshot { seq, entries })
+                    }
+                }
+            };
+            match fetched {
+                Ok((changes, current)) => {
+                    if changes.is_empty() {
+                        // Nothing under our prefix yet: skip ahead, then wait for news.
+                        self.after = self.after.max(current);
+                        self.seq.changed().await.ok()?;
+                    } else {
+                        self.pending.extend(changes);
+                    }
+                }
+                Err(snapshot) => {
+                    if let ConfigEvent::Snapshot { seq, .. } = &snapshot {
+                        self.after = *seq;
+                    }
+                    return Some(snapshot);
+                }
+            }
+        }
+    }
+}
