@@ -454,7 +454,7 @@ impl OwnerUpdate {
                     && validate_id(id).is_ok()
                     && e.record
                         .as_ref()
-                        .map_or(true, |r| r.service.id == *id && r.validate().is_ok())
+                        .is_none_or(|r| r.service.id == *id && r.validate().is_ok())
             })
     }
 }
@@ -686,7 +686,7 @@ impl Catalog {
         }
         !owner.is_empty()
             && owner.len() <= MAX_OWNER_NAME_LEN
-            && self.forgotten.get(owner).map_or(true, |f| epoch > f.epoch)
+            && self.forgotten.get(owner).is_none_or(|f| epoch > f.epoch)
     }
 
     /// Prepares the state of a remote `owner` for data at `epoch`: `None` if we hold a newer
@@ -910,7 +910,7 @@ impl Catalog {
         });
         let owners = &self.owners;
         self.forgotten
-            .retain(|name, f| owners.get(name).map_or(true, |s| s.epoch <= f.epoch));
+            .retain(|name, f| owners.get(name).is_none_or(|s| s.epoch <= f.epoch));
     }
 
     fn mark_forgotten(&mut self, name: &str, epoch: u64) {

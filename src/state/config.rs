@@ -582,7 +582,7 @@ impl ConfigStore {
             && entry
                 .value
                 .as_ref()
-                .map_or(true, |v| v.len() <= MAX_VALUE_LEN)
+                .is_none_or(|v| v.len() <= MAX_VALUE_LEN)
             && entry.version.writer.len() <= MAX_WRITER_LEN;
         if !valid {
             self.stats.rejected_invalid += 1;
@@ -802,7 +802,7 @@ impl ConfigStore {
         let peer: BTreeMap<&str, &Version> = peer.iter().map(|(k, v)| (k.as_str(), v)).collect();
         take_budget(
             self.in_buckets(buckets)
-                .filter(|(k, e)| peer.get(k.as_str()).map_or(true, |v| e.version > **v)),
+                .filter(|(k, e)| peer.get(k.as_str()).is_none_or(|v| e.version > **v)),
             max_bytes,
         )
     }
