@@ -18,6 +18,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod error;
 pub mod membership;
 pub mod net;

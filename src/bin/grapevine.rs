@@ -44,6 +44,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Read and write the cluster-wide configuration store through a running agent.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+        /// The agent to talk to.
+        #[arg(long, global = true, value_name = "IP:PORT", value_parser = parse_addr, default_value = "127.0.0.1:7946")]
+        agent: SocketAddr,
+    },
     /// Show a running agent's identity and traffic counters.
     Info {
         /// The agent to ask.
@@ -52,6 +60,46 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Write KEY (ENV/PATH/NAME) = VALUE on every node.
+    Set {
+        /// The key, environment first: prod/orders/max_conn.
+        key: String,
+        /// The value (stored as given).
+        value: String,
+    },
+    /// Print the value of KEY; exit 1 if it is not set.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Delete KEY on every node.
+    Del {
+        /// The key.
+        key: String,
+    },
+    /// List keys and values under PREFIX (whole path segments; all keys by default).
+    List {
+        /// Path prefix, e.g. prod/orders.
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Print a JSON object key → value instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one line per change under PREFIX until interrupted.
+    Watch {
+        /// Path prefix, e.g. prod.
+        prefix: String,
+    },
+    /// Import a TOML file: tables become path segments (see the README).
+    Import {
+        /// The file.
+        file: std::path::PathBuf,
     },
 }
 
@@ -82,6 +130,10 @@ struct AgentArgs {
     /// Accept control commands (members, services, ...) from other hosts, not only loopback.
     #[arg(long)]
     allow_remote_control: bool,
+    /// A TOML file whose keys are written to the config store at start (see the README for
+    /// the precedence rules).
+    #[arg(long, value_name = "FILE.toml")]
+    config_file: Option<std::path::PathBuf>,
 }
 
 fn parse_service(text: &str) -> Result<Service, String> {
@@ -202,6 +254,7 @@ async fn run(cli: Cli) -> grapevine::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Config { command, agent } => config_command(command, agent).await,
         Command::Info { agent, json } => {
             let info = control::info(agent).await?;
             if json {
@@ -270,8 +323,120 @@ fn print_services(instances: &[Instance]) {
     }
 }
 
+fn shown(value: &[u8]) -> String {
+    String::from_utf8_lossy(value).into_owned()
+}
+
+async fn config_command(command: ConfigCommand, agent: SocketAddr) -> grapevine::Result<ExitCode> {
+    use control::{expect, ControlRequest as Req, ControlResponse as Resp};
+    match command {
+        ConfigCommand::Set { key, value } => {
+            let value = value.into_bytes();
+            expect(agent, Req::ConfigSet { key, value }, |r| match r {
+                Resp::ConfigWritten { seq } => Some(seq),
+                _ => None,
+            })
+            .await?;
+        }
+        ConfigCommand::Get { key } => {
+            let request = Req::ConfigGet { key: key.clone() };
+            let value = expect(agent, request, |r| match r {
+                Resp::ConfigValue(value) => Some(value),
+                _ => None,
+            })
+            .await?;
+            match value {
+                Some(value) => {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(&value);
+                    let _ = out.write_all(b"\n");
+                }
+                None => {
+                    eprintln!("error: key {key:?} is not set");
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+        ConfigCommand::Del { key } => {
+            let request = Req::ConfigDelete { key: key.clone() };
+            let existed = expect(agent, request, |r| match r {
+                Resp::ConfigDeleted(existed) => Some(existed),
+                _ => None,
+            })
+            .await?;
+            if !existed {
+                eprintln!("note: key {key:?} was not set");
+            }
+        }
+        ConfigCommand::List { prefix, json } => {
+            let entries = expect(agent, Req::ConfigList { prefix }, |r| match r {
+                Resp::ConfigEntries(entries) => Some(entries),
+                _ => None,
+            })
+            .await?;
+            if json {
+                let object: serde_json::Map<String, serde_json::Value> = entries
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::String(shown(v))))
+                    .collect();
+                println!("{}", to_json(&object));
+            } else {
+                for (key, value) in entries {
+                    println!("{key} = {}", shown(&value));
+                }
+            }
+        }
+        ConfigCommand::Watch { prefix } => {
+            use std::io::Write;
+            control::watch_config(agent, prefix, |event| {
+                let mut out = std::io::stdout().lock();
+                let written = match event {
+                    grapevine::ConfigEvent::Changed(change) => match change.value {
+                        Some(value) => {
+                            writeln!(out, "{} set {} = {}", change.seq, change.key, shown(&value))
+                        }
+                        None => writeln!(out, "{} del {}", change.seq, change.key),
+                    },
+                    grapevine::ConfigEvent::Snapshot { seq, entries } => {
+                        let mut result = writeln!(out, "{seq} snapshot of {} keys", entries.len());
+                        for (key, value) in entries {
+                            result =
+                                result.and(writeln!(out, "{seq} set {key} = {}", shown(&value)));
+                        }
+                        result
+                    }
+                };
+                // Stop when stdout is gone (e.g. piped into `head`).
+                written.and(out.flush()).is_ok()
+            })
+            .await?;
+        }
+        ConfigCommand::Import { file } => {
+            let entries = grapevine::agent::config_file::load(&file)
+                .map_err(|error| grapevine::Error::Config(error.to_string()))?;
+            let count = entries.len();
+            expect(agent, Req::ConfigImport { entries }, |r| match r {
+                Resp::ConfigWritten { seq } => Some(seq),
+                _ => None,
+            })
+            .await?;
+            println!("imported {count} keys from {}", file.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
     init_logging();
+    // Read the file before starting, so that a bad file stops the agent with a clear error.
+    let config_entries = match &args.config_file {
+        Some(path) => Some(
+            grapevine::agent::config_file::load(path)
+                .map_err(|error| grapevine::Error::Config(error.to_string()))?,
+        ),
+        None => None,
+    };
     let mut builder = Node::builder(args.name)
         .bind(args.bind)
         .seeds(args.join)
@@ -286,6 +451,13 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
         Profile::Lan => Duration::from_secs(5),
         Profile::Wan => Duration::from_secs(15),
     };
+    if let Some(entries) = config_entries {
+        let count = entries.len();
+        for (key, value) in entries {
+            node.config().set(&key, value).await?;
+        }
+        tracing::info!(count, "config file imported");
+    }
     for service in args.services {
         let id = service.id.clone();
         if args.no_check {

@@ -35,7 +35,7 @@ impl std::fmt::Debug for ConfigHandle {
 }
 
 /// What a prefix watch yields.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ConfigEvent {
     /// One change, in the order this node applied it. `value: None` means deleted.
     Changed(Change),

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::catalog::Instance;
+use super::config::ConfigEvent;
 use super::protocol::{exchange, Request, Response};
 use super::stats::StatsSnapshot;
 use crate::error::{Error, Result};
@@ -24,6 +25,38 @@ pub enum ControlRequest {
         /// Only this service.
         service: Option<String>,
     },
+    /// Write a config key.
+    ConfigSet {
+        /// The key.
+        key: String,
+        /// The value.
+        value: Vec<u8>,
+    },
+    /// Read a config key.
+    ConfigGet {
+        /// The key.
+        key: String,
+    },
+    /// Delete a config key.
+    ConfigDelete {
+        /// The key.
+        key: String,
+    },
+    /// List the config keys under a prefix.
+    ConfigList {
+        /// Path prefix (whole segments); empty for all.
+        prefix: String,
+    },
+    /// Write several config keys (a file import); all are validated before any is written.
+    ConfigImport {
+        /// Keys and values.
+        entries: Vec<(String, Vec<u8>)>,
+    },
+    /// Stream the changes under a prefix until the client disconnects.
+    ConfigWatch {
+        /// Path prefix.
+        prefix: String,
+    },
 }
 
 /// A node's answer to a [`ControlRequest`].
@@ -35,6 +68,21 @@ pub enum ControlResponse {
     Info(NodeInfo),
     /// Answer to [`ControlRequest::Services`].
     Services(Vec<Instance>),
+    /// A write was applied; its local sequence number.
+    ConfigWritten {
+        /// Sequence number of the (last) change.
+        seq: u64,
+    },
+    /// Answer to [`ControlRequest::ConfigGet`].
+    ConfigValue(Option<Vec<u8>>),
+    /// Answer to [`ControlRequest::ConfigDelete`]: whether the key existed.
+    ConfigDeleted(bool),
+    /// Answer to [`ControlRequest::ConfigList`].
+    ConfigEntries(Vec<(String, Vec<u8>)>),
+    /// One event of a [`ControlRequest::ConfigWatch`] stream.
+    ConfigEvent(ConfigEvent),
+    /// The request was refused.
+    Refused(String),
 }
 
 /// Identity and counters of a node.
@@ -94,4 +142,66 @@ pub async fn services(agent: SocketAddr, service: Option<String>) -> Result<Vec<
         ControlResponse::Services(instances) => Ok(instances),
         other => Err(Error::Protocol(format!("unexpected answer {other:?}"))),
     }
+}
+
+/// Sends a control request and unwraps the expected answer, turning refusals into errors.
+pub async fn expect<T>(
+    agent: SocketAddr,
+    request: ControlRequest,
+    pick: impl FnOnce(ControlResponse) -> Option<T>,
+) -> Result<T> {
+    match control_request(agent, request, CONTROL_TIMEOUT).await? {
+        ControlResponse::Refused(message) => Err(Error::Remote(message)),
+        answer => {
+            let shown = format!("{answer:?}");
+            pick(answer).ok_or_else(|| Error::Protocol(format!("unexpected answer {shown}")))
+        }
+    }
+}
+
+/// Streams the config changes under `prefix` from the node at `agent`, calling `each` for
+/// every event until the connection ends or `each` returns `false`.
+pub async fn watch_config(
+    agent: SocketAddr,
+    prefix: String,
+    mut each: impl FnMut(ConfigEvent) -> bool,
+) -> Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    let stream = tokio::time::timeout(CONTROL_TIMEOUT, tokio::net::TcpStream::connect(agent))
+        .await
+        .map_err(|_| Error::Timeout {
+            what: "connect",
+            after: CONTROL_TIMEOUT,
+        })?
+        .map_err(|source| Error::Connect {
+            addr: agent,
+            source,
+        })?;
+    let mut framed = crate::wire::framed(stream);
+    let request = Request::Control(ControlRequest::ConfigWatch { prefix });
+    framed
+        .send(bytes::Bytes::from(crate::wire::encode_frame(&request)?))
+        .await
+        .map_err(|source| Error::Connect {
+            addr: agent,
+            source,
+        })?;
+    while let Some(frame) = framed.next().await {
+        let frame = frame.map_err(|source| Error::Connect {
+            addr: agent,
+            source,
+        })?;
+        match crate::wire::decode_frame::<Response>(&frame)? {
+            Response::Control(ControlResponse::ConfigEvent(event)) => {
+                if !each(event) {
+                    return Ok(());
+                }
+            }
+            Response::Control(ControlResponse::Refused(message)) | Response::Error(message) => {
+                return Err(Error::Remote(message))
+            }
+            other => return Err(Error::Protocol(format!("unexpected answer {other:?}"))),
+        }
+    }
+    Err(Error::Protocol(format!("{agent} closed the watch")))
 }

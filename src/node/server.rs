@@ -9,7 +9,7 @@ use tokio::task::JoinSet;
 
 use super::control::{ControlRequest, ControlResponse, NodeInfo};
 use super::driver::Command;
-use super::protocol::{Request, Response, MAX_REQUESTS_PER_CONNECTION};
+use super::protocol::{within, Request, Response, MAX_REQUESTS_PER_CONNECTION};
 use super::stats::Stats;
 use super::Shared;
 use crate::error::{Error, Result};
@@ -44,17 +44,9 @@ pub(crate) async fn serve<T: Transport>(listener: T::Listener, shared: Arc<Share
                 Stats::add(&shared.stats.tcp_accepted, 1);
                 let shared = shared.clone();
                 connections.spawn(async move {
-                    let timeout = shared.view.borrow().profile.tcp_timeout();
-                    match tokio::time::timeout(timeout, handle(stream, peer, &shared)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(error)) => {
-                            Stats::add(&shared.stats.tcp_dropped, 1);
-                            tracing::debug!(%peer, %error, "tcp request dropped");
-                        }
-                        Err(_) => {
-                            Stats::add(&shared.stats.tcp_dropped, 1);
-                            tracing::debug!(%peer, "tcp request timed out");
-                        }
+                    if let Err(error) = handle(stream, peer, &shared).await {
+                        Stats::add(&shared.stats.tcp_dropped, 1);
+                        tracing::debug!(%peer, %error, "tcp connection dropped");
                     }
                     drop(permit);
                 });
@@ -67,25 +59,87 @@ async fn handle<S>(stream: S, peer: SocketAddr, shared: &Shared) -> Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    let timeout = shared.view.borrow().profile.tcp_timeout();
     let mut framed = wire::framed(stream);
     for _ in 0..MAX_REQUESTS_PER_CONNECTION {
-        let frame = match framed.next().await {
+        // Every step is bounded, so a client that stalls mid-frame only holds its own slot.
+        let frame = match within(timeout, "request", async { Ok(framed.next().await) }).await? {
             Some(frame) => frame.map_err(|source| Error::Connect { addr: peer, source })?,
             None => return Ok(()),
         };
         let request: Request = wire::decode_frame(&frame)?;
-        let response = answer(request, peer, shared).await?;
+        if let Request::Control(ControlRequest::ConfigWatch { prefix }) = request {
+            return stream_config_watch(framed, peer, shared, prefix, timeout).await;
+        }
+        let response = within(timeout, "answer", answer(request, peer, shared)).await?;
         let bytes = wire::encode_frame(&response)?;
         Stats::add(
             &shared.stats.tcp_bytes,
             (frame.len() + bytes.len() + 8) as u64,
         );
-        framed
-            .send(bytes::Bytes::from(bytes))
-            .await
-            .map_err(|source| Error::Connect { addr: peer, source })?;
+        within(timeout, "response", async {
+            framed
+                .send(bytes::Bytes::from(bytes))
+                .await
+                .map_err(|source| Error::Connect { addr: peer, source })
+        })
+        .await?;
     }
     Ok(())
+}
+
+/// Streams config changes to a watching client until it disconnects.
+async fn stream_config_watch<S>(
+    mut framed: tokio_util::codec::Framed<S, tokio_util::codec::LengthDelimitedCodec>,
+    peer: SocketAddr,
+    shared: &Shared,
+    prefix: String,
+    timeout: std::time::Duration,
+) -> Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if !control_allowed(shared, peer) {
+        let refusal = Response::Control(ControlResponse::Refused(loopback_only(peer)));
+        let bytes = wire::encode_frame(&refusal)?;
+        let _ = within(timeout, "response", async {
+            framed
+                .send(bytes::Bytes::from(bytes))
+                .await
+                .map_err(|source| Error::Connect { addr: peer, source })
+        })
+        .await;
+        return Ok(());
+    }
+    let mut watch = shared.config().watch_prefix(&prefix);
+    loop {
+        tokio::select! {
+            biased;
+            // The client closed (or sent something): the watch is over.
+            _ = framed.next() => return Ok(()),
+            event = watch.next() => {
+                let Some(event) = event else { return Ok(()) };
+                let frame = Response::Control(ControlResponse::ConfigEvent(event));
+                let bytes = wire::encode_frame(&frame)?;
+                // A client that stops reading is dropped rather than buffered for.
+                within(timeout, "watch event", async {
+                    framed
+                        .send(bytes::Bytes::from(bytes))
+                        .await
+                        .map_err(|source| Error::Connect { addr: peer, source })
+                })
+                .await?;
+            }
+        }
+    }
+}
+
+fn control_allowed(shared: &Shared, peer: SocketAddr) -> bool {
+    shared.allow_remote_control || peer.ip().is_loopback()
+}
+
+fn loopback_only(peer: SocketAddr) -> String {
+    format!("control requests are accepted from loopback only; {peer} is not")
 }
 
 async fn answer(request: Request, peer: SocketAddr, shared: &Shared) -> Result<Response> {
@@ -124,18 +178,16 @@ async fn answer(request: Request, peer: SocketAddr, shared: &Shared) -> Result<R
             Response::SyncPushed(reply)
         }
         Request::Control(request) => {
-            if !shared.allow_remote_control && !peer.ip().is_loopback() {
-                Response::Error(format!(
-                    "control requests are accepted from loopback only; {peer} is not"
-                ))
+            if control_allowed(shared, peer) {
+                Response::Control(control(request, shared).await)
             } else {
-                Response::Control(control(request, shared))
+                Response::Control(ControlResponse::Refused(loopback_only(peer)))
             }
         }
     })
 }
 
-fn control(request: ControlRequest, shared: &Shared) -> ControlResponse {
+async fn control(request: ControlRequest, shared: &Shared) -> ControlResponse {
     match request {
         ControlRequest::Members => ControlResponse::Members(shared.view.borrow().members.clone()),
         ControlRequest::Info => {
@@ -155,6 +207,48 @@ fn control(request: ControlRequest, shared: &Shared) -> ControlResponse {
                 instances.retain(|i| i.service == name);
             }
             ControlResponse::Services(instances)
+        }
+        ControlRequest::ConfigSet { key, value } => match shared.config().set(&key, value).await {
+            Ok(change) => ControlResponse::ConfigWritten { seq: change.seq },
+            Err(error) => ControlResponse::Refused(error.to_string()),
+        },
+        ControlRequest::ConfigGet { key } => {
+            ControlResponse::ConfigValue(shared.config().get(&key))
+        }
+        ControlRequest::ConfigDelete { key } => match shared.config().delete(&key).await {
+            Ok(existed) => ControlResponse::ConfigDeleted(existed),
+            Err(error) => ControlResponse::Refused(error.to_string()),
+        },
+        ControlRequest::ConfigList { prefix } => {
+            ControlResponse::ConfigEntries(shared.config().list(&prefix))
+        }
+        ControlRequest::ConfigImport { entries } => {
+            let invalid = entries.iter().find_map(|(key, value)| {
+                crate::state::config::validate_key(key).err().or_else(|| {
+                    (value.len() > crate::state::config::MAX_VALUE_LEN).then(|| {
+                        crate::state::config::ConfigError::ValueTooLarge {
+                            key: key.clone(),
+                            len: value.len(),
+                        }
+                    })
+                })
+            });
+            if let Some(error) = invalid {
+                return ControlResponse::Refused(error.to_string());
+            }
+            let config = shared.config();
+            let mut seq = config.current_seq();
+            for (key, value) in entries {
+                match config.set(&key, value).await {
+                    Ok(change) => seq = change.seq,
+                    Err(error) => return ControlResponse::Refused(error.to_string()),
+                }
+            }
+            ControlResponse::ConfigWritten { seq }
+        }
+        // Handled by the connection loop, which streams.
+        ControlRequest::ConfigWatch { .. } => {
+            ControlResponse::Refused("a watch needs a connection of its own".into())
         }
     }
 }
