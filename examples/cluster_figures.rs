@@ -14,6 +14,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut size = 10usize;
     let mut services = 5u16;
     let mut idle_secs = 20u64;
+    let mut keys = 0usize;
     let mut profile = Profile::Lan;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -23,6 +24,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--services" => services = value()?.parse()?,
             "--idle" => idle_secs = value()?.parse()?,
             "--profile" => profile = value()?.parse()?,
+            "--keys" => keys = value()?.parse()?,
             other => return Err(format!("unknown argument {other:?}").into()),
         }
     }
@@ -100,6 +102,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         reached[reached.len() / 2]
     );
 
+    // One config write, timed until every node's prefix watch yields it.
+    let mut config_watches: Vec<_> = nodes
+        .iter()
+        .map(|n| n.config().watch_prefix("prod/probe"))
+        .collect();
+    let written = Instant::now();
+    nodes[size / 3]
+        .config()
+        .set_str("prod/probe/flag", "on")
+        .await?;
+    let waiters: Vec<_> = config_watches
+        .drain(..)
+        .map(|mut watch| {
+            tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(60), watch.next())
+                    .await
+                    .map(|_| written.elapsed().as_secs_f64())
+            })
+        })
+        .collect();
+    let mut fired = Vec::with_capacity(size);
+    for waiter in waiters {
+        fired.push(waiter.await?.map_err(|_| "config write did not spread")?);
+    }
+    fired.sort_by(f64::total_cmp);
+    println!(
+        "config_watch_fired_everywhere_s={:.3} median_s={:.3}",
+        fired[fired.len() - 1],
+        fired[fired.len() / 2]
+    );
+
     let before: Vec<_> = nodes.iter().map(|n| n.stats()).collect();
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
     let mut udp = 0u64;
@@ -117,5 +150,42 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         per_node(udp),
         per_node(tcp / 2)
     );
+
+    if keys > 0 {
+        let config = nodes[0].config();
+        for i in 0..keys {
+            config
+                .set_str(&format!("prod/bulk/key{i:06}"), "a-value-of-moderate-size")
+                .await?;
+        }
+        let all = |n: &Node| n.config().list("prod/bulk").len() == keys;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !nodes.iter().all(all) {
+            if Instant::now() > deadline {
+                return Err("keys did not spread".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let joined = Instant::now();
+        let fresh = Node::builder("fresh")
+            .seeds([nodes[1].addr()])
+            .profile(profile)
+            .start()
+            .await?;
+        while !all(&fresh) {
+            if Instant::now() > deadline {
+                return Err("fresh node did not catch up".into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let caught_up = joined.elapsed().as_secs_f64();
+        // Settle, so the count includes the exchange that delivered the last keys.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let stats = fresh.stats();
+        println!(
+            "fresh_node_caught_up_with_{keys}_keys_s={caught_up:.2} tcp_bytes={} udp_received_bytes={}",
+            stats.tcp_bytes, stats.udp_received_bytes
+        );
+    }
     Ok(())
 }

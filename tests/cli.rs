@@ -140,6 +140,17 @@ fn free_port() -> u16 {
     panic!("no port free for both UDP and TCP");
 }
 
+/// A TCP port on 127.0.0.1 that refuses connections for as long as the returned sockets
+/// live: the local end of a connection holds it, so nothing else can listen on it.
+fn refusing_port() -> (u16, [TcpStream; 2]) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a listener");
+    let client = TcpStream::connect(listener.local_addr().expect("listener addr"))
+        .expect("connect to our listener");
+    let (server, _) = listener.accept().expect("accept our connection");
+    let port = client.local_addr().expect("client addr").port();
+    (port, [client, server])
+}
+
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -177,6 +188,11 @@ struct Agent {
 impl Agent {
     /// Starts an agent on a free port and waits until it answers control requests.
     fn start(name: &str, join: &[SocketAddr]) -> Agent {
+        Agent::start_with(name, join, &[])
+    }
+
+    /// Like [`Agent::start`], with `extra` arguments (such as `--service`) for the agent.
+    fn start_with(name: &str, join: &[SocketAddr], extra: &[&str]) -> Agent {
         for _attempt in 0..5 {
             let port = free_port();
             let addr = local(port);
@@ -195,6 +211,7 @@ impl Agent {
             for seed in join {
                 command.args(["--join", &seed.to_string()]);
             }
+            command.args(extra);
             let mut agent = Agent {
                 name: name.to_string(),
                 addr,
@@ -315,6 +332,95 @@ fn info(agent: SocketAddr) -> Result<Value, String> {
         ));
     }
     serde_json::from_slice(&output.stdout).map_err(|e| format!("info --json: {e}"))
+}
+
+/// One row of `grapevine services --json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ServiceRow {
+    service: String,
+    id: String,
+    node: String,
+    addr: String,
+    port: u16,
+    tags: Vec<String>,
+    health: String,
+    node_status: String,
+}
+
+/// `grapevine services [SERVICE] --agent ADDR --json`, parsed.
+fn services(agent: SocketAddr, service: Option<&str>) -> Result<Vec<ServiceRow>, String> {
+    let agent = agent.to_string();
+    let mut args = vec!["services"];
+    args.extend(service);
+    args.extend(["--agent", &agent, "--json"]);
+    let output = cli(&args);
+    if !output.status.success() {
+        return Err(format!(
+            "services exited with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    let value: Value = serde_json::from_slice(&output.stdout).map_err(|e| {
+        format!(
+            "services --json printed invalid JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })?;
+    let array = value
+        .as_array()
+        .ok_or_else(|| format!("services --json is not an array: {value}"))?;
+    array
+        .iter()
+        .map(|row| {
+            let field = |key: &str| {
+                row.get(key)
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .ok_or_else(|| format!("instance without string {key:?}: {row}"))
+            };
+            let tags = row
+                .get("tags")
+                .and_then(Value::as_array)
+                .and_then(|tags| {
+                    tags.iter()
+                        .map(|t| t.as_str().map(str::to_owned))
+                        .collect::<Option<Vec<_>>>()
+                })
+                .ok_or_else(|| format!("instance without string tags: {row}"))?;
+            if !row.get("meta").is_some_and(Value::is_object) {
+                return Err(format!("instance without a meta object: {row}"));
+            }
+            Ok(ServiceRow {
+                service: field("service")?,
+                id: field("id")?,
+                node: field("node")?,
+                addr: field("addr")?,
+                port: row
+                    .get("port")
+                    .and_then(Value::as_u64)
+                    .and_then(|p| u16::try_from(p).ok())
+                    .ok_or_else(|| format!("instance without a port: {row}"))?,
+                tags,
+                health: field("health")?,
+                node_status: field("node_status")?,
+            })
+        })
+        .collect()
+}
+
+/// A compact description of service rows, for failure messages.
+fn describe(rows: &[ServiceRow]) -> String {
+    let parts: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{}/{}@{}:{}:{} {} {} {:?}",
+                r.service, r.id, r.node, r.addr, r.port, r.health, r.node_status, r.tags
+            )
+        })
+        .collect();
+    format!("[{}]", parts.join(", "))
 }
 
 fn statuses(rows: &[MemberRow]) -> BTreeMap<String, String> {
@@ -675,4 +781,198 @@ fn random_bytes_on_tcp_port_do_not_break_the_agent() {
         value["stats"]["tcp_dropped"].as_u64().filter(|&n| n > 0)
     });
     assert!(dropped > 0);
+}
+
+#[test]
+fn agent_services_are_listed_cluster_wide() {
+    // `web` answers its TCP check: a listener of ours, accepting (and dropping) connections.
+    let web_listener = TcpListener::bind("127.0.0.1:0").expect("bind the web listener");
+    let web_port = web_listener.local_addr().expect("web addr").port();
+    let acceptor = web_listener.try_clone().expect("clone the web listener");
+    thread::spawn(move || {
+        for stream in acceptor.incoming() {
+            drop(stream);
+        }
+    });
+    // `api` does not: nothing listens on its port. `cache` is unchecked: it stays passing
+    // on that same port.
+    let (closed_port, _hold_closed_port) = refusing_port();
+
+    let web_spec = format!("web:{web_port}:v1,primary");
+    let api_spec = format!("api:{closed_port}");
+    let cache_spec = format!("cache:{closed_port}");
+    let mut a = Agent::start_with("svc-a", &[], &["--service", &web_spec]);
+    let b = Agent::start_with("svc-b", &[a.addr], &["--service", &api_spec]);
+    let c = Agent::start_with(
+        "svc-c",
+        &[a.addr],
+        &["--service", &cache_spec, "--no-check"],
+    );
+    let all = [&a, &b, &c];
+    wait_all_alive(&all, &all);
+
+    // Every instance reaches C, with its owner's health verdict.
+    let expected = |rows: &[ServiceRow]| -> bool {
+        let find = |name: &str| rows.iter().find(|r| r.service == name);
+        rows.len() == 3
+            && find("web").is_some_and(|r| r.health == "passing")
+            && find("api").is_some_and(|r| r.health == "critical")
+            && find("cache").is_some_and(|r| r.health == "passing")
+    };
+    let rows = poll_until(
+        "C to list web passing, api critical and cache passing",
+        CONVERGE,
+        |last| match services(c.addr, None) {
+            Ok(rows) => {
+                *last = describe(&rows);
+                expected(&rows).then_some(rows)
+            }
+            Err(error) => {
+                *last = error;
+                None
+            }
+        },
+    );
+    let row = |name: &str| rows.iter().find(|r| r.service == name).expect("listed");
+    let web = row("web");
+    assert_eq!(
+        (
+            web.id.as_str(),
+            web.node.as_str(),
+            web.addr.as_str(),
+            web.port
+        ),
+        (
+            format!("web-{web_port}").as_str(),
+            "svc-a",
+            "127.0.0.1",
+            web_port
+        ),
+        "{}",
+        describe(&rows)
+    );
+    assert_eq!(web.tags, ["v1", "primary"], "{}", describe(&rows));
+    let api = row("api");
+    assert_eq!(
+        (api.node.as_str(), api.port),
+        ("svc-b", closed_port),
+        "{}",
+        describe(&rows)
+    );
+    assert!(api.tags.is_empty(), "{}", describe(&rows));
+    let cache = row("cache");
+    assert_eq!(
+        (cache.node.as_str(), cache.port),
+        ("svc-c", closed_port),
+        "{}",
+        describe(&rows)
+    );
+    assert!(
+        rows.iter().all(|r| r.node_status == "alive"),
+        "{}",
+        describe(&rows)
+    );
+
+    // One service, asked of another agent: only its instance.
+    let only_web = poll_until("B to list web", CONVERGE, |last| {
+        match services(b.addr, Some("web")) {
+            Ok(rows) => {
+                *last = describe(&rows);
+                (!rows.is_empty()).then_some(rows)
+            }
+            Err(error) => {
+                *last = error;
+                None
+            }
+        }
+    });
+    assert_eq!(only_web.len(), 1, "{}", describe(&only_web));
+    assert_eq!(
+        (only_web[0].service.as_str(), only_web[0].node.as_str()),
+        ("web", "svc-a"),
+        "{}",
+        describe(&only_web)
+    );
+
+    // The table: a header, then one row per instance.
+    let output = cli(&["services", "--agent", &c.addr.to_string()]);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "services table failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 4, "header plus 3 rows expected:\n{stdout}");
+    assert!(
+        lines[0].contains("SERVICE") && lines[0].contains("HEALTH"),
+        "bad header:\n{stdout}"
+    );
+    for (name, health) in [
+        ("web", "passing"),
+        ("api", "critical"),
+        ("cache", "passing"),
+    ] {
+        assert!(
+            lines[1..].iter().any(|l| {
+                let columns: Vec<&str> = l.split_whitespace().collect();
+                columns.first() == Some(&name) && columns.contains(&health)
+            }),
+            "no {health} row for {name}:\n{stdout}"
+        );
+    }
+
+    // A's crash: its instance stays listed, with its node down (lookups exclude it).
+    a.process.child.kill().expect("SIGKILL agent A");
+    a.process.child.wait().expect("reap agent A");
+    let rows = poll_until(
+        "C to list web with node_status down",
+        CONVERGE,
+        |last| match services(c.addr, Some("web")) {
+            Ok(rows) => {
+                *last = describe(&rows);
+                assert!(
+                    rows.iter().all(|r| r.node_status != "left"),
+                    "the killed agent's instance is listed as left: {}",
+                    describe(&rows)
+                );
+                (rows.len() == 1 && rows[0].node_status == "down").then_some(rows)
+            }
+            Err(error) => {
+                *last = error;
+                None
+            }
+        },
+    );
+    assert_eq!(
+        (rows[0].id.as_str(), rows[0].node.as_str()),
+        (format!("web-{web_port}").as_str(), "svc-a"),
+        "{}",
+        describe(&rows)
+    );
+    drop(web_listener);
+}
+
+#[test]
+fn bad_service_flag_is_a_one_line_error() {
+    for spec in ["web", "web:notaport", "web:0", "web:70000"] {
+        let output = cli(&[
+            "agent",
+            "--name",
+            "x",
+            "--bind",
+            "127.0.0.1:0",
+            "--profile",
+            "local",
+            "--service",
+            spec,
+        ]);
+        let what = format!("--service {spec}");
+        let line = assert_one_line_error(&output, &what);
+        assert!(line.contains("--service"), "{what}: {line}");
+        assert!(
+            line.contains(spec),
+            "{what}: the value is not named: {line}"
+        );
+    }
 }

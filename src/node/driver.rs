@@ -515,19 +515,16 @@ impl<T: Transport> Driver<T> {
         }
     }
 
+    /// Publishes what changed. The catalog view goes out before the member list, so that a
+    /// reader woken by a member change already finds the catalog that matches it.
     fn publish(&mut self, progress: &mut Progress) {
         let members_version = self.membership.view_version();
-        if progress.members_published != Some(members_version) {
-            let identity = self.membership.identity().clone();
-            let members = self.membership.members();
-            self.view.send_modify(|view| {
-                *view = Arc::new(View {
-                    identity,
-                    members,
-                    profile: view.profile,
-                })
-            });
-        }
+        let members_changed = progress.members_published != Some(members_version);
+        let members = if members_changed {
+            Some(self.membership.members())
+        } else {
+            None
+        };
         let state = sync::lock(&self.state);
         let config_seq = state.config.current_seq();
         if *self.config_seq.borrow() != config_seq {
@@ -535,12 +532,27 @@ impl<T: Transport> Driver<T> {
         }
         let versions = (members_version, state.version());
         if progress.state_published != Some(versions) {
-            let view = CatalogView::build(&state.catalog, &self.view.borrow().members);
+            let view = match &members {
+                Some(members) => CatalogView::build(&state.catalog, members),
+                None => CatalogView::build(&state.catalog, &self.view.borrow().members),
+            };
             drop(state);
             self.catalog_view.send_replace(Arc::new(view));
             progress.state_published = Some(versions);
+        } else {
+            drop(state);
         }
-        progress.members_published = Some(members_version);
+        if let Some(members) = members {
+            let identity = self.membership.identity().clone();
+            self.view.send_modify(|view| {
+                *view = Arc::new(View {
+                    identity,
+                    members,
+                    profile: view.profile,
+                })
+            });
+            progress.members_published = Some(members_version);
+        }
     }
 }
 
