@@ -976,3 +976,380 @@ fn bad_service_flag_is_a_one_line_error() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Config store helpers
+// ---------------------------------------------------------------------------------------
+
+/// Writes `text` to a fresh file under the Cargo target tmp dir and returns its path.
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "cli-{}-{}-{name}",
+        std::process::id(),
+        LOG_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, text).expect("write temp file");
+    path
+}
+
+/// Removes a temp file when dropped.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `grapevine config ARGS... --agent ADDR`.
+fn config(agent: SocketAddr, args: &[&str]) -> Output {
+    let agent = agent.to_string();
+    let mut all = vec!["config"];
+    all.extend(args);
+    all.extend(["--agent", agent.as_str()]);
+    cli(&all)
+}
+
+/// Runs a config command that must succeed; returns its stdout.
+fn config_ok(agent: SocketAddr, args: &[&str]) -> String {
+    let output = config(agent, args);
+    assert!(
+        output.status.success(),
+        "`config {}` against {agent} failed with {}: {}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `grapevine config list --json --agent ADDR`, parsed.
+fn config_map(agent: SocketAddr) -> Result<BTreeMap<String, String>, String> {
+    let output = config(agent, &["list", "--json"]);
+    if !output.status.success() {
+        return Err(format!(
+            "config list exited with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    let value: Value = serde_json::from_slice(&output.stdout).map_err(|e| {
+        format!(
+            "config list --json printed invalid JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })?;
+    let object = value
+        .as_object()
+        .ok_or_else(|| format!("config list --json is not an object: {value}"))?;
+    object
+        .iter()
+        .map(|(key, value)| {
+            value
+                .as_str()
+                .map(|v| (key.clone(), v.to_string()))
+                .ok_or_else(|| format!("value of {key:?} is not a string: {value}"))
+        })
+        .collect()
+}
+
+/// `grapevine config get KEY`: `Some(value)` on success, `None` when exit code 1 (unset).
+fn config_value(agent: SocketAddr, key: &str) -> Result<Option<String>, String> {
+    let output = config(agent, &["get", key]);
+    match output.status.code() {
+        Some(0) => {
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            Ok(Some(
+                stdout
+                    .strip_suffix('\n')
+                    .unwrap_or(stdout.as_ref())
+                    .to_string(),
+            ))
+        }
+        Some(1) if String::from_utf8_lossy(&output.stderr).contains("not set") => Ok(None),
+        _ => Err(format!(
+            "config get {key} exited with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )),
+    }
+}
+
+/// Polls `config get KEY` on `agent` until it reports `want` (`None`: unset).
+fn wait_config_value(agent: &Agent, key: &str, want: Option<&str>) {
+    poll_until(
+        &format!("{} to report {key} = {want:?}", agent.name),
+        CONVERGE,
+        |last| match config_value(agent.addr, key) {
+            Ok(value) => {
+                *last = format!("{value:?}");
+                (value.as_deref() == want).then_some(())
+            }
+            Err(error) => {
+                *last = error;
+                None
+            }
+        },
+    );
+}
+
+fn string_map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Config store tests
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn config_commands_work_across_agents() {
+    let file = TempFile(temp_file(
+        "start.toml",
+        "[prod.orders]\nmax_conn = 100\nname = \"orders\"\n\n[staging.orders]\nmax_conn = 5\n",
+    ));
+    let file_arg = file.0.to_str().expect("utf-8 temp path");
+    let a = Agent::start_with("cfg-a", &[], &["--config-file", file_arg]);
+    let b = Agent::start("cfg-b", &[a.addr]);
+
+    // The file imported at A's start reaches B.
+    let want = string_map(&[
+        ("prod/orders/max_conn", "100"),
+        ("prod/orders/name", "orders"),
+        ("staging/orders/max_conn", "5"),
+    ]);
+    poll_until(
+        "B to list the keys of A's --config-file",
+        CONVERGE,
+        |last| match config_map(b.addr) {
+            Ok(map) => {
+                *last = format!("{map:?}");
+                (map == want).then_some(())
+            }
+            Err(error) => {
+                *last = error;
+                None
+            }
+        },
+    );
+
+    // A write through A is read through B.
+    config_ok(a.addr, &["set", "prod/orders/max_conn", "200"]);
+    wait_config_value(&b, "prod/orders/max_conn", Some("200"));
+
+    // An unset key: exit 1, one line naming it, nothing on stdout.
+    let output = config(b.addr, &["get", "prod/none"]);
+    let line = assert_one_line_error(&output, "config get of an unset key");
+    assert_eq!(output.status.code(), Some(1), "unset key: {line}");
+    assert!(line.contains("prod/none"), "unset key not named: {line}");
+    assert!(
+        output.stdout.is_empty(),
+        "unset key printed on stdout: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+
+    // A delete through B is seen by A.
+    config_ok(b.addr, &["del", "prod/orders/name"]);
+    wait_config_value(&a, "prod/orders/name", None);
+
+    // `list PREFIX` matches whole segments: neither `staging/...` nor `prodx/...`.
+    config_ok(a.addr, &["set", "prodx/orders/max_conn", "7"]);
+    assert_eq!(
+        config_value(a.addr, "prodx/orders/max_conn"),
+        Ok(Some("7".to_string()))
+    );
+    let stdout = config_ok(a.addr, &["list", "prod"]);
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines,
+        ["prod/orders/max_conn = 200"],
+        "config list prod on A:\n{stdout}"
+    );
+
+    // A one-segment key is refused with one line.
+    let output = config(a.addr, &["set", "bad", "1"]);
+    let line = assert_one_line_error(&output, "config set of a one-segment key");
+    assert!(line.contains("bad"), "refused key not named: {line}");
+    assert_eq!(config_value(a.addr, "bad/x"), Ok(None));
+
+    // `config import` through B: its keys reach A.
+    let import = TempFile(temp_file(
+        "import.toml",
+        "[prod.payments]\ntimeout_ms = 250\nenabled = true\nhosts = [\"a\", \"b\"]\n",
+    ));
+    let import_arg = import.0.to_str().expect("utf-8 temp path");
+    let stdout = config_ok(b.addr, &["import", import_arg]);
+    assert!(stdout.contains('3'), "import summary: {stdout}");
+    let want = string_map(&[
+        ("prod/orders/max_conn", "200"),
+        ("prod/payments/enabled", "true"),
+        ("prod/payments/hosts", "[\"a\",\"b\"]"),
+        ("prod/payments/timeout_ms", "250"),
+        ("prodx/orders/max_conn", "7"),
+        ("staging/orders/max_conn", "5"),
+    ]);
+    poll_until(
+        "A to list the imported keys",
+        CONVERGE,
+        |last| match config_map(a.addr) {
+            Ok(map) => {
+                *last = format!("{map:?}");
+                (map == want).then_some(())
+            }
+            Err(error) => {
+                *last = error;
+                None
+            }
+        },
+    );
+
+    // Not TOML: one line naming the file, and nothing written.
+    let broken = TempFile(temp_file("broken.toml", "[prod.orders\nmax_conn = = 1\n"));
+    let broken_arg = broken.0.to_str().expect("utf-8 temp path");
+    let output = config(a.addr, &["import", broken_arg]);
+    let line = assert_one_line_error(&output, "config import of invalid TOML");
+    assert!(line.contains(broken_arg), "the file is not named: {line}");
+
+    // A file that does not exist: likewise.
+    let missing = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("cli-{}-missing.toml", std::process::id()));
+    let missing_arg = missing.to_str().expect("utf-8 temp path");
+    let output = config(a.addr, &["import", missing_arg]);
+    let line = assert_one_line_error(&output, "config import of a missing file");
+    assert!(line.contains(missing_arg), "the file is not named: {line}");
+
+    assert_eq!(config_map(a.addr), Ok(want.clone()));
+    assert_eq!(config_map(b.addr), Ok(want));
+}
+
+#[test]
+fn config_watch_prints_one_line_per_change() {
+    let a = Agent::start("watch-a", &[]);
+    let b = Agent::start("watch-b", &[a.addr]);
+    let all = [&a, &b];
+    wait_all_alive(&all, &all);
+
+    let mut command = base_command();
+    command
+        .args(["config", "watch", "prod", "--agent", &b.addr.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut watcher = ChildGuard {
+        child: command.spawn().expect("cannot spawn config watch"),
+    };
+    let stdout = watcher.child.stdout.take().expect("watch stdout");
+    let (sender, lines) = std::sync::mpsc::channel::<String>();
+    let reader = thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    // Every line seen, and a way to wait for the next one matching `wanted`.
+    let mut seen: Vec<String> = Vec::new();
+    let mut wait_for = |what: &str, limit: Duration, wanted: &dyn Fn(&str) -> bool| -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = wanted(&line);
+                    seen.push(line);
+                    if found {
+                        return true;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return false,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "config watch closed its stdout while waiting for {what}; lines: {seen:?}"
+                    )
+                }
+            }
+        }
+    };
+
+    // The watch subscribes some time after the process starts: write a marker key through
+    // B (applied there at once) until the watch prints it.
+    const MARKER: &str = "prod/marker/ready";
+    let ready = Instant::now() + CONVERGE;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        config_ok(b.addr, &["set", MARKER, &attempt.to_string()]);
+        if wait_for("the marker", Duration::from_millis(300), &|l| {
+            l.contains(MARKER)
+        }) {
+            break;
+        }
+        if let Some(status) = watcher.try_wait() {
+            panic!("config watch exited early with {status}");
+        }
+        assert!(
+            Instant::now() < ready,
+            "config watch never printed the marker after {attempt} writes"
+        );
+    }
+
+    // The changes, written through A; each waited for on B's watch in turn, so that the
+    // order on the wire cannot merge two writes of one key into one.
+    config_ok(a.addr, &["set", "prod/a/x", "1"]);
+    assert!(
+        wait_for("set 1", CONVERGE, &|l| l.ends_with("set prod/a/x = 1")),
+        "no `set prod/a/x = 1` line"
+    );
+    config_ok(a.addr, &["set", "prod/a/x", "2"]);
+    assert!(
+        wait_for("set 2", CONVERGE, &|l| l.ends_with("set prod/a/x = 2")),
+        "no `set prod/a/x = 2` line"
+    );
+    config_ok(a.addr, &["set", "staging/a/y", "3"]);
+    config_ok(a.addr, &["del", "prod/a/x"]);
+    assert!(
+        wait_for("del", CONVERGE, &|l| l.ends_with("del prod/a/x")),
+        "no `del prod/a/x` line"
+    );
+    // The staging write has reached B, so the watch had its chance to (wrongly) print it.
+    wait_config_value(&b, "staging/a/y", Some("3"));
+    wait_for("nothing more", Duration::from_millis(500), &|_| false);
+
+    let seen_now = seen.clone();
+    let changes: Vec<&String> = seen_now.iter().filter(|l| !l.contains(MARKER)).collect();
+    assert_eq!(changes.len(), 3, "watch lines: {seen_now:?}");
+    let parsed: Vec<(u64, &str)> = changes
+        .iter()
+        .map(|line| {
+            let (seq, rest) = line
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("no sequence number in {line:?}"));
+            let seq = seq
+                .parse()
+                .unwrap_or_else(|_| panic!("sequence number of {line:?} is not a number"));
+            (seq, rest)
+        })
+        .collect();
+    let texts: Vec<&str> = parsed.iter().map(|(_, text)| *text).collect();
+    assert_eq!(
+        texts,
+        ["set prod/a/x = 1", "set prod/a/x = 2", "del prod/a/x"],
+        "watch lines: {seen_now:?}"
+    );
+    assert!(
+        parsed.windows(2).all(|w| w[0].0 < w[1].0),
+        "sequence numbers do not increase: {seen_now:?}"
+    );
+
+    // Interrupted, it ends, and so does its output.
+    watcher.child.kill().expect("kill config watch");
+    assert!(
+        watcher.wait_timeout(CLI_TIMEOUT).is_some(),
+        "config watch did not exit after SIGKILL"
+    );
+    reader.join().expect("watch reader thread");
+}
