@@ -47,6 +47,9 @@ pub enum Error {
     /// A configuration key or value was refused.
     #[error(transparent)]
     ConfigStore(#[from] crate::state::config::ConfigError),
+    /// An RPC call failed.
+    #[error(transparent)]
+    Rpc(#[from] crate::rpc::RpcError),
     /// A service registration was refused.
     #[error(transparent)]
     Catalog(#[from] crate::state::catalog::CatalogError),

@@ -23,6 +23,7 @@ pub mod error;
 pub mod membership;
 pub mod net;
 pub mod node;
+pub mod rpc;
 pub mod state;
 pub mod sync;
 pub mod wire;
@@ -33,4 +34,5 @@ pub use node::{
     CatalogHandle, Check, ConfigEvent, ConfigHandle, ConfigWatch, Instance, MemberEvents, Node,
     NodeBuilder, Query, ServiceHandle, ServiceSummary, ServiceWatch, StatsSnapshot,
 };
+pub use rpc::{AppError, LoadBalance, RpcError, RpcService, ServiceClient};
 pub use state::catalog::{Health, Service};

@@ -52,6 +52,18 @@ enum Command {
         #[arg(long, global = true, value_name = "IP:PORT", value_parser = parse_addr, default_value = "127.0.0.1:7946")]
         agent: SocketAddr,
     },
+    /// Measure round trips to a node with its built-in `grapevine.ping` RPC method.
+    Ping {
+        /// The node's address (its gossip/TCP port).
+        #[arg(value_name = "NODE_ADDR", value_parser = parse_addr)]
+        node: SocketAddr,
+        /// How many pings.
+        #[arg(long, short = 'c', default_value_t = 5)]
+        count: u32,
+        /// Pause between pings, in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        interval_ms: u64,
+    },
     /// Show a running agent's identity and traffic counters.
     Info {
         /// The agent to ask.
@@ -255,6 +267,11 @@ async fn run(cli: Cli) -> grapevine::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Config { command, agent } => config_command(command, agent).await,
+        Command::Ping {
+            node,
+            count,
+            interval_ms,
+        } => ping(node, count, Duration::from_millis(interval_ms)).await,
         Command::Info { agent, json } => {
             let info = control::info(agent).await?;
             if json {
@@ -321,6 +338,59 @@ fn print_services(instances: &[Instance]) {
             i.tags.join(",")
         );
     }
+}
+
+async fn ping(node: SocketAddr, count: u32, interval: Duration) -> grapevine::Result<ExitCode> {
+    use grapevine::node::rpc::Pong;
+    use grapevine::rpc::{Resolve, RpcClient};
+    // A bare client: no node of our own, nothing to resolve.
+    struct Nowhere;
+    impl Resolve for Nowhere {
+        fn resolve(&self, _: &str) -> Vec<grapevine::rpc::Endpoint> {
+            Vec::new()
+        }
+    }
+    let client = RpcClient::new(
+        grapevine::net::TokioTransport,
+        grapevine::node::rpc_preface(),
+        std::sync::Arc::new(Nowhere),
+        0,
+    );
+    let mut times = Vec::new();
+    for i in 0..count {
+        if i > 0 {
+            tokio::time::sleep(interval).await;
+        }
+        let started = std::time::Instant::now();
+        let pong: Pong = client
+            .call_addr(
+                node,
+                grapevine::rpc::BUILTIN_SERVICE,
+                "ping",
+                &(),
+                Duration::from_secs(5),
+            )
+            .await?;
+        let rtt = started.elapsed();
+        times.push(rtt);
+        println!(
+            "reply from {} ({node}): seq={i} time={:.3} ms",
+            pong.node,
+            rtt.as_secs_f64() * 1e3
+        );
+    }
+    if !times.is_empty() {
+        times.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        println!(
+            "{} pings: min {:.3} ms, median {:.3} ms, max {:.3} ms",
+            times.len(),
+            ms(times[0]),
+            ms(times[times.len() / 2]),
+            ms(times[times.len() - 1])
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn shown(value: &[u8]) -> String {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 mod driver;
 mod protocol;
+pub mod rpc;
 mod server;
 mod stats;
 
@@ -23,6 +24,11 @@ pub use catalog::{CatalogHandle, Instance, Query, ServiceSummary, ServiceWatch};
 pub use checks::{Check, ServiceHandle};
 pub use config::{ConfigEvent, ConfigHandle, ConfigWatch};
 pub use stats::StatsSnapshot;
+
+/// The first frame a client sends to open an RPC connection to a node's port.
+pub fn rpc_preface() -> bytes::Bytes {
+    protocol::rpc_preface()
+}
 
 use crate::error::{Error, Result};
 use crate::membership::{validate_name, Member, MemberEvent, Membership, NodeId, Profile};
@@ -56,6 +62,7 @@ pub(crate) struct Shared {
     pub(crate) state: SharedState,
     pub(crate) stats: Arc<stats::Stats>,
     pub(crate) allow_remote_control: bool,
+    pub(crate) rpc: Arc<crate::rpc::Registry>,
 }
 
 impl Shared {
@@ -242,7 +249,19 @@ impl NodeBuilder {
             state: state.clone(),
             stats: stats.clone(),
             allow_remote_control: self.allow_remote_control,
+            rpc: Arc::new(crate::rpc::Registry::default()),
         });
+        shared.rpc.add(rpc::builtin_service(shared.clone()));
+        let resolver = Arc::new(rpc::CatalogResolver {
+            catalog: shared.catalog(),
+            local_name: identity.name.clone(),
+        });
+        let rpc_client = crate::rpc::RpcClient::new(
+            transport.clone(),
+            protocol::rpc_preface(),
+            resolver,
+            rng_seed.rotate_left(29),
+        );
         let connect_through = transport.clone();
         let connector: Connector = Arc::new(move |addr| {
             let transport = connect_through.clone();
@@ -277,6 +296,7 @@ impl NodeBuilder {
             tasks: Mutex::new(tasks),
             checks: Mutex::new(BTreeMap::new()),
             connector,
+            rpc_client,
         })
     }
 }
@@ -311,6 +331,7 @@ pub struct Node {
     /// Health-check tasks by service id.
     checks: Mutex<BTreeMap<String, JoinHandle<()>>>,
     connector: Connector,
+    rpc_client: crate::rpc::RpcClient,
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -466,6 +487,11 @@ impl Node {
     /// Leaves the cluster gracefully (peers see this node as `left`, never `down`), then
     /// stops the node.
     pub async fn leave(&self) -> Result<()> {
+        // Refuse new calls (callers retry elsewhere) and let the running ones finish.
+        let unfinished = self.shared.rpc.drain(rpc::DRAIN_LIMIT).await;
+        if unfinished > 0 {
+            tracing::warn!(unfinished, "leaving with calls still running");
+        }
         let (done, finished) = oneshot::channel();
         self.shared
             .commands

@@ -31,6 +31,24 @@ pub(crate) enum Request {
     SyncPush(SyncPush),
     /// A command from the CLI or an operator.
     Control(ControlRequest),
+    /// Turns the connection into a persistent, multiplexed RPC connection.
+    Rpc {
+        /// RPC protocol version.
+        version: u8,
+    },
+}
+
+/// Version of the RPC protocol spoken after [`Request::Rpc`].
+pub(crate) const RPC_VERSION: u8 = 1;
+
+/// The first frame of every RPC connection.
+pub(crate) fn rpc_preface() -> bytes::Bytes {
+    // Encoding a two-field enum cannot fail or exceed the frame limit.
+    wire::encode_frame(&Request::Rpc {
+        version: RPC_VERSION,
+    })
+    .map(bytes::Bytes::from)
+    .unwrap_or_default()
 }
 
 /// What the node answers.

@@ -9,7 +9,7 @@ use tokio::task::JoinSet;
 
 use super::control::{ControlRequest, ControlResponse, NodeInfo};
 use super::driver::Command;
-use super::protocol::{within, Request, Response, MAX_REQUESTS_PER_CONNECTION};
+use super::protocol::{within, Request, Response, MAX_REQUESTS_PER_CONNECTION, RPC_VERSION};
 use super::stats::Stats;
 use super::Shared;
 use crate::error::{Error, Result};
@@ -18,7 +18,7 @@ use crate::sync;
 use crate::wire;
 
 /// Most TCP connections served at once; more are closed at once.
-pub(crate) const MAX_CONNECTIONS: usize = 256;
+pub(crate) const MAX_CONNECTIONS: usize = 1024;
 
 pub(crate) async fn serve<T: Transport>(listener: T::Listener, shared: Arc<Shared>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -57,7 +57,7 @@ pub(crate) async fn serve<T: Transport>(listener: T::Listener, shared: Arc<Share
 
 async fn handle<S>(stream: S, peer: SocketAddr, shared: &Shared) -> Result<()>
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let timeout = shared.view.borrow().profile.tcp_timeout();
     let mut framed = wire::framed(stream);
@@ -68,8 +68,16 @@ where
             None => return Ok(()),
         };
         let request: Request = wire::decode_frame(&frame)?;
-        if let Request::Control(ControlRequest::ConfigWatch { prefix }) = request {
-            return stream_config_watch(framed, peer, shared, prefix, timeout).await;
+        match request {
+            Request::Control(ControlRequest::ConfigWatch { prefix }) => {
+                return stream_config_watch(framed, peer, shared, prefix, timeout).await;
+            }
+            Request::Rpc { version } if version == RPC_VERSION => {
+                return crate::rpc::serve_connection(framed, shared.rpc.clone())
+                    .await
+                    .map_err(Error::Protocol);
+            }
+            _ => {}
         }
         let response = within(timeout, "answer", answer(request, peer, shared)).await?;
         let bytes = wire::encode_frame(&response)?;
@@ -176,6 +184,9 @@ async fn answer(request: Request, peer: SocketAddr, shared: &Shared) -> Result<R
                 let _ = shared.commands.try_send(Command::StateChanged);
             }
             Response::SyncPushed(reply)
+        }
+        Request::Rpc { version } => {
+            Response::Error(format!("unsupported RPC protocol version {version}"))
         }
         Request::Control(request) => {
             if control_allowed(shared, peer) {
