@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub mod faulty;
+#[cfg(feature = "sim")]
+pub mod turmoil_net;
 mod tokio_impl;
 
 pub use tokio_impl::TokioTransport;

@@ -1,0 +1,634 @@
+//! The membership of one simulated node, behind one interface with two implementations.
+//!
+//! - [`Core::Library`] is grapevine's own [`Membership`], exactly as the node driver uses it.
+//! - [`Core::Lean`] drives the same foca (same configuration from [`Profile::foca_config`],
+//!   same [`BincodeCodec`], same datagram envelope, same [`StateBroadcasts`] handler) with a
+//!   copy of `Membership`'s protocol logic (eager re-broadcast of news, identity renewal when
+//!   declared down, re-tuning as the cluster grows, leave notices, push-pull with the left
+//!   list) but without the member *view* that `Membership` rebuilds after every call. That
+//!   view is local book-keeping that never reaches the wire, and rebuilding it costs
+//!   O(n log n) with allocations per call and a second copy of the member list per node,
+//!   which is what keeps 10,000 library instances out of reach (see the README).
+//!
+//! Both put the same bytes on the wire in the same order: `tests/scenarios.rs` runs the same
+//! scenarios through both and asserts identical reports.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use foca::{AccumulatingRuntime, Foca, OwnedNotification, State, Timer};
+use grapevine::membership::{BincodeCodec, MemberEvent, Membership, NodeId, PushPull};
+use grapevine::membership::{Profile, MAX_BROADCAST_ITEM};
+use grapevine::sync::StateBroadcasts;
+use grapevine::wire::{self, DatagramKind, WireError};
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+
+/// Which implementation of the membership a simulation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wrapper {
+    /// grapevine's `Membership` (the code the node runs).
+    Library,
+    /// foca driven with `Membership`'s protocol logic but no member view (for 10k nodes).
+    Lean,
+}
+
+/// A change of a member's liveness the scenarios measure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Declared failed.
+    Down { name: String, generation: u64 },
+    /// Left gracefully.
+    Left { name: String, generation: u64 },
+}
+
+/// A push-pull state in flight, with its encoded size.
+pub enum Snapshot {
+    /// The library's own state.
+    Library(PushPull),
+    /// The lean wrapper's state, shared while it does not change.
+    Lean {
+        members: Arc<Vec<foca::Member<NodeId>>>,
+        left: Vec<NodeId>,
+        hash: u64,
+    },
+}
+
+impl Snapshot {
+    /// Bytes of the TCP frame carrying it: bincode of `PushPull`, one byte of request or
+    /// response tag, four bytes of length prefix.
+    pub fn frame_len(&self) -> usize {
+        let (members, left): (Box<dyn Iterator<Item = &foca::Member<NodeId>>>, &[NodeId]) =
+            match self {
+                Snapshot::Library(pp) => (Box::new(pp.members.iter()), &pp.left),
+                Snapshot::Lean { members, left, .. } => (Box::new(members.iter()), left),
+            };
+        let mut len = 0;
+        let mut count = 0;
+        for member in members {
+            len += member_len(member);
+            count += 1;
+        }
+        len += varint_len(count as u64) + varint_len(left.len() as u64);
+        len += left.iter().map(node_id_len).sum::<usize>();
+        len + 1 + 4
+    }
+}
+
+/// Length of an unsigned integer in bincode's standard (varint) encoding.
+pub fn varint_len(n: u64) -> usize {
+    match n {
+        0..=250 => 1,
+        251..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    }
+}
+
+fn socket_addr_len(addr: &SocketAddr) -> usize {
+    // serde's compact form: variant index, the octets, the port.
+    match addr {
+        SocketAddr::V4(a) => 1 + 4 + varint_len(u64::from(a.port())),
+        SocketAddr::V6(a) => 1 + 16 + varint_len(u64::from(a.port())),
+    }
+}
+
+fn node_id_len(id: &NodeId) -> usize {
+    varint_len(id.name.len() as u64)
+        + id.name.len()
+        + socket_addr_len(&id.addr)
+        + varint_len(id.generation)
+}
+
+fn member_len(member: &foca::Member<NodeId>) -> usize {
+    node_id_len(member.id()) + varint_len(u64::from(member.incarnation())) + 1
+}
+
+/// A 64-bit hash of one member state; summed (wrapping) it hashes a set in any order.
+fn member_hash(member: &foca::Member<NodeId>) -> u64 {
+    let id = member.id();
+    let mut h = 0x9e37_79b9_7f4a_7c15u64;
+    for &b in id.name.as_bytes() {
+        h = mix(h ^ u64::from(b));
+    }
+    let addr = match id.addr {
+        SocketAddr::V4(a) => (u64::from(u32::from(*a.ip())) << 16) | u64::from(a.port()),
+        SocketAddr::V6(a) => {
+            (u128::from(*a.ip()) as u64)
+                ^ ((u128::from(*a.ip()) >> 64) as u64)
+                ^ u64::from(a.port())
+        }
+    };
+    h = mix(h ^ addr);
+    h = mix(h ^ id.generation);
+    let state = match member.state() {
+        State::Alive => 0u64,
+        State::Suspect => 1,
+        State::Down => 2,
+    };
+    mix(h ^ (u64::from(member.incarnation()) << 2 | state))
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Membership of one node.
+pub enum Core {
+    /// grapevine's `Membership`.
+    Library(Box<Membership<StateBroadcasts>>),
+    /// The lean wrapper.
+    Lean(Box<Lean>),
+}
+
+impl Core {
+    /// A node's membership.
+    pub fn new(
+        wrapper: Wrapper,
+        identity: NodeId,
+        profile: Profile,
+        seed: u64,
+        now: Instant,
+        handler: StateBroadcasts,
+    ) -> Self {
+        match wrapper {
+            Wrapper::Library => Core::Library(Box::new(Membership::with_broadcasts(
+                identity, profile, seed, now, handler,
+            ))),
+            Wrapper::Lean => Core::Lean(Box::new(Lean::new(identity, profile, seed, handler))),
+        }
+    }
+
+    /// Current identity.
+    pub fn identity(&self) -> &NodeId {
+        match self {
+            Core::Library(m) => m.identity(),
+            Core::Lean(l) => l.foca.identity(),
+        }
+    }
+
+    /// Live peers.
+    pub fn num_active_peers(&self) -> usize {
+        match self {
+            Core::Library(m) => m.num_active_peers(),
+            Core::Lean(l) => l.foca.num_members(),
+        }
+    }
+
+    /// The `k`-th live peer address in address order (what the driver's random choice
+    /// indexes), or `None` without peers. `k` is taken modulo the number of peers.
+    pub fn active_peer(&self, pick: impl FnOnce(usize) -> usize) -> Option<SocketAddr> {
+        match self {
+            Core::Library(m) => {
+                let peers = m.active_peer_addrs();
+                if peers.is_empty() {
+                    return None;
+                }
+                Some(peers[pick(peers.len())])
+            }
+            Core::Lean(l) => {
+                let mut peers: Vec<SocketAddr> =
+                    l.foca.iter_members().map(|m| m.id().addr).collect();
+                if peers.is_empty() {
+                    return None;
+                }
+                let k = pick(peers.len());
+                let (_, nth, _) = peers.select_nth_unstable(k);
+                Some(*nth)
+            }
+        }
+    }
+
+    /// Calls `f(name, generation)` for every live peer.
+    pub fn for_each_active(&self, mut f: impl FnMut(&str, u64)) {
+        match self {
+            Core::Library(m) => {
+                let me = &m.identity().name;
+                for member in m.members() {
+                    if member.status.is_active() && member.name != *me {
+                        f(&member.name, member.generation);
+                    }
+                }
+            }
+            Core::Lean(l) => {
+                for member in l.foca.iter_members() {
+                    f(&member.id().name, member.id().generation);
+                }
+            }
+        }
+    }
+
+    /// Asks the node at `addr` to let this node in.
+    pub fn announce_to(&mut self, addr: SocketAddr, now: Instant) {
+        let _ = match self {
+            Core::Library(m) => m.announce_to(addr, now).map_err(|e| e.to_string()),
+            Core::Lean(l) => l.announce_to(addr, now),
+        };
+    }
+
+    /// One received datagram. `false` if it was rejected.
+    pub fn handle_datagram(&mut self, datagram: &[u8], now: Instant) -> bool {
+        match self {
+            Core::Library(m) => m.handle_datagram(datagram, now).is_ok(),
+            Core::Lean(l) => l.handle_datagram(datagram, now).is_ok(),
+        }
+    }
+
+    /// Queues a custom broadcast.
+    pub fn add_broadcast(&mut self, item: &[u8], now: Instant) {
+        let _ = match self {
+            Core::Library(m) => m
+                .add_broadcast(item, now)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Core::Lean(l) => l.add_broadcast(item, now),
+        };
+    }
+
+    /// Earliest pending timer.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match self {
+            Core::Library(m) => m.next_deadline(),
+            Core::Lean(l) => l.timers.peek().map(|Reverse(t)| t.deadline),
+        }
+    }
+
+    /// Fires the timers due at `now`.
+    pub fn handle_due_timers(&mut self, now: Instant) {
+        match self {
+            Core::Library(m) => m.handle_due_timers(now),
+            Core::Lean(l) => l.handle_due_timers(now),
+        }
+    }
+
+    /// Leaves gracefully.
+    pub fn leave(&mut self, now: Instant) {
+        let _ = match self {
+            Core::Library(m) => m.leave(now).map_err(|e| e.to_string()),
+            Core::Lean(l) => l.leave(now),
+        };
+    }
+
+    /// State for a push-pull exchange (`cache` shares equal states between nodes).
+    pub fn push_pull_state(&mut self, cache: &mut SnapshotCache) -> Snapshot {
+        match self {
+            Core::Library(m) => Snapshot::Library(m.push_pull_state()),
+            Core::Lean(l) => l.push_pull_state(cache),
+        }
+    }
+
+    /// Merges a peer's push-pull state.
+    pub fn apply_push_pull(&mut self, state: Snapshot, now: Instant) {
+        match (self, state) {
+            (Core::Library(m), Snapshot::Library(pp)) => {
+                let _ = m.apply_push_pull(pp, now);
+            }
+            (Core::Lean(l), Snapshot::Lean { members, left, .. }) => {
+                l.apply_push_pull(&members, left, now)
+            }
+            // Every node of a simulation runs the same wrapper.
+            _ => unreachable!("push-pull between different wrappers"),
+        }
+    }
+
+    /// Takes the datagrams to send.
+    pub fn drain_outbox(&mut self, out: &mut Vec<(SocketAddr, Vec<u8>)>) {
+        match self {
+            Core::Library(m) => out.extend(m.drain_outbox()),
+            Core::Lean(l) => out.append(&mut l.outbox),
+        }
+    }
+
+    /// Takes the liveness changes seen since the last call.
+    pub fn drain_changes(&mut self, out: &mut Vec<Change>) {
+        match self {
+            Core::Library(m) => {
+                for event in m.drain_events() {
+                    match event {
+                        MemberEvent::Down(m) => out.push(Change::Down {
+                            name: m.name,
+                            generation: m.generation,
+                        }),
+                        MemberEvent::Left(m) => out.push(Change::Left {
+                            name: m.name,
+                            generation: m.generation,
+                        }),
+                        _ => {}
+                    }
+                }
+            }
+            Core::Lean(l) => out.append(&mut l.changes),
+        }
+    }
+}
+
+struct ScheduledTimer {
+    deadline: Instant,
+    seq: u64,
+    timer: Timer<NodeId>,
+}
+
+impl PartialEq for ScheduledTimer {
+    fn eq(&self, other: &Self) -> bool {
+        (self.deadline, self.seq) == (other.deadline, other.seq)
+    }
+}
+impl Eq for ScheduledTimer {}
+impl PartialOrd for ScheduledTimer {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for ScheduledTimer {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.deadline, self.seq).cmp(&(other.deadline, other.seq))
+    }
+}
+
+/// foca with `Membership`'s protocol logic and no member view. Every method mirrors the
+/// method of the same name in `grapevine::membership::Membership`.
+pub struct Lean {
+    foca: Foca<NodeId, BincodeCodec, SmallRng, StateBroadcasts>,
+    runtime: AccumulatingRuntime<NodeId>,
+    profile: Profile,
+    tuned_for: usize,
+    timers: BinaryHeap<Reverse<ScheduledTimer>>,
+    timer_seq: u64,
+    left: VecDeque<NodeId>,
+    changes: Vec<Change>,
+    outbox: Vec<(SocketAddr, Vec<u8>)>,
+    leaving: bool,
+}
+
+/// Push-pull states shared between nodes: in a settled cluster most nodes hold the same
+/// member set, so one copy serves them all. Keyed by the set hash; a few entries kept.
+#[derive(Default)]
+pub struct SnapshotCache {
+    entries: VecDeque<(u64, Arc<Vec<foca::Member<NodeId>>>)>,
+}
+
+impl SnapshotCache {
+    const KEEP: usize = 8;
+
+    fn get_or_make(
+        &mut self,
+        hash: u64,
+        make: impl FnOnce() -> Vec<foca::Member<NodeId>>,
+    ) -> Arc<Vec<foca::Member<NodeId>>> {
+        if let Some((_, members)) = self.entries.iter().find(|(h, _)| *h == hash) {
+            return members.clone();
+        }
+        let members = Arc::new(make());
+        self.entries.push_back((hash, members.clone()));
+        if self.entries.len() > Self::KEEP {
+            self.entries.pop_front();
+        }
+        members
+    }
+}
+
+/// Same bound as `Membership`.
+const MAX_LEFT_REMEMBERED: usize = 4096;
+
+impl Lean {
+    fn new(identity: NodeId, profile: Profile, seed: u64, handler: StateBroadcasts) -> Self {
+        Lean {
+            foca: Foca::with_custom_broadcast(
+                identity,
+                profile.foca_config(1),
+                SmallRng::seed_from_u64(seed),
+                BincodeCodec::default(),
+                handler,
+            ),
+            runtime: AccumulatingRuntime::new(),
+            profile,
+            tuned_for: 1,
+            timers: BinaryHeap::new(),
+            timer_seq: 0,
+            left: VecDeque::new(),
+            changes: Vec::new(),
+            outbox: Vec::new(),
+            leaving: false,
+        }
+    }
+
+    fn announce_to(&mut self, addr: SocketAddr, now: Instant) -> Result<(), String> {
+        let seed = NodeId {
+            name: String::new(),
+            addr,
+            generation: 0,
+        };
+        let result = self.foca.announce(seed, &mut self.runtime);
+        self.after_call(now);
+        result.map_err(|e| e.to_string())
+    }
+
+    fn handle_datagram(&mut self, datagram: &[u8], now: Instant) -> Result<(), String> {
+        let (kind, payload) = wire::open_datagram(datagram).map_err(|e| e.to_string())?;
+        match kind {
+            DatagramKind::Swim => {
+                let backlog = self.foca.custom_broadcast_backlog();
+                let result = self.foca.handle_data(payload, &mut self.runtime);
+                if self.foca.custom_broadcast_backlog() > backlog {
+                    let _ = self.foca.broadcast(&mut self.runtime);
+                }
+                self.after_call(now);
+                result.map_err(|e| e.to_string())?;
+            }
+            DatagramKind::Leave => {
+                let (leaver, used): (NodeId, usize) =
+                    wire::decode_datagram_prefix(payload).map_err(|e| e.to_string())?;
+                if used != payload.len() {
+                    return Err(WireError::Trailing(payload.len() - used).to_string());
+                }
+                self.remember_left(leaver);
+            }
+        }
+        Ok(())
+    }
+
+    fn add_broadcast(&mut self, item: &[u8], now: Instant) -> Result<(), String> {
+        if item.len() > MAX_BROADCAST_ITEM {
+            return Err("broadcast item too large".into());
+        }
+        let added = self.foca.add_broadcast(item).map_err(|e| e.to_string())?;
+        if added {
+            let result = self.foca.broadcast(&mut self.runtime);
+            self.after_call(now);
+            result.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn handle_due_timers(&mut self, now: Instant) {
+        while let Some(Reverse(next)) = self.timers.peek() {
+            if next.deadline > now {
+                break;
+            }
+            let Some(Reverse(due)) = self.timers.pop() else {
+                break;
+            };
+            let _ = self.foca.handle_timer(due.timer, &mut self.runtime);
+            self.after_call(now);
+        }
+    }
+
+    fn active_peer_addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs: Vec<_> = self.foca.iter_members().map(|m| m.id().addr).collect();
+        addrs.sort();
+        addrs
+    }
+
+    fn leave(&mut self, now: Instant) -> Result<(), String> {
+        let me = self.foca.identity().clone();
+        let mut notice = Vec::with_capacity(wire::MAX_DATAGRAM);
+        wire::begin_datagram(DatagramKind::Leave, &mut notice);
+        wire::encode_datagram_into(&me, &mut notice, wire::MAX_DATAGRAM)
+            .map_err(|e| e.to_string())?;
+        for addr in self.active_peer_addrs() {
+            self.outbox.push((addr, notice.clone()));
+        }
+        self.leaving = true;
+        self.remember_left(me);
+        let result = self.foca.leave_cluster(&mut self.runtime);
+        self.after_call(now);
+        result.map_err(|e| e.to_string())
+    }
+
+    /// The set hash of what `push_pull_state` would send.
+    fn state_hash(&self) -> u64 {
+        let mut hash = 0u64;
+        for member in self.foca.iter_membership_state() {
+            hash = hash.wrapping_add(member_hash(member));
+        }
+        if !self.leaving {
+            hash = hash.wrapping_add(member_hash(&foca::Member::alive(
+                self.foca.identity().clone(),
+            )));
+        }
+        hash
+    }
+
+    fn push_pull_state(&mut self, cache: &mut SnapshotCache) -> Snapshot {
+        let hash = self.state_hash();
+        let members = cache.get_or_make(hash, || {
+            let mut members: Vec<_> = self.foca.iter_membership_state().cloned().collect();
+            if !self.leaving {
+                members.push(foca::Member::alive(self.foca.identity().clone()));
+            }
+            members
+        });
+        Snapshot::Lean {
+            members,
+            left: self.left.iter().cloned().collect(),
+            hash,
+        }
+    }
+
+    /// `Membership::apply_push_pull`, minus the updates that equal what this node holds
+    /// already: foca treats those as no-ops (no state change, no notification, no
+    /// randomness), and skipping them turns an O(n²) merge into O(n).
+    fn apply_push_pull(
+        &mut self,
+        members: &[foca::Member<NodeId>],
+        left: Vec<NodeId>,
+        now: Instant,
+    ) {
+        for leaver in left {
+            self.remember_left(leaver);
+        }
+        let mine: HashSet<u64> = self
+            .foca
+            .iter_membership_state()
+            .map(member_hash)
+            .chain(
+                (!self.leaving)
+                    .then(|| member_hash(&foca::Member::alive(self.foca.identity().clone()))),
+            )
+            .collect();
+        let news: Vec<foca::Member<NodeId>> = members
+            .iter()
+            .filter(|m| !mine.contains(&member_hash(m)))
+            .cloned()
+            .collect();
+        let _ = self
+            .foca
+            .apply_many(news.into_iter(), false, &mut self.runtime);
+        self.after_call(now);
+    }
+
+    fn remember_left(&mut self, id: NodeId) {
+        if !self.left.contains(&id) {
+            if self.left.len() >= MAX_LEFT_REMEMBERED {
+                self.left.pop_front();
+            }
+            // The view turns a member already down into a left one.
+            let down_already = self
+                .foca
+                .iter_membership_state()
+                .any(|m| m.id() == &id && m.state() == State::Down);
+            if down_already {
+                self.changes.push(Change::Left {
+                    name: id.name.clone(),
+                    generation: id.generation,
+                });
+            }
+            self.left.push_back(id);
+        }
+    }
+
+    fn after_call(&mut self, now: Instant) {
+        while let Some((to, data)) = self.runtime.to_send() {
+            let mut datagram = Vec::with_capacity(wire::ENVELOPE_LEN + data.len());
+            wire::begin_datagram(DatagramKind::Swim, &mut datagram);
+            datagram.extend_from_slice(&data);
+            self.outbox.push((to.addr, datagram));
+        }
+        while let Some((after, timer)) = self.runtime.to_schedule() {
+            self.timer_seq += 1;
+            self.timers.push(Reverse(ScheduledTimer {
+                deadline: now + after,
+                seq: self.timer_seq,
+                timer,
+            }));
+        }
+        let mut defunct = false;
+        while let Some(notification) = self.runtime.to_notify() {
+            match notification {
+                OwnedNotification::Defunct => defunct = true,
+                OwnedNotification::MemberDown(id) => {
+                    let change = if self.left.contains(&id) {
+                        Change::Left {
+                            name: id.name,
+                            generation: id.generation,
+                        }
+                    } else {
+                        Change::Down {
+                            name: id.name,
+                            generation: id.generation,
+                        }
+                    };
+                    self.changes.push(change);
+                }
+                _ => {}
+            }
+        }
+        if defunct && !self.leaving {
+            if let Some(renewed) = foca::Identity::renew(self.foca.identity()) {
+                let _ = self.foca.change_identity(renewed, &mut self.runtime);
+                return self.after_call(now);
+            }
+        }
+        let size = self.foca.num_members() + 1;
+        if size > self.tuned_for * 2 || size * 2 < self.tuned_for {
+            let _ = self.foca.set_config(self.profile.foca_config(size));
+            self.tuned_for = size;
+        }
+    }
+}
