@@ -20,6 +20,8 @@
 
 pub mod agent;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod membership;
 pub mod net;
 pub mod node;

@@ -64,6 +64,17 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         interval_ms: u64,
     },
+    /// Print a new random encryption key (base64) for --encrypt or a keyring file.
+    Keygen,
+    /// List or rotate the encryption keys of the whole cluster through a running agent:
+    /// install the new key everywhere, then use it, then remove the old one.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+        /// The agent to talk to.
+        #[arg(long, global = true, value_name = "IP:PORT", value_parser = parse_addr, default_value = "127.0.0.1:7946")]
+        agent: SocketAddr,
+    },
     /// Show a running agent's identity and traffic counters.
     Info {
         /// The agent to ask.
@@ -72,6 +83,27 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// The keys of every live member, and how many members hold each.
+    List,
+    /// Add KEY to every member's keyring (used for receiving only).
+    Install {
+        /// A base64 key from `grapevine keygen`.
+        key: String,
+    },
+    /// Make KEY (installed everywhere) the key every member seals with.
+    Use {
+        /// The key.
+        key: String,
+    },
+    /// Remove KEY from every member (refused for a primary key).
+    Remove {
+        /// The key.
+        key: String,
     },
 }
 
@@ -146,6 +178,16 @@ struct AgentArgs {
     /// the precedence rules).
     #[arg(long, value_name = "FILE.toml")]
     config_file: Option<std::path::PathBuf>,
+    /// Encrypt all traffic with this base64 key (from `grapevine keygen`).
+    #[arg(long, value_name = "KEY", conflicts_with = "keyring")]
+    encrypt: Option<String>,
+    /// Encrypt with the keys of this JSON file (an array of base64 keys, primary first);
+    /// rotations are saved back to it.
+    #[arg(long, value_name = "FILE")]
+    keyring: Option<std::path::PathBuf>,
+    /// Label bound into every sealed message: clusters with different labels never mix.
+    #[arg(long, default_value = grapevine::node::DEFAULT_CLUSTER_LABEL)]
+    cluster_label: String,
 }
 
 fn parse_service(text: &str) -> Result<Service, String> {
@@ -267,6 +309,13 @@ async fn run(cli: Cli) -> grapevine::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Config { command, agent } => config_command(command, agent).await,
+        Command::Keygen => {
+            let key = grapevine::net::sealed::Key::generate()
+                .map_err(|error| grapevine::Error::Config(error.to_string()))?;
+            println!("{}", key.to_base64());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys { command, agent } => keys_command(command, agent).await,
         Command::Ping {
             node,
             count,
@@ -393,6 +442,48 @@ async fn ping(node: SocketAddr, count: u32, interval: Duration) -> grapevine::Re
     Ok(ExitCode::SUCCESS)
 }
 
+async fn keys_command(command: KeysCommand, agent: SocketAddr) -> grapevine::Result<ExitCode> {
+    use control::{expect, ControlRequest as Req, ControlResponse as Resp, KeyOp};
+    let (op, verb) = match command {
+        KeysCommand::List => (KeyOp::List, "listed"),
+        KeysCommand::Install { key } => (KeyOp::Install(key), "installed"),
+        KeysCommand::Use { key } => (KeyOp::Use(key), "now used"),
+        KeysCommand::Remove { key } => (KeyOp::Remove(key), "removed"),
+    };
+    let listing = op == KeyOp::List;
+    let report = expect(agent, Req::Keys { op, cluster: true }, |r| match r {
+        Resp::Keys(report) => Some(report),
+        _ => None,
+    })
+    .await?;
+    let total = report.applied.len() + report.failed.len();
+    if listing {
+        let mut holders: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+        for (_, keys) in &report.applied {
+            for (i, key) in keys.iter().enumerate() {
+                let entry = holders.entry(key).or_default();
+                entry.0 += 1;
+                if i == 0 {
+                    entry.1 += 1;
+                }
+            }
+        }
+        for (key, (held, primary)) in holders {
+            println!("{key}  held by {held}/{total} nodes, primary on {primary}");
+        }
+    } else {
+        println!("key {verb} on {}/{total} nodes", report.applied.len());
+    }
+    for (node, reason) in &report.failed {
+        eprintln!("error: {node}: {reason}");
+    }
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn shown(value: &[u8]) -> String {
     String::from_utf8_lossy(value).into_owned()
 }
@@ -515,7 +606,27 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
     if let Some(advertise) = args.advertise {
         builder = builder.advertise(advertise);
     }
+    use grapevine::net::sealed::{Key, Keyring};
+    let keyring = match (&args.encrypt, &args.keyring) {
+        (Some(key), _) => {
+            Some(Keyring::new(Key::from_base64(key).map_err(|e| {
+                grapevine::Error::Config(format!("--encrypt: {e}"))
+            })?))
+        }
+        (None, Some(path)) => Some(
+            Keyring::load(path).map_err(|e| grapevine::Error::Config(format!("--keyring: {e}")))?,
+        ),
+        (None, None) => None,
+    };
+    if let Some(keyring) = keyring {
+        builder = builder
+            .keyring(keyring)
+            .cluster_label(args.cluster_label.clone());
+    }
     let node = builder.start().await?;
+    if let Some(path) = &args.keyring {
+        node.persist_keys_to(path.clone());
+    }
     let check_interval = match args.profile {
         Profile::Local => Duration::from_secs(1),
         Profile::Lan => Duration::from_secs(5),

@@ -14,6 +14,8 @@ struct SimNet {
     crashed: BTreeSet<SocketAddr>,
     in_flight: Vec<(Instant, SocketAddr, Vec<u8>)>,
     events: Vec<(Duration, String, MemberEvent)>,
+    /// Every datagram delivered, for replay attacks.
+    delivered: Vec<(SocketAddr, Vec<u8>)>,
 }
 
 impl SimNet {
@@ -39,6 +41,7 @@ impl SimNet {
             crashed: BTreeSet::new(),
             in_flight: Vec::new(),
             events: Vec::new(),
+            delivered: Vec::new(),
         }
     }
 
@@ -92,6 +95,7 @@ impl SimNet {
                 }
                 if let Some(node) = self.nodes.get_mut(&to) {
                     let _ = node.handle_datagram(&datagram, now);
+                    self.delivered.push((to, datagram));
                 }
             }
             for (addr, node) in self.nodes.iter_mut() {
@@ -219,4 +223,48 @@ fn hostile_datagrams_are_rejected_without_panic() {
     assert_eq!(node.members().len(), 1);
     assert!(node.handle_datagram(&[0x47, 1, 0], now).is_err());
     assert!(node.handle_datagram(&[0x47, 1, 9, 1, 2], now).is_err());
+}
+
+#[test]
+fn replayed_datagrams_do_not_undo_membership() {
+    let mut net = SimNet::new(6, 23);
+    join_all(&mut net, 6);
+    net.run_for(Duration::from_secs(8));
+    let now = net.now;
+    net.nodes
+        .get_mut(&SimNet::addr(5))
+        .unwrap()
+        .leave(now)
+        .unwrap();
+    net.collect();
+    net.crashed.insert(SimNet::addr(5));
+    net.crashed.insert(SimNet::addr(4));
+    net.run_for(Duration::from_secs(10));
+    let before = net.statuses(SimNet::addr(0));
+    assert_eq!(before["n4"], MemberStatus::Down);
+    assert_eq!(before["n5"], MemberStatus::Left);
+    // An attacker replays every datagram ever seen, at every live node, twice.
+    let recorded = net.delivered.clone();
+    for _ in 0..2 {
+        for (_, datagram) in &recorded {
+            for i in 0..4 {
+                let now = net.now;
+                let node = net.nodes.get_mut(&SimNet::addr(i)).unwrap();
+                let _ = node.handle_datagram(datagram, now);
+            }
+        }
+        net.run_for(Duration::from_secs(5));
+    }
+    for i in 0..4 {
+        let after = net.statuses(SimNet::addr(i));
+        assert_eq!(after["n4"], MemberStatus::Down, "node {i}: {after:?}");
+        assert_eq!(after["n5"], MemberStatus::Left, "node {i}: {after:?}");
+        for j in 0..4 {
+            assert_eq!(
+                after[&format!("n{j}")],
+                MemberStatus::Alive,
+                "node {i}: {after:?}"
+            );
+        }
+    }
 }

@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub mod faulty;
 #[cfg(feature = "sim")]
 pub mod turmoil_net;
+pub mod sealed;
 mod tokio_impl;
 
 pub use tokio_impl::TokioTransport;
@@ -60,4 +61,26 @@ pub trait Transport: Clone + Send + Sync + 'static {
         -> impl Future<Output = io::Result<Self::Listener>> + Send;
     /// Opens a TCP connection.
     fn connect(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+
+    /// Readies an accepted stream (e.g. runs an encryption handshake); called in the
+    /// connection's own task, under a timeout, never in the accept loop.
+    fn prepare_accepted(
+        &self,
+        stream: Self::Stream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = io::Result<Self::Stream>> + Send {
+        let _ = peer;
+        async move { Ok(stream) }
+    }
+
+    /// Whether the peer of `stream` proved it holds the cluster's key.
+    fn is_authenticated(stream: &Self::Stream) -> bool {
+        let _ = stream;
+        false
+    }
+
+    /// The encryption state, when the transport seals traffic.
+    fn security(&self) -> Option<&std::sync::Arc<sealed::Security>> {
+        None
+    }
 }

@@ -11,6 +11,7 @@ use super::protocol::{exchange, Request, Response};
 use super::stats::StatsSnapshot;
 use crate::error::{Error, Result};
 use crate::membership::{Member, Profile};
+use crate::net::sealed::{Key, KeyError, Keyring};
 use crate::net::TokioTransport;
 
 /// A command for a running node.
@@ -57,6 +58,47 @@ pub enum ControlRequest {
         /// Path prefix.
         prefix: String,
     },
+    /// Inspect or change keyrings: this node's, or (with `cluster`) every live member's.
+    Keys {
+        /// What to do.
+        op: KeyOp,
+        /// Also on every other live member (as `grapevine keys` does).
+        cluster: bool,
+    },
+}
+
+/// A keyring operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyOp {
+    /// Report the keys.
+    List,
+    /// Add a key (base64) for receiving.
+    Install(String),
+    /// Make an installed key (base64) the primary.
+    Use(String),
+    /// Remove a secondary key (base64).
+    Remove(String),
+}
+
+impl KeyOp {
+    /// Applies the operation to `ring`.
+    pub fn apply(&self, ring: &mut Keyring) -> Result<(), KeyError> {
+        match self {
+            KeyOp::List => Ok(()),
+            KeyOp::Install(key) => ring.install(Key::from_base64(key)?),
+            KeyOp::Use(key) => ring.use_key(&Key::from_base64(key)?),
+            KeyOp::Remove(key) => ring.remove(&Key::from_base64(key)?),
+        }
+    }
+}
+
+/// The outcome of a keyring operation on each node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeysReport {
+    /// Nodes that applied it, with their keys (base64, primary first).
+    pub applied: Vec<(String, Vec<String>)>,
+    /// Nodes that refused or could not be reached, with the reason.
+    pub failed: Vec<(String, String)>,
 }
 
 /// A node's answer to a [`ControlRequest`].
@@ -81,6 +123,8 @@ pub enum ControlResponse {
     ConfigEntries(Vec<(String, Vec<u8>)>),
     /// One event of a [`ControlRequest::ConfigWatch`] stream.
     ConfigEvent(ConfigEvent),
+    /// Answer to [`ControlRequest::Keys`].
+    Keys(KeysReport),
     /// The request was refused.
     Refused(String),
 }

@@ -72,6 +72,8 @@ pub(crate) enum Command {
 enum Outcome {
     Members(PushPull),
     Synced,
+    /// A join attempt through a seed failed.
+    JoinFailed(SocketAddr, Error),
 }
 
 pub(crate) struct Driver<T: Transport> {
@@ -90,7 +92,12 @@ pub(crate) struct Driver<T: Transport> {
     pub(crate) seeds: Vec<SocketAddr>,
     pub(crate) rng: SmallRng,
     pub(crate) profile: Profile,
+    /// Peers whose refusals were already logged.
+    pub(crate) warned: std::collections::BTreeSet<SocketAddr>,
 }
+
+/// Peers remembered for "logged once" refusals.
+const MAX_WARNED: usize = 1024;
 
 /// Book-keeping of the driver loop.
 #[derive(Default)]
@@ -162,6 +169,10 @@ impl<T: Transport> Driver<T> {
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => match joined {
                     Ok(Ok(Outcome::Members(state))) => self.apply_push_pull(state),
                     Ok(Ok(Outcome::Synced)) => {}
+                    Ok(Ok(Outcome::JoinFailed(seed, error))) => {
+                        Stats::add(&self.stats.sync_failed, 1);
+                        self.warn_once(seed, "cannot join through seed", &error);
+                    }
                     Ok(Err(error)) => {
                         Stats::add(&self.stats.sync_failed, 1);
                         tracing::debug!(%error, "tcp exchange failed");
@@ -321,7 +332,14 @@ impl<T: Transport> Driver<T> {
         Stats::add(&self.stats.udp_received_bytes, datagram.len() as u64);
         if let Err(error) = self.membership.handle_datagram(datagram, now()) {
             Stats::add(&self.stats.udp_dropped, 1);
-            tracing::debug!(%from, %error, "dropped datagram");
+            if matches!(
+                error,
+                crate::membership::MembershipError::Wire(crate::wire::WireError::Sealed)
+            ) {
+                self.warn_once(from, "refusing datagrams", &error);
+            } else {
+                tracing::debug!(%from, %error, "dropped datagram");
+            }
         }
         // Hints of changes too big to gossip: fetch them from their owner.
         let behind = sync::lock(&self.state).take_behind();
@@ -336,6 +354,13 @@ impl<T: Transport> Driver<T> {
                     self.start_sync(member.addr, tasks);
                 }
             }
+        }
+    }
+
+    /// Logs a refusal the first time it happens with a peer.
+    fn warn_once(&mut self, peer: SocketAddr, what: &str, error: &dyn std::fmt::Display) {
+        if self.warned.len() < MAX_WARNED && self.warned.insert(peer) {
+            tracing::warn!(%peer, %error, "{what} (logged once per peer)");
         }
     }
 
@@ -361,7 +386,7 @@ impl<T: Transport> Driver<T> {
         let seed = seeds[progress.seed_cursor % seeds.len()];
         progress.seed_cursor = progress.seed_cursor.wrapping_add(1);
         tracing::debug!(%seed, "joining through seed");
-        self.start_push_pull(seed, tasks);
+        self.start_push_pull_with(seed, tasks, true);
     }
 
     fn random_peer(&mut self) -> Option<SocketAddr> {
@@ -379,6 +404,17 @@ impl<T: Transport> Driver<T> {
     }
 
     fn start_push_pull(&mut self, peer: SocketAddr, tasks: &mut JoinSet<Result<Outcome>>) {
+        self.start_push_pull_with(peer, tasks, false);
+    }
+
+    /// A push-pull with `peer`; for a seed we are joining through, a failure is reported
+    /// as such so that its reason is logged.
+    fn start_push_pull_with(
+        &mut self,
+        peer: SocketAddr,
+        tasks: &mut JoinSet<Result<Outcome>>,
+        joining: bool,
+    ) {
         if tasks.len() >= MAX_OUTBOUND {
             return;
         }
@@ -387,11 +423,19 @@ impl<T: Transport> Driver<T> {
         let timeout = self.profile.tcp_timeout();
         let stats = self.stats.clone();
         tasks.spawn(async move {
-            let (response, bytes) = exchange(&transport, peer, &request, timeout).await?;
-            Stats::add(&stats.tcp_bytes, bytes);
-            match response {
-                Response::PushPull(state) => Ok(Outcome::Members(state)),
-                other => Err(Error::Protocol(format!("{other:?} answered a push-pull"))),
+            let result = async {
+                let (response, bytes) = exchange(&transport, peer, &request, timeout).await?;
+                Stats::add(&stats.tcp_bytes, bytes);
+                match response {
+                    Response::PushPull(state) => Ok(Outcome::Members(state)),
+                    Response::Error(message) => Err(Error::Remote(message)),
+                    other => Err(Error::Protocol(format!("{other:?} answered a push-pull"))),
+                }
+            }
+            .await;
+            match result {
+                Err(error) if joining => Ok(Outcome::JoinFailed(peer, error)),
+                other => other,
             }
         });
     }

@@ -25,6 +25,12 @@ pub use checks::{Check, ServiceHandle};
 pub use config::{ConfigEvent, ConfigHandle, ConfigWatch};
 pub use stats::StatsSnapshot;
 
+/// Decodes a request frame as a node's TCP port does (for fuzzing).
+#[doc(hidden)]
+pub fn decode_request_for_fuzzing(bytes: &[u8]) -> bool {
+    crate::wire::decode_frame::<protocol::Request>(bytes).is_ok()
+}
+
 /// The first frame a client sends to open an RPC connection to a node's port.
 pub fn rpc_preface() -> bytes::Bytes {
     protocol::rpc_preface()
@@ -32,7 +38,11 @@ pub fn rpc_preface() -> bytes::Bytes {
 
 use crate::error::{Error, Result};
 use crate::membership::{validate_name, Member, MemberEvent, Membership, NodeId, Profile};
+use crate::net::sealed::{Keyring, SecureTransport, Security};
 use crate::net::{Listener, TokioTransport, Transport, UdpSocket};
+
+/// Cluster label used when none is given.
+pub const DEFAULT_CLUSTER_LABEL: &str = "grapevine";
 use crate::state::catalog::{Health, Service, ServiceRecord};
 use crate::state::config::ConfigStoreOptions;
 use crate::sync::{SharedState, WallClock};
@@ -63,6 +73,8 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<stats::Stats>,
     pub(crate) allow_remote_control: bool,
     pub(crate) rpc: Arc<crate::rpc::Registry>,
+    /// Encryption state, when the node seals its traffic.
+    pub(crate) security: Option<Arc<Security>>,
 }
 
 impl Shared {
@@ -70,6 +82,24 @@ impl Shared {
         CatalogHandle {
             view: self.catalog_view.clone(),
         }
+    }
+
+    pub(crate) fn stats_snapshot(&self) -> StatsSnapshot {
+        let mut stats = self.stats.snapshot();
+        if let Some(security) = &self.security {
+            stats.sealed_refused = security.refused.load(std::sync::atomic::Ordering::Relaxed);
+        }
+        stats
+    }
+
+    pub(crate) fn change_keys(&self, op: &control::KeyOp) -> Result<Keyring> {
+        let security = self
+            .security
+            .as_ref()
+            .ok_or_else(|| Error::Config("this node does not encrypt its traffic".into()))?;
+        security
+            .update(|ring| op.apply(ring).map(|()| ring.clone()))
+            .map_err(|error| Error::Config(error.to_string()))
     }
 
     pub(crate) fn config(&self) -> ConfigHandle {
@@ -95,6 +125,8 @@ pub struct NodeBuilder {
     wall_clock: Option<WallClock>,
     config_history: usize,
     tombstone_horizon: Option<Duration>,
+    keyring: Option<Keyring>,
+    cluster_label: String,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -182,6 +214,31 @@ impl NodeBuilder {
 
     /// Starts the node on the given transport.
     pub async fn start_on<T: Transport>(self, transport: T) -> Result<Node> {
+        match self.keyring.clone() {
+            Some(keyring) => {
+                let security = Security::new(keyring, self.cluster_label.clone());
+                self.start_with(SecureTransport::new(transport, security))
+                    .await
+            }
+            None => self.start_with(transport).await,
+        }
+    }
+
+    /// Seals all traffic (UDP and TCP) with `keyring`'s primary key; every key of the ring is
+    /// accepted on receive. Nodes without a key of the ring cannot join.
+    pub fn keyring(mut self, keyring: Keyring) -> Self {
+        self.keyring = Some(keyring);
+        self
+    }
+
+    /// The cluster label bound into every sealed message (default `grapevine`): clusters with
+    /// different labels never mix, even if they share a key.
+    pub fn cluster_label(mut self, label: impl Into<String>) -> Self {
+        self.cluster_label = label.into();
+        self
+    }
+
+    async fn start_with<T: Transport>(self, transport: T) -> Result<Node> {
         validate_name(&self.name).map_err(Error::Config)?;
         let (udp, listener) = bind_pair(&transport, self.bind).await?;
         let bound = udp.local_addr().map_err(|source| Error::Bind {
@@ -250,6 +307,7 @@ impl NodeBuilder {
             stats: stats.clone(),
             allow_remote_control: self.allow_remote_control,
             rpc: Arc::new(crate::rpc::Registry::default()),
+            security: transport.security().cloned(),
         });
         shared.rpc.add(rpc::builtin_service(shared.clone()));
         let resolver = Arc::new(rpc::CatalogResolver {
@@ -263,6 +321,7 @@ impl NodeBuilder {
             rng_seed.rotate_left(29),
         );
         let connect_through = transport.clone();
+        let server_transport = transport.clone();
         let connector: Connector = Arc::new(move |addr| {
             let transport = connect_through.clone();
             Box::pin(async move { transport.connect(addr).await.map(drop) })
@@ -284,10 +343,15 @@ impl NodeBuilder {
             stats,
             seeds: self.seeds,
             rng: SmallRng::seed_from_u64(rng_seed.rotate_left(17)),
+            warned: Default::default(),
         };
         let tasks = vec![
             tokio::spawn(driver.run()),
-            tokio::spawn(server::serve::<T>(listener, shared.clone())),
+            tokio::spawn(server::serve::<T>(
+                listener,
+                shared.clone(),
+                server_transport,
+            )),
         ];
         tracing::info!(%identity, "node started");
         Ok(Node {
@@ -355,6 +419,8 @@ impl Node {
             wall_clock: None,
             config_history: crate::state::config::DEFAULT_HISTORY_CAPACITY,
             tombstone_horizon: None,
+            keyring: None,
+            cluster_label: DEFAULT_CLUSTER_LABEL.to_string(),
         }
     }
 
@@ -481,7 +547,25 @@ impl Node {
 
     /// Counters of traffic sent, received and dropped.
     pub fn stats(&self) -> StatsSnapshot {
-        self.shared.stats.snapshot()
+        self.shared.stats_snapshot()
+    }
+
+    /// Saves the keyring to `path` after every change (e.g. a rotation from the CLI).
+    pub fn persist_keys_to(&self, path: std::path::PathBuf) {
+        if let Some(security) = &self.shared.security {
+            security.persist_to(path);
+        }
+    }
+
+    /// The node's keyring, when its traffic is encrypted.
+    pub fn keys(&self) -> Option<Keyring> {
+        self.shared.security.as_ref().map(|s| s.keyring())
+    }
+
+    /// Changes this node's keyring (install, use, remove); see [`control::KeyOp`] to do it
+    /// across the cluster.
+    pub fn change_keys(&self, op: &control::KeyOp) -> Result<Keyring> {
+        self.shared.change_keys(op)
     }
 
     /// Leaves the cluster gracefully (peers see this node as `left`, never `down`), then

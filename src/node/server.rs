@@ -7,9 +7,11 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinSet;
 
-use super::control::{ControlRequest, ControlResponse, NodeInfo};
+use super::control::{ControlRequest, ControlResponse, KeyOp, KeysReport, NodeInfo};
 use super::driver::Command;
-use super::protocol::{within, Request, Response, MAX_REQUESTS_PER_CONNECTION, RPC_VERSION};
+use super::protocol::{
+    exchange, within, Request, Response, MAX_REQUESTS_PER_CONNECTION, RPC_VERSION,
+};
 use super::stats::Stats;
 use super::Shared;
 use crate::error::{Error, Result};
@@ -20,7 +22,7 @@ use crate::wire;
 /// Most TCP connections served at once; more are closed at once.
 pub(crate) const MAX_CONNECTIONS: usize = 1024;
 
-pub(crate) async fn serve<T: Transport>(listener: T::Listener, shared: Arc<Shared>) {
+pub(crate) async fn serve<T: Transport>(listener: T::Listener, shared: Arc<Shared>, transport: T) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut connections = JoinSet::new();
     loop {
@@ -43,8 +45,9 @@ pub(crate) async fn serve<T: Transport>(listener: T::Listener, shared: Arc<Share
                 };
                 Stats::add(&shared.stats.tcp_accepted, 1);
                 let shared = shared.clone();
+                let transport = transport.clone();
                 connections.spawn(async move {
-                    if let Err(error) = handle(stream, peer, &shared).await {
+                    if let Err(error) = handle(stream, peer, &shared, &transport).await {
                         Stats::add(&shared.stats.tcp_dropped, 1);
                         tracing::debug!(%peer, %error, "tcp connection dropped");
                     }
@@ -55,19 +58,61 @@ pub(crate) async fn serve<T: Transport>(listener: T::Listener, shared: Arc<Share
     }
 }
 
-async fn handle<S>(stream: S, peer: SocketAddr, shared: &Shared) -> Result<()>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    addr: SocketAddr,
+    /// Proved it holds the cluster's key.
+    authenticated: bool,
+    /// This node encrypts its traffic (so unauthenticated peers get control only).
+    encrypted: bool,
+}
+
+async fn handle<T: Transport>(
+    stream: T::Stream,
+    addr: SocketAddr,
+    shared: &Shared,
+    transport: &T,
+) -> Result<()> {
     let timeout = shared.view.borrow().profile.tcp_timeout();
+    // The encryption handshake, if any, runs here: bounded, and off the accept loop.
+    let stream = within(timeout, "handshake", async {
+        transport
+            .prepare_accepted(stream, addr)
+            .await
+            .map_err(|source| Error::Connect { addr, source })
+    })
+    .await?;
+    let peer = Peer {
+        addr,
+        authenticated: T::is_authenticated(&stream),
+        encrypted: transport.security().is_some(),
+    };
     let mut framed = wire::framed(stream);
     for _ in 0..MAX_REQUESTS_PER_CONNECTION {
         // Every step is bounded, so a client that stalls mid-frame only holds its own slot.
         let frame = match within(timeout, "request", async { Ok(framed.next().await) }).await? {
-            Some(frame) => frame.map_err(|source| Error::Connect { addr: peer, source })?,
+            Some(frame) => frame.map_err(|source| Error::Connect { addr, source })?,
             None => return Ok(()),
         };
         let request: Request = wire::decode_frame(&frame)?;
+        if peer.encrypted && !peer.authenticated && !matches!(request, Request::Control(_)) {
+            // Plaintext sync or RPC on an encrypted node: say why once, then close.
+            let refusal = Response::Error(
+                "this cluster encrypts its traffic; connect with the cluster key".into(),
+            );
+            let bytes = wire::encode_frame(&refusal)?;
+            let _ = within(timeout, "response", async {
+                framed
+                    .send(bytes::Bytes::from(bytes))
+                    .await
+                    .map_err(|source| Error::Connect { addr, source })
+            })
+            .await;
+            return Err(Error::Protocol(
+                "plaintext request on an encrypted node".into(),
+            ));
+        }
         match request {
             Request::Control(ControlRequest::ConfigWatch { prefix }) => {
                 return stream_config_watch(framed, peer, shared, prefix, timeout).await;
@@ -79,7 +124,7 @@ where
             }
             _ => {}
         }
-        let response = within(timeout, "answer", answer(request, peer, shared)).await?;
+        let response = within(timeout, "answer", answer(request, peer, shared, transport)).await?;
         let bytes = wire::encode_frame(&response)?;
         Stats::add(
             &shared.stats.tcp_bytes,
@@ -89,7 +134,7 @@ where
             framed
                 .send(bytes::Bytes::from(bytes))
                 .await
-                .map_err(|source| Error::Connect { addr: peer, source })
+                .map_err(|source| Error::Connect { addr, source })
         })
         .await?;
     }
@@ -99,7 +144,7 @@ where
 /// Streams config changes to a watching client until it disconnects.
 async fn stream_config_watch<S>(
     mut framed: tokio_util::codec::Framed<S, tokio_util::codec::LengthDelimitedCodec>,
-    peer: SocketAddr,
+    peer: Peer,
     shared: &Shared,
     prefix: String,
     timeout: std::time::Duration,
@@ -114,7 +159,10 @@ where
             framed
                 .send(bytes::Bytes::from(bytes))
                 .await
-                .map_err(|source| Error::Connect { addr: peer, source })
+                .map_err(|source| Error::Connect {
+                    addr: peer.addr,
+                    source,
+                })
         })
         .await;
         return Ok(());
@@ -134,7 +182,7 @@ where
                     framed
                         .send(bytes::Bytes::from(bytes))
                         .await
-                        .map_err(|source| Error::Connect { addr: peer, source })
+                        .map_err(|source| Error::Connect { addr: peer.addr, source })
                 })
                 .await?;
             }
@@ -142,15 +190,27 @@ where
     }
 }
 
-fn control_allowed(shared: &Shared, peer: SocketAddr) -> bool {
-    shared.allow_remote_control || peer.ip().is_loopback()
+/// Control is for loopback, for peers holding the cluster key, and for anyone when the
+/// operator allowed remote control on an unencrypted node.
+fn control_allowed(shared: &Shared, peer: Peer) -> bool {
+    peer.addr.ip().is_loopback()
+        || peer.authenticated
+        || (shared.allow_remote_control && !peer.encrypted)
 }
 
-fn loopback_only(peer: SocketAddr) -> String {
-    format!("control requests are accepted from loopback only; {peer} is not")
+fn loopback_only(peer: Peer) -> String {
+    format!(
+        "control requests are accepted from loopback or key holders only; {} is neither",
+        peer.addr
+    )
 }
 
-async fn answer(request: Request, peer: SocketAddr, shared: &Shared) -> Result<Response> {
+async fn answer<T: Transport>(
+    request: Request,
+    peer: Peer,
+    shared: &Shared,
+    transport: &T,
+) -> Result<Response> {
     Ok(match request {
         Request::PushPull(state) => {
             let (reply, answer) = oneshot::channel();
@@ -190,7 +250,7 @@ async fn answer(request: Request, peer: SocketAddr, shared: &Shared) -> Result<R
         }
         Request::Control(request) => {
             if control_allowed(shared, peer) {
-                Response::Control(control(request, shared).await)
+                Response::Control(control(request, shared, transport).await)
             } else {
                 Response::Control(ControlResponse::Refused(loopback_only(peer)))
             }
@@ -198,7 +258,11 @@ async fn answer(request: Request, peer: SocketAddr, shared: &Shared) -> Result<R
     })
 }
 
-async fn control(request: ControlRequest, shared: &Shared) -> ControlResponse {
+async fn control<T: Transport>(
+    request: ControlRequest,
+    shared: &Shared,
+    transport: &T,
+) -> ControlResponse {
     match request {
         ControlRequest::Members => ControlResponse::Members(shared.view.borrow().members.clone()),
         ControlRequest::Info => {
@@ -208,7 +272,7 @@ async fn control(request: ControlRequest, shared: &Shared) -> ControlResponse {
                 addr: view.identity.addr,
                 generation: view.identity.generation,
                 profile: view.profile,
-                stats: shared.stats.snapshot(),
+                stats: shared.stats_snapshot(),
             })
         }
         ControlRequest::Services { service } => {
@@ -257,9 +321,64 @@ async fn control(request: ControlRequest, shared: &Shared) -> ControlResponse {
             }
             ControlResponse::ConfigWritten { seq }
         }
+        ControlRequest::Keys { op, cluster } => keys(op, cluster, shared, transport).await,
         // Handled by the connection loop, which streams.
         ControlRequest::ConfigWatch { .. } => {
             ControlResponse::Refused("a watch needs a connection of its own".into())
         }
     }
+}
+
+/// Applies a keyring operation here and, for `cluster`, on every other live member (over
+/// the sealed transport, so only key holders take part).
+async fn keys<T: Transport>(
+    op: KeyOp,
+    cluster: bool,
+    shared: &Shared,
+    transport: &T,
+) -> ControlResponse {
+    let view = shared.view.borrow().clone();
+    let mut report = KeysReport::default();
+    match shared.change_keys(&op) {
+        Ok(ring) => report.applied.push((
+            view.identity.name.clone(),
+            ring.keys().iter().map(|k| k.to_base64()).collect(),
+        )),
+        Err(error) => report
+            .failed
+            .push((view.identity.name.clone(), error.to_string())),
+    }
+    if !cluster || !report.failed.is_empty() {
+        return ControlResponse::Keys(report);
+    }
+    let timeout = view.profile.tcp_timeout();
+    let others = view
+        .members
+        .iter()
+        .filter(|m| m.status.is_active() && m.name != view.identity.name);
+    let requests = others.map(|member| {
+        let request = Request::Control(ControlRequest::Keys {
+            op: op.clone(),
+            cluster: false,
+        });
+        async move {
+            let outcome = exchange(transport, member.addr, &request, timeout).await;
+            (member.name.clone(), outcome)
+        }
+    });
+    for (name, outcome) in futures_util::future::join_all(requests).await {
+        match outcome {
+            Ok((Response::Control(ControlResponse::Keys(mut theirs)), _)) => {
+                report.applied.append(&mut theirs.applied);
+                report.failed.append(&mut theirs.failed);
+            }
+            Ok((other, _)) => report
+                .failed
+                .push((name, format!("unexpected answer {other:?}"))),
+            Err(error) => report.failed.push((name, error.to_string())),
+        }
+    }
+    report.applied.sort();
+    report.failed.sort();
+    ControlResponse::Keys(report)
 }

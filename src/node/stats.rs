@@ -49,6 +49,8 @@ counters! {
     sync_failed,
     /// Member events a slow subscriber missed.
     events_lagged,
+    /// Sealed datagrams and connections refused (wrong key or label, plaintext, forged).
+    sealed_refused,
 }
 
 impl Stats {

@@ -362,8 +362,16 @@ impl RpcClient {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, RpcError> {
-        let connection = self.connection(addr).await?;
-        connection.call(service, method, payload, timeout).await
+        // The call's deadline covers connecting too (an unreachable peer may never answer).
+        let started = Instant::now();
+        let connection = tokio::time::timeout(timeout, self.connection(addr))
+            .await
+            .map_err(|_| RpcError::Timeout(timeout))??;
+        let remaining = timeout.saturating_sub(started.elapsed());
+        if remaining.is_zero() {
+            return Err(RpcError::Timeout(timeout));
+        }
+        connection.call(service, method, payload, remaining).await
     }
 
     fn load_of(&self, addr: SocketAddr) -> usize {

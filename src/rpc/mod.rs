@@ -12,6 +12,12 @@ mod server;
 
 pub use client::{Endpoint, LoadBalance, Resolve, RpcClient, ServiceClient};
 pub(crate) use server::serve_connection;
+
+/// Decodes an RPC frame (for fuzzing).
+#[doc(hidden)]
+pub fn decode_for_fuzzing(bytes: &[u8]) -> bool {
+    protocol::decode(bytes).is_ok()
+}
 pub use server::{Registry, RpcService};
 
 use serde::{Deserialize, Serialize};

@@ -172,14 +172,18 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sink, mut stream) = framed.split();
-    let (replies, mut outgoing) = mpsc::channel::<bytes::Bytes>(MAX_IN_FLIGHT_PER_CONNECTION);
-    // Writes replies, flushing only when no more are queued (batches under load).
+    let (replies, mut outgoing) = mpsc::channel::<Reply>(MAX_IN_FLIGHT_PER_CONNECTION);
+    // Writes replies, flushing only when no more are queued (batches under load). A call
+    // counts as running until its reply is flushed, so a drain waits for the reply too.
     let writer = tokio::spawn(async move {
-        while let Some(frame) = outgoing.recv().await {
+        let mut written: Vec<Option<CallGuard>> = Vec::new();
+        while let Some((frame, guard)) = outgoing.recv().await {
+            written.push(guard);
             if sink.feed(frame).await.is_err() {
                 return;
             }
-            while let Ok(frame) = outgoing.try_recv() {
+            while let Ok((frame, guard)) = outgoing.try_recv() {
+                written.push(guard);
                 if sink.feed(frame).await.is_err() {
                     return;
                 }
@@ -187,6 +191,7 @@ where
             if sink.flush().await.is_err() {
                 return;
             }
+            written.clear();
         }
     });
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
@@ -219,7 +224,7 @@ where
                 let deadline = received + Duration::from_millis(u64::from(timeout_ms));
                 if registry.draining.load(Ordering::Acquire) {
                     let outcome = Outcome::Unavailable("node is leaving".into());
-                    if send_reply(&replies, id, outcome).await.is_err() {
+                    if send_reply(&replies, id, outcome, None).await.is_err() {
                         break Ok(());
                     }
                     continue;
@@ -240,7 +245,7 @@ where
                 // Holding the map while spawning orders our insert before the task's removal.
                 let mut running_now = lock(&running);
                 let task = tokio::spawn(async move {
-                    let _guard = guard;
+                    let guard = guard;
                     let outcome = match handler {
                         Err(what) => Outcome::NotFound(what),
                         // Work whose caller has already given up is not started.
@@ -256,7 +261,7 @@ where
                             }
                         }
                     };
-                    let _ = send_reply(&replies, id, outcome).await;
+                    let _ = send_reply(&replies, id, outcome, Some(guard)).await;
                 });
                 running_now.insert(id, task.abort_handle());
                 drop(running_now);
@@ -312,10 +317,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// An encoded reply, with the accounting of its call (released once flushed).
+type Reply = (bytes::Bytes, Option<CallGuard>);
+
 async fn send_reply(
-    replies: &mpsc::Sender<bytes::Bytes>,
+    replies: &mpsc::Sender<Reply>,
     id: u64,
     outcome: Outcome,
+    guard: Option<CallGuard>,
 ) -> Result<(), ()> {
     let frame = match protocol::encode(&Frame::Reply { id, outcome }) {
         Ok(frame) => frame,
@@ -327,5 +336,5 @@ async fn send_reply(
             protocol::encode(&fallback).map_err(|_| ())?
         }
     };
-    replies.send(frame).await.map_err(|_| ())
+    replies.send((frame, guard)).await.map_err(|_| ())
 }

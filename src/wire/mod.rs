@@ -42,6 +42,9 @@ pub enum WireError {
     /// A datagram without grapevine's envelope, or of an unknown version or kind.
     #[error("not a grapevine datagram")]
     BadEnvelope,
+    /// An encrypted datagram, and this node has no key.
+    #[error("an encrypted datagram, and this node has no cluster key")]
+    Sealed,
 }
 
 fn datagram_config() -> impl bincode::config::Config {
@@ -142,6 +145,8 @@ pub fn open_datagram(datagram: &[u8]) -> Result<(DatagramKind, &[u8]), WireError
     match datagram {
         [MAGIC, VERSION, 0, rest @ ..] => Ok((DatagramKind::Swim, rest)),
         [MAGIC, VERSION, 1, rest @ ..] => Ok((DatagramKind::Leave, rest)),
+        // The sealed-datagram header (see `net::sealed`).
+        [0x53, 1, ..] => Err(WireError::Sealed),
         _ => Err(WireError::BadEnvelope),
     }
 }
