@@ -11,10 +11,10 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub mod faulty;
-#[cfg(feature = "sim")]
-pub mod turmoil_net;
 pub mod sealed;
 mod tokio_impl;
+#[cfg(feature = "sim")]
+pub mod turmoil_net;
 
 pub use tokio_impl::TokioTransport;
 
