@@ -83,12 +83,19 @@ impl Connection {
         let (frames, mut outgoing) = mpsc::channel::<bytes::Bytes>(MAX_IN_FLIGHT_PER_CONNECTION);
         let pending: Pending = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
+        let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
+        let writer_in_flight = in_flight.clone();
         // Writer: batches frames, flushing when the queue runs dry.
         let writer_closed = closed.clone();
         tokio::spawn(async move {
             'outer: while let Some(frame) = outgoing.recv().await {
                 if sink.feed(frame).await.is_err() {
                     break;
+                }
+                // With other calls in flight, let them queue their frames first so that one
+                // write carries many (a lone call's frame goes at once).
+                if MAX_IN_FLIGHT_PER_CONNECTION - writer_in_flight.available_permits() > 1 {
+                    tokio::task::yield_now().await;
                 }
                 while let Ok(frame) = outgoing.try_recv() {
                     if sink.feed(frame).await.is_err() {
@@ -133,7 +140,7 @@ impl Connection {
             frames,
             pending,
             next_id: AtomicU64::new(1),
-            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION)),
+            in_flight,
             closed,
         })
     }

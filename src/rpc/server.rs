@@ -172,6 +172,8 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sink, mut stream) = framed.split();
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
+    let writer_permits = permits.clone();
     let (replies, mut outgoing) = mpsc::channel::<Reply>(MAX_IN_FLIGHT_PER_CONNECTION);
     // Writes replies, flushing only when no more are queued (batches under load). A call
     // counts as running until its reply is flushed, so a drain waits for the reply too.
@@ -181,6 +183,11 @@ where
             written.push(guard);
             if sink.feed(frame).await.is_err() {
                 return;
+            }
+            // With other calls running, let them queue their replies first so that one
+            // write carries many (a lone call's reply goes at once).
+            if MAX_IN_FLIGHT_PER_CONNECTION - writer_permits.available_permits() > 1 {
+                tokio::task::yield_now().await;
             }
             while let Ok((frame, guard)) = outgoing.try_recv() {
                 written.push(guard);
@@ -194,7 +201,6 @@ where
             written.clear();
         }
     });
-    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
     let running: Arc<Mutex<HashMap<u64, AbortHandle>>> = Arc::default();
     // However this function ends (client gone, garbage, or the node stopping and dropping
     // it), the writer and the calls end with it, and the socket closes at once.
