@@ -7,66 +7,11 @@ use std::time::Duration;
 
 use grapevine::net::faulty::{Faults, FaultyTransport};
 use grapevine::net::TokioTransport;
-use grapevine::{Check, Health, Instance, MemberStatus, Node, Profile, Query, Service};
+use grapevine::{Check, Health, MemberStatus, Node, Profile, Query, Service};
 
-const WAIT: Duration = Duration::from_secs(20);
+mod common;
 
-async fn start(name: &str, seeds: &[SocketAddr]) -> Node {
-    Node::builder(name)
-        .seeds(seeds.iter().copied())
-        .profile(Profile::Local)
-        .start()
-        .await
-        .expect("node starts")
-}
-
-async fn cluster(size: usize) -> Vec<Node> {
-    let first = start("node-0", &[]).await;
-    let seed = first.addr();
-    let mut nodes = vec![first];
-    for i in 1..size {
-        nodes.push(start(&format!("node-{i}"), &[seed]).await);
-    }
-    for node in &nodes {
-        members_alive(node, size).await;
-    }
-    nodes
-}
-
-async fn members_alive(node: &Node, size: usize) {
-    tokio::time::timeout(
-        WAIT,
-        node.wait_for_members(|m| {
-            m.iter().filter(|m| m.status == MemberStatus::Alive).count() == size
-        }),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{} sees {:?}", node.identity(), node.members()));
-}
-
-/// Polls `condition` on a node's catalog until it holds (every 20 ms, at most `WAIT`).
-async fn eventually(node: &Node, what: &str, mut condition: impl FnMut(&Node) -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !condition(node) {
-        if tokio::time::Instant::now() > deadline {
-            panic!(
-                "{}: {what} not reached; catalog: {:?}",
-                node.identity(),
-                summary(&node.catalog().all_instances())
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn summary(instances: &[Instance]) -> Vec<(String, String, String, Health)> {
-    let mut rows: Vec<_> = instances
-        .iter()
-        .map(|i| (i.service.clone(), i.id.clone(), i.node.clone(), i.health))
-        .collect();
-    rows.sort();
-    rows
-}
+use common::{cluster, eventually, start, summary, WAIT};
 
 fn web(id: &str, port: u16) -> Service {
     Service::new("web", id, port)
@@ -187,7 +132,7 @@ async fn partition_then_heal_converges_to_one_catalog() {
         nodes.push(node);
     }
     for node in &nodes {
-        members_alive(node, 6).await;
+        common::alive(node, 6).await;
     }
     let left: Vec<SocketAddr> = nodes[..3].iter().map(|n| n.addr()).collect();
     let right: Vec<SocketAddr> = nodes[3..].iter().map(|n| n.addr()).collect();
@@ -224,7 +169,7 @@ async fn partition_then_heal_converges_to_one_catalog() {
     }
     faults.heal();
     for node in &nodes {
-        members_alive(node, 6).await;
+        common::alive(node, 6).await;
         eventually(node, "healed catalog", |n| {
             n.catalog().lookup("web").len() == 2 && n.catalog().lookup("db").len() == 1
         })

@@ -1,19 +1,14 @@
 //! The configuration store across in-process clusters on loopback.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use grapevine::net::faulty::{Faults, FaultyTransport};
 use grapevine::net::TokioTransport;
-use grapevine::{ConfigEvent, MemberStatus, Node, NodeBuilder, Profile};
+use grapevine::{ConfigEvent, MemberStatus, Node, NodeBuilder};
 
-const WAIT: Duration = Duration::from_secs(20);
+mod common;
 
-fn builder(name: &str, seeds: &[SocketAddr]) -> NodeBuilder {
-    Node::builder(name)
-        .seeds(seeds.iter().copied())
-        .profile(Profile::Local)
-}
+use common::{alive, builder, eventually, WAIT};
 
 async fn cluster_of(
     builders: Vec<NodeBuilder>,
@@ -49,31 +44,6 @@ async fn cluster(size: usize) -> Vec<Node> {
         None,
     )
     .await
-}
-
-async fn alive(node: &Node, size: usize) {
-    tokio::time::timeout(
-        WAIT,
-        node.wait_for_members(|m| {
-            m.iter().filter(|m| m.status == MemberStatus::Alive).count() == size
-        }),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{} sees {:?}", node.identity(), node.members()));
-}
-
-async fn eventually(node: &Node, what: &str, mut condition: impl FnMut(&Node) -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !condition(node) {
-        if tokio::time::Instant::now() > deadline {
-            panic!(
-                "{}: {what} not reached; store: {:?}",
-                node.identity(),
-                node.config().list("")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn value(node: &Node, key: &str) -> Option<String> {

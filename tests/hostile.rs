@@ -3,36 +3,19 @@
 
 use std::time::Duration;
 
-use grapevine::{MemberStatus, Node, Profile};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use tokio::io::AsyncWriteExt;
 
-async fn start(name: &str, seeds: &[std::net::SocketAddr]) -> Node {
-    Node::builder(name)
-        .seeds(seeds.iter().copied())
-        .profile(Profile::Local)
-        .start()
-        .await
-        .expect("node starts")
-}
+mod common;
 
-async fn all_alive(node: &Node, size: usize) {
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        node.wait_for_members(|m| {
-            m.iter().filter(|m| m.status == MemberStatus::Alive).count() == size
-        }),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{:?}", node.members()));
-}
+use common::{alive, start};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_datagrams_are_dropped_and_counted() {
     let a = start("a", &[]).await;
     let b = start("b", &[a.addr()]).await;
-    all_alive(&a, 2).await;
+    alive(&a, 2).await;
 
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut rng = SmallRng::seed_from_u64(1);
@@ -71,7 +54,7 @@ async fn junk_datagrams_are_dropped_and_counted() {
     // Membership is intact and a newcomer still joins.
     let c = start("c", &[a.addr()]).await;
     for node in [&a, &b, &c] {
-        all_alive(node, 3).await;
+        alive(node, 3).await;
     }
 }
 
@@ -79,7 +62,7 @@ async fn junk_datagrams_are_dropped_and_counted() {
 async fn junk_on_the_tcp_port_closes_only_that_connection() {
     let a = start("a", &[]).await;
     let b = start("b", &[a.addr()]).await;
-    all_alive(&a, 2).await;
+    alive(&a, 2).await;
 
     let mut rng = SmallRng::seed_from_u64(2);
     // A client that sends half a frame and stalls must not block the others.
@@ -112,7 +95,7 @@ async fn junk_on_the_tcp_port_closes_only_that_connection() {
     assert_eq!(members.len(), 2);
     let c = start("c", &[a.addr()]).await;
     for node in [&a, &b, &c] {
-        all_alive(node, 3).await;
+        alive(node, 3).await;
     }
     drop(stalled);
 }

@@ -1,33 +1,12 @@
 //! In-process clusters on loopback: convergence, failure detection, leave, restart, late seed.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use grapevine::{Member, MemberEvent, MemberStatus, Node, Profile};
 
-const WAIT: Duration = Duration::from_secs(20);
+mod common;
 
-async fn start(name: &str, seeds: &[SocketAddr]) -> Node {
-    Node::builder(name)
-        .seeds(seeds.iter().copied())
-        .profile(Profile::Local)
-        .start()
-        .await
-        .expect("node starts")
-}
-
-async fn cluster(size: usize) -> Vec<Node> {
-    let first = start("node-0", &[]).await;
-    let seed = first.addr();
-    let mut nodes = vec![first];
-    for i in 1..size {
-        nodes.push(start(&format!("node-{i}"), &[seed]).await);
-    }
-    for node in &nodes {
-        wait_until(node, |members| count(members, MemberStatus::Alive) == size).await;
-    }
-    nodes
-}
+use common::{cluster, start, WAIT};
 
 fn count(members: &[Member], status: MemberStatus) -> usize {
     members.iter().filter(|m| m.status == status).count()

@@ -5,29 +5,18 @@ use std::time::Duration;
 
 use grapevine::net::sealed::{Key, Keyring};
 use grapevine::node::control::{self, ControlRequest, ControlResponse, KeyOp};
-use grapevine::{MemberEvent, MemberStatus, Node, NodeBuilder, Profile, RpcService, Service};
+use grapevine::{MemberEvent, MemberStatus, NodeBuilder, RpcService, Service};
 
-const WAIT: Duration = Duration::from_secs(20);
+mod common;
+
+use common::{alive, WAIT};
 
 fn node(name: &str, key: Option<&Key>, seeds: &[SocketAddr]) -> NodeBuilder {
-    let builder = Node::builder(name)
-        .seeds(seeds.iter().copied())
-        .profile(Profile::Local);
+    let builder = common::builder(name, seeds);
     match key {
         Some(key) => builder.keyring(Keyring::new(key.clone())),
         None => builder,
     }
-}
-
-async fn alive(node: &Node, size: usize) {
-    tokio::time::timeout(
-        WAIT,
-        node.wait_for_members(|m| {
-            m.iter().filter(|m| m.status == MemberStatus::Alive).count() == size
-        }),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{} sees {:?}", node.identity(), node.members()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
