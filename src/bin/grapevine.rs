@@ -4,7 +4,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use grapevine::node::control;
+use grapevine::node::{control, SeedName};
 use std::time::Duration;
 
 use grapevine::{Check, Instance, Member, Node, Profile, Service};
@@ -158,9 +158,12 @@ struct AgentArgs {
     /// Address other nodes reach this one at (default: the bind address).
     #[arg(long, value_name = "IP:PORT", value_parser = parse_addr)]
     advertise: Option<SocketAddr>,
-    /// A node to join through; repeatable. Retried until one answers.
-    #[arg(long = "join", value_name = "IP:PORT", value_parser = parse_addr)]
-    join: Vec<SocketAddr>,
+    /// A node to join through, IP:PORT or HOST:PORT; repeatable. Retried until one answers.
+    /// Host names are resolved again on every retry while the agent has no peer, and every
+    /// address a name resolves to is a seed (a Docker network alias, a Kubernetes headless
+    /// Service).
+    #[arg(long = "join", value_name = "HOST:PORT", value_parser = parse_seed)]
+    join: Vec<Seed>,
     /// Timing profile: lan, wan or local.
     #[arg(long, default_value = "lan")]
     profile: Profile,
@@ -217,12 +220,31 @@ fn parse_addr(text: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse() {
         return Ok(addr);
     }
+    // Names are checked first, so that a typo is not reported as a resolver failure.
+    text.parse::<SeedName>()
+        .map_err(|error| error.to_string())?;
     match text.to_socket_addrs() {
         Ok(mut addrs) => addrs
             .next()
             .ok_or_else(|| format!("{text:?} resolves to no address")),
-        Err(_) => Err(format!("{text:?} is not an IP:PORT address")),
+        Err(error) => Err(format!("cannot resolve {text:?}: {error}")),
     }
+}
+
+/// A `--join` seed: an address, or a host name resolved while the agent is alone.
+#[derive(Clone)]
+enum Seed {
+    Addr(SocketAddr),
+    Name(SeedName),
+}
+
+fn parse_seed(text: &str) -> Result<Seed, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(Seed::Addr(addr));
+    }
+    text.parse()
+        .map(Seed::Name)
+        .map_err(|error: grapevine::node::InvalidSeed| error.to_string())
 }
 
 fn main() -> ExitCode {
@@ -598,9 +620,17 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
         ),
         None => None,
     };
+    let (mut seed_addrs, mut seed_names) = (Vec::new(), Vec::new());
+    for seed in args.join {
+        match seed {
+            Seed::Addr(addr) => seed_addrs.push(addr),
+            Seed::Name(name) => seed_names.push(name),
+        }
+    }
     let mut builder = Node::builder(args.name)
         .bind(args.bind)
-        .seeds(args.join)
+        .seeds(seed_addrs)
+        .seed_names(seed_names)
         .profile(args.profile)
         .allow_remote_control(args.allow_remote_control);
     if let Some(advertise) = args.advertise {
