@@ -46,6 +46,7 @@ NODES = ["n1", "n2", "n3", "n4", "n5"]
 PORT = 7946
 SEED_ALIAS = "grapevine"
 POLL = 0.5
+STEPS = ["kill", "partition", "pause", "rolling"]
 
 
 class Failure(Exception):
@@ -61,6 +62,7 @@ class Suite:
         self.verbose = verbose
         self.timings = []
         self.config_keys = {}
+        self.partitions = 0
         self.created = []
 
     # ---- docker plumbing -------------------------------------------------------------
@@ -167,6 +169,32 @@ class Suite:
             return None
         return {row["name"]: row["status"] for row in rows}
 
+    def generations(self, node):
+        """name -> identity generation as `node` sees it, or None if it does not answer."""
+        rows = self.grapevine_json(node, "members")
+        if rows is None:
+            return None
+        return {row["name"]: row["generation"] for row in rows}
+
+    def newer_everywhere(self, victim, before):
+        """Condition: every node lists `victim` under a generation above `before` (a new
+        incarnation: restarted, or renewed after being declared down)."""
+        def check():
+            seen = {}
+            for node in NODES:
+                generations = self.generations(node)
+                seen[node] = None if generations is None else generations.get(victim)
+                if seen[node] is None or seen[node] <= before:
+                    return False, seen
+            return True, seen
+        return check
+
+    def generation_of(self, victim):
+        generations = self.generations(victim)
+        if generations is None or victim not in generations:
+            raise Failure(f"{victim} does not list itself")
+        return generations[victim]
+
     def findable(self, node):
         """The (service, node) pairs `node` would hand out: passing, on an alive node."""
         rows = self.grapevine_json(node, "services")
@@ -183,9 +211,10 @@ class Suite:
 
     # ---- waiting ---------------------------------------------------------------------
 
-    def wait(self, what, limit, condition):
-        """Polls `condition` (returning (ok, detail)) until ok; records the time taken."""
-        started = time.monotonic()
+    def wait(self, what, limit, condition, since=None):
+        """Polls `condition` (returning (ok, detail)) until ok; records the time taken since
+        `since` (a time.monotonic() value; default now)."""
+        started = time.monotonic() if since is None else since
         detail = None
         while True:
             ok, detail = condition()
@@ -271,6 +300,7 @@ class Suite:
         victim = "n3"
         others = [n for n in NODES if n != victim]
         print(f"== 1. docker kill {victim}")
+        before = self.generation_of(victim)
         self.docker("kill", self.container(victim))
 
         def dropped():
@@ -283,12 +313,18 @@ class Suite:
                     return False, {node: services}
             return True, seen
         self.wait(f"every other agent marks {victim} down and drops its instance", 60, dropped)
+        restarted = time.monotonic()
         self.docker("start", self.container(victim))
-        self.wait(f"{victim} rejoins, re-registers and has every config key", 60,
-                  self.converged(NODES, self.all_services(), self.config_keys))
+        self.wait(f"{victim} rejoins as a new incarnation", 60,
+                  self.newer_everywhere(victim, before), since=restarted)
+        self.wait(f"{victim} re-registered and has every config key", 60,
+                  self.converged(NODES, self.all_services(), self.config_keys),
+                  since=restarted)
 
     def step_partition(self):
         left, right = ["n1", "n2"], ["n3", "n4", "n5"]
+        self.partitions += 1
+        split = f"suite/split{self.partitions}"
         print(f"== 2. partition {'+'.join(left)} | {'+'.join(right)} (iptables in each netns)")
         ips = {n: self.ip(n) for n in NODES}
         rules = []
@@ -297,30 +333,33 @@ class Suite:
                 for peer in other:
                     rules.append((node, ("INPUT", "-s", ips[peer], "-j", "DROP")))
                     rules.append((node, ("OUTPUT", "-d", ips[peer], "-j", "DROP")))
+        cut = time.monotonic()
         for node, (chain, *rule) in rules:
             self.iptables(node, "-I", chain, *rule)
         healed = False
         try:
             marks = {n: "down" for n in right}
             marks.update({n: "alive" for n in left})
-            self.wait("left side marks the right side down", 60, self.all_see(left, marks))
+            self.wait("left side marks the right side down", 60, self.all_see(left, marks),
+                      since=cut)
             marks = {n: "down" for n in left}
             marks.update({n: "alive" for n in right})
-            self.wait("right side marks the left side down", 60, self.all_see(right, marks))
+            self.wait("right side marks the left side down", 60, self.all_see(right, marks),
+                      since=cut)
             # Writes on both sides, one key on both sides at once (last writer wins).
             writes = [
-                ("n1", "suite/split/left", "written-on-left"),
-                ("n4", "suite/split/right", "written-on-right"),
-                ("n2", "suite/split/both", "left-value"),
-                ("n5", "suite/split/both", "right-value"),
+                ("n1", f"{split}/left", "written-on-left"),
+                ("n4", f"{split}/right", "written-on-right"),
+                ("n2", f"{split}/both", "left-value"),
+                ("n5", f"{split}/both", "right-value"),
             ]
             for node, key, value in writes:
                 if self.grapevine(node, "config", "set", key, value) is None:
                     raise Failure(f"{node}: config set {key} failed during the partition")
 
             def sides_apart():
-                for side, mine, theirs in ((left, "suite/split/left", "suite/split/right"),
-                                           (right, "suite/split/right", "suite/split/left")):
+                for side, mine, theirs in ((left, f"{split}/left", f"{split}/right"),
+                                           (right, f"{split}/right", f"{split}/left")):
                     for node in side:
                         config = self.config(node)
                         if config is None or mine not in config:
@@ -329,6 +368,7 @@ class Suite:
                             raise Failure(f"{node} got {theirs} across the partition")
                 return True, None
             self.wait("each side sees its own writes only", 30, sides_apart)
+            heal = time.monotonic()
             for node, (chain, *rule) in rules:
                 self.iptables(node, "-D", chain, *rule)
             healed = True
@@ -339,49 +379,60 @@ class Suite:
                                     "iptables", "-D", chain, *rule], capture_output=True)
         print("   healed")
         expected = dict(self.config_keys)
-        expected["suite/split/left"] = "written-on-left"
-        expected["suite/split/right"] = "written-on-right"
+        expected[f"{split}/left"] = "written-on-left"
+        expected[f"{split}/right"] = "written-on-right"
 
         def one_config():
             ok, states = self.converged(NODES, self.all_services())()
             if not ok:
                 return False, states
             config = states[NODES[0]]["config"]
-            winner = config.get("suite/split/both")
+            winner = config.get(f"{split}/both")
             if winner not in ("left-value", "right-value"):
                 return False, config
-            if {k: v for k, v in config.items() if k != "suite/split/both"} != expected:
+            if {k: v for k, v in config.items() if k != f"{split}/both"} != expected:
                 return False, config
             return True, states
-        self.wait("one membership, one catalog, one config everywhere", 180, one_config)
+        self.wait("healed: one membership, one catalog, one config everywhere", 180,
+                  one_config, since=heal)
         config = self.config("n1")
         self.config_keys = config
-        print(f"   suite/split/both = {config['suite/split/both']} on every node (last writer wins)")
+        print(f"   {split}/both = {config[f'{split}/both']} on every node (last writer wins)")
 
     def step_pause(self):
         victim = "n2"
         others = [n for n in NODES if n != victim]
         print(f"== 3. docker pause {victim} until the others declare it down")
+        before = self.generation_of(victim)
+        paused = time.monotonic()
         self.docker("pause", self.container(victim))
         unpaused = False
         try:
             self.wait(f"every other agent marks paused {victim} down", 60,
-                      self.all_see(others, {victim: "down"}))
+                      self.all_see(others, {victim: "down"}), since=paused)
+            resumed = time.monotonic()
             self.docker("unpause", self.container(victim))
             unpaused = True
         finally:
             if not unpaused:
                 self.docker("unpause", self.container(victim), check=False)
-        self.wait(f"{victim} alive again everywhere, without a manual step", 60,
-                  self.converged(NODES, self.all_services(), self.config_keys))
+        self.wait(f"{victim} alive again everywhere (renewed identity), no manual step", 60,
+                  self.newer_everywhere(victim, before), since=resumed)
+        self.wait("one membership, catalog and config after the pause", 60,
+                  self.converged(NODES, self.all_services(), self.config_keys), since=resumed)
 
     def step_rolling(self):
         print("== 4. rolling restart (SIGTERM, restart), one agent at a time")
         started = time.monotonic()
         for node in NODES:
+            before = self.generation_of(node)
+            restart = time.monotonic()
             self.docker("restart", "--time", "15", self.container(node), timeout=90)
-            self.wait(f"{node} restarted and back with every key and service", 60,
-                      self.converged(NODES, self.all_services(), self.config_keys))
+            self.wait(f"{node} restarted (leave, start) and seen as a new incarnation", 60,
+                      self.newer_everywhere(node, before), since=restart)
+            self.wait(f"{node} back with every key and service", 60,
+                      self.converged(NODES, self.all_services(), self.config_keys),
+                      since=restart)
         total = time.monotonic() - started
         self.timings.append(("rolling restart of all five", total))
         print(f"  ok  rolling restart of all five: {total:.1f} s")
@@ -389,12 +440,10 @@ class Suite:
         if final != self.config_keys:
             raise Failure(f"config changed by the restarts: {final} != {self.config_keys}")
 
-    def run(self):
+    def run(self, steps):
         self.start_cluster()
-        self.step_kill()
-        self.step_partition()
-        self.step_pause()
-        self.step_rolling()
+        for step in steps:
+            getattr(self, f"step_{step}")()
 
 
 def main():
@@ -404,9 +453,15 @@ def main():
                         help="the agents' timing profile (default lan)")
     parser.add_argument("--prefix", default=f"gvfault-{uuid.uuid4().hex[:8]}",
                         help="name prefix of every container and network made")
+    parser.add_argument("--steps", default=",".join(STEPS),
+                        help=f"comma-separated steps to run, in order (default {','.join(STEPS)})")
     parser.add_argument("--keep", action="store_true",
                         help="leave the containers running at the end (for debugging)")
     args = parser.parse_args()
+    steps = [step for step in args.steps.split(",") if step]
+    unknown = [step for step in steps if step not in STEPS]
+    if unknown:
+        parser.error(f"unknown steps {unknown}; choose from {STEPS}")
     if os.geteuid() != 0:
         print("warning: the partition step enters network namespaces with nsenter and "
               "needs root", file=sys.stderr)
@@ -419,7 +474,7 @@ def main():
     started = time.monotonic()
     status = 0
     try:
-        suite.run()
+        suite.run(steps)
     except Failure as failure:
         print(f"FAILED: {failure}", file=sys.stderr)
         suite.dump_logs()
