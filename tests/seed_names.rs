@@ -109,7 +109,7 @@ async fn an_unresolvable_seed_name_is_retried_and_the_others_still_work() {
 }
 
 #[test]
-fn the_agent_refuses_a_malformed_join_with_one_line() {
+fn malformed_join_and_agent_addresses_are_one_line_errors() {
     for bad in ["bad host:7946", "seed-without-port", "seed:0"] {
         let output = Command::new(env!("CARGO_BIN_EXE_grapevine"))
             .args(["agent", "--name", "a", "--join", bad])
@@ -121,4 +121,16 @@ fn the_agent_refuses_a_malformed_join_with_one_line() {
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
         assert!(stderr.contains("is not HOST:PORT"), "{stderr}");
     }
+    let output = Command::new(env!("CARGO_BIN_EXE_grapevine"))
+        .args(["members", "--agent", "no-port"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run grapevine");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("\"no-port\" is not IP:PORT or HOST:PORT: no port"),
+        "{stderr}"
+    );
 }

@@ -116,7 +116,6 @@ class Suite:
             self.image, "agent",
             "--name", node,
             "--bind", f"0.0.0.0:{PORT}",
-            "--advertise", f"{name}:{PORT}",
             "--join", f"{SEED_ALIAS}:{PORT}",
             "--profile", self.profile,
             "--service", f"app-{node}:9000",

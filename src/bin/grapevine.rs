@@ -155,7 +155,9 @@ struct AgentArgs {
     /// Address to bind UDP gossip and TCP on (one port number for both).
     #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, default_value = "127.0.0.1:7946")]
     bind: SocketAddr,
-    /// Address other nodes reach this one at (default: the bind address).
+    /// Address other nodes reach this one at (default: the bind address; when binding an
+    /// unspecified IP such as 0.0.0.0, this host's address on the route to the first seed, or
+    /// to the default route).
     #[arg(long, value_name = "IP:PORT", value_parser = parse_addr)]
     advertise: Option<SocketAddr>,
     /// A node to join through, IP:PORT or HOST:PORT; repeatable. Retried until one answers.
@@ -222,7 +224,7 @@ fn parse_addr(text: &str) -> Result<SocketAddr, String> {
     }
     // Names are checked first, so that a typo is not reported as a resolver failure.
     text.parse::<SeedName>()
-        .map_err(|error| error.to_string())?;
+        .map_err(|error| format!("{text:?} is not IP:PORT or HOST:PORT: {}", error.reason))?;
     match text.to_socket_addrs() {
         Ok(mut addrs) => addrs
             .next()
@@ -627,13 +629,25 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
             Seed::Name(name) => seed_names.push(name),
         }
     }
+    let advertise = match args.advertise {
+        Some(advertise) => Some(advertise),
+        None if args.bind.ip().is_unspecified() => {
+            let advertise = detect_advertise(args.bind, &seed_addrs, &seed_names)?;
+            tracing::info!(
+                %advertise,
+                "advertising the address of the route to the cluster (set --advertise to choose)"
+            );
+            Some(advertise)
+        }
+        None => None,
+    };
     let mut builder = Node::builder(args.name)
         .bind(args.bind)
         .seeds(seed_addrs)
         .seed_names(seed_names)
         .profile(args.profile)
         .allow_remote_control(args.allow_remote_control);
-    if let Some(advertise) = args.advertise {
+    if let Some(advertise) = advertise {
         builder = builder.advertise(advertise);
     }
     use grapevine::net::sealed::{Key, Keyring};
@@ -684,6 +698,28 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
     tracing::info!("leaving the cluster");
     node.leave().await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The address to advertise when bound to an unspecified IP: the source address of the route
+/// towards the first seed that has an address (or of the default route).
+fn detect_advertise(
+    bind: SocketAddr,
+    addrs: &[SocketAddr],
+    names: &[SeedName],
+) -> grapevine::Result<SocketAddr> {
+    let towards = addrs.first().copied().or_else(|| {
+        names.iter().find_map(|name| {
+            (name.host(), name.port())
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut addrs| addrs.find(|a| a.is_ipv4() == bind.is_ipv4()))
+        })
+    });
+    grapevine::agent::advertise::detect(bind, towards).map_err(|error| {
+        grapevine::Error::Config(format!(
+            "bound to {bind} and no --advertise given: {error}; give --advertise IP:PORT"
+        ))
+    })
 }
 
 fn init_logging() {
