@@ -25,12 +25,16 @@ failure and on SIGINT/SIGTERM alike.
 Why the partition uses iptables and not `docker network disconnect`: an agent gossips to one
 advertised address. Disconnecting two containers from the network they share with the other
 three also cuts them from each other (1 | 1 | 3), and a second network does not help, because
-their peers still address them by their address on the first. So the suite drops traffic
-between the two sides with iptables rules inside each container's network namespace, entered
-from the host with `nsenter` (root needed): a real 2 | 3 split of UDP and TCP, where every
-side still talks within itself.
+their peers still address them by their address on the first. Routing each side's own
+network to the other through a shared one (so that disconnecting from the shared network cuts
+only cross traffic) needs routes inside every container and an exception in the host's
+Docker firewall (DOCKER-USER), which changes the host for every container. So the suite
+drops traffic between the two sides with iptables rules inside each container's network
+namespace, entered from the host with `nsenter` (root needed): a real 2 | 3 split of UDP and
+TCP, where every side still talks within itself, and nothing outside the containers changes.
 
-Python 3 standard library only.
+Environment: FAULT_LOG sets the agents' RUST_LOG (default info); container logs are printed
+on failure. Python 3 standard library only.
 """
 
 import argparse
@@ -112,7 +116,7 @@ class Suite:
         self.docker(
             "run", "--detach", "--name", name, "--hostname", name,
             "--network", self.network, "--network-alias", SEED_ALIAS,
-            "--env", "RUST_LOG=info",
+            "--env", f"RUST_LOG={os.environ.get('FAULT_LOG', 'info')}",
             self.image, "agent",
             "--name", node,
             "--bind", f"0.0.0.0:{PORT}",
