@@ -193,7 +193,7 @@ impl NodeBuilder {
     }
 
     /// Seeds given by host name (`grapevine:7946`), resolved through the system resolver
-    /// when the node starts and again on every join retry while it has no live peer, so
+    /// (`getaddrinfo`, whatever the node's transport) when the node starts and again on every join retry while it has no live peer, so
     /// that it follows a seed that moves (a restarted container, the replicas behind a
     /// Kubernetes headless Service). Every address a name resolves to is a seed. A name
     /// that does not resolve is logged and retried; it does not stop the node.
