@@ -156,11 +156,12 @@ class Suite:
         self.created.clear()
 
     def dump_logs(self):
-        for node in NODES:
-            done = self.docker("logs", "--tail", "40", self.container(node),
-                               check=False, timeout=20)
+        for kind, name in self.created:
+            if kind != "container":
+                continue
+            done = self.docker("logs", "--tail", "40", name, check=False, timeout=20)
             if done is not None:
-                print(f"---- last log lines of {node}", file=sys.stderr)
+                print(f"---- last log lines of {name}", file=sys.stderr)
                 print((done.stdout + done.stderr).rstrip(), file=sys.stderr)
 
     # ---- reading cluster state -------------------------------------------------------
