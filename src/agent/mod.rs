@@ -1,3 +1,5 @@
-//! Agent-side helpers shared by the `grapevine` binary: static configuration files.
+//! Agent-side helpers shared by the `grapevine` binary: static configuration files and the
+//! address to advertise.
 
+pub mod advertise;
 pub mod config_file;

@@ -4,7 +4,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use grapevine::node::control;
+use grapevine::node::{control, SeedName};
 use std::time::Duration;
 
 use grapevine::{Check, Instance, Member, Node, Profile, Service};
@@ -155,12 +155,17 @@ struct AgentArgs {
     /// Address to bind UDP gossip and TCP on (one port number for both).
     #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, default_value = "127.0.0.1:7946")]
     bind: SocketAddr,
-    /// Address other nodes reach this one at (default: the bind address).
+    /// Address other nodes reach this one at (default: the bind address; when binding an
+    /// unspecified IP such as 0.0.0.0, this host's address on the route to the first seed, or
+    /// to the default route).
     #[arg(long, value_name = "IP:PORT", value_parser = parse_addr)]
     advertise: Option<SocketAddr>,
-    /// A node to join through; repeatable. Retried until one answers.
-    #[arg(long = "join", value_name = "IP:PORT", value_parser = parse_addr)]
-    join: Vec<SocketAddr>,
+    /// A node to join through, IP:PORT or HOST:PORT; repeatable. Retried until one answers.
+    /// Host names are resolved again on every retry while the agent has no peer, and every
+    /// address a name resolves to is a seed (a Docker network alias, a Kubernetes headless
+    /// Service).
+    #[arg(long = "join", value_name = "HOST:PORT", value_parser = parse_seed)]
+    join: Vec<Seed>,
     /// Timing profile: lan, wan or local.
     #[arg(long, default_value = "lan")]
     profile: Profile,
@@ -217,12 +222,31 @@ fn parse_addr(text: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse() {
         return Ok(addr);
     }
+    // Names are checked first, so that a typo is not reported as a resolver failure.
+    text.parse::<SeedName>()
+        .map_err(|error| format!("{text:?} is not IP:PORT or HOST:PORT: {}", error.reason))?;
     match text.to_socket_addrs() {
         Ok(mut addrs) => addrs
             .next()
             .ok_or_else(|| format!("{text:?} resolves to no address")),
-        Err(_) => Err(format!("{text:?} is not an IP:PORT address")),
+        Err(error) => Err(format!("cannot resolve {text:?}: {error}")),
     }
+}
+
+/// A `--join` seed: an address, or a host name resolved while the agent is alone.
+#[derive(Clone)]
+enum Seed {
+    Addr(SocketAddr),
+    Name(SeedName),
+}
+
+fn parse_seed(text: &str) -> Result<Seed, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(Seed::Addr(addr));
+    }
+    text.parse()
+        .map(Seed::Name)
+        .map_err(|error: grapevine::node::InvalidSeed| error.to_string())
 }
 
 fn main() -> ExitCode {
@@ -598,12 +622,32 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
         ),
         None => None,
     };
+    let (mut seed_addrs, mut seed_names) = (Vec::new(), Vec::new());
+    for seed in args.join {
+        match seed {
+            Seed::Addr(addr) => seed_addrs.push(addr),
+            Seed::Name(name) => seed_names.push(name),
+        }
+    }
+    let advertise = match args.advertise {
+        Some(advertise) => Some(advertise),
+        None if args.bind.ip().is_unspecified() => {
+            let advertise = detect_advertise(args.bind, &seed_addrs, &seed_names)?;
+            tracing::info!(
+                %advertise,
+                "advertising the address of the route to the cluster (set --advertise to choose)"
+            );
+            Some(advertise)
+        }
+        None => None,
+    };
     let mut builder = Node::builder(args.name)
         .bind(args.bind)
-        .seeds(args.join)
+        .seeds(seed_addrs)
+        .seed_names(seed_names)
         .profile(args.profile)
         .allow_remote_control(args.allow_remote_control);
-    if let Some(advertise) = args.advertise {
+    if let Some(advertise) = advertise {
         builder = builder.advertise(advertise);
     }
     use grapevine::net::sealed::{Key, Keyring};
@@ -656,11 +700,35 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The address to advertise when bound to an unspecified IP: the source address of the route
+/// towards the first seed that has an address (or of the default route).
+fn detect_advertise(
+    bind: SocketAddr,
+    addrs: &[SocketAddr],
+    names: &[SeedName],
+) -> grapevine::Result<SocketAddr> {
+    let towards = addrs.first().copied().or_else(|| {
+        names.iter().find_map(|name| {
+            (name.host(), name.port())
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut addrs| addrs.find(|a| a.is_ipv4() == bind.is_ipv4()))
+        })
+    });
+    grapevine::agent::advertise::detect(bind, towards).map_err(|error| {
+        grapevine::Error::Config(format!(
+            "bound to {bind} and no --advertise given: {error}; give --advertise IP:PORT"
+        ))
+    })
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // No colour codes when stderr is a file or a pipe (container logs, journald).
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }

@@ -14,6 +14,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::catalog::CatalogView;
 use super::protocol::{connect, exchange, within, Request, Response};
+use super::seeds::Seeds;
 use super::stats::Stats;
 use super::View;
 use crate::error::{Error, Result};
@@ -89,7 +90,8 @@ pub(crate) struct Driver<T: Transport> {
     pub(crate) tombstone_horizon: Duration,
     pub(crate) events: broadcast::Sender<MemberEvent>,
     pub(crate) stats: Arc<Stats>,
-    pub(crate) seeds: Vec<SocketAddr>,
+    /// Fixed seed addresses and the latest resolution of seed names.
+    pub(crate) seeds: Seeds,
     pub(crate) rng: SmallRng,
     pub(crate) profile: Profile,
     /// Peers whose refusals were already logged.
@@ -373,7 +375,8 @@ impl<T: Transport> Driver<T> {
 
     fn try_join(&mut self, progress: &mut Progress, tasks: &mut JoinSet<Result<Outcome>>) {
         let me = self.membership.identity().addr;
-        let seeds: Vec<SocketAddr> = self.seeds.iter().copied().filter(|s| *s != me).collect();
+        let mut seeds = self.seeds.current();
+        seeds.retain(|s| *s != me);
         if seeds.is_empty() {
             return;
         }

@@ -7,6 +7,7 @@ pub mod control;
 mod driver;
 mod protocol;
 pub mod rpc;
+mod seeds;
 mod server;
 mod stats;
 
@@ -23,6 +24,7 @@ use tokio::task::JoinHandle;
 pub use catalog::{CatalogHandle, Instance, Query, ServiceSummary, ServiceWatch};
 pub use checks::{Check, ServiceHandle};
 pub use config::{ConfigEvent, ConfigHandle, ConfigWatch};
+pub use seeds::{InvalidSeed, SeedName};
 pub use stats::StatsSnapshot;
 
 /// Decodes a request frame as a node's TCP port does (for fuzzing).
@@ -118,6 +120,7 @@ pub struct NodeBuilder {
     bind: SocketAddr,
     advertise: Option<SocketAddr>,
     seeds: Vec<SocketAddr>,
+    seed_names: Vec<SeedName>,
     profile: Profile,
     generation: Option<u64>,
     rng_seed: Option<u64>,
@@ -136,6 +139,7 @@ impl std::fmt::Debug for NodeBuilder {
             .field("bind", &self.bind)
             .field("advertise", &self.advertise)
             .field("seeds", &self.seeds)
+            .field("seed_names", &self.seed_names)
             .field("profile", &self.profile)
             .finish_non_exhaustive()
     }
@@ -185,6 +189,16 @@ impl NodeBuilder {
     /// Addresses of nodes to join through; retried until one answers.
     pub fn seeds(mut self, seeds: impl IntoIterator<Item = SocketAddr>) -> Self {
         self.seeds = seeds.into_iter().collect();
+        self
+    }
+
+    /// Seeds given by host name (`grapevine:7946`), resolved through the system resolver
+    /// (`getaddrinfo`, whatever the node's transport) when the node starts and again on every join retry while it has no live peer, so
+    /// that it follows a seed that moves (a restarted container, the replicas behind a
+    /// Kubernetes headless Service). Every address a name resolves to is a seed. A name
+    /// that does not resolve is logged and retried; it does not stop the node.
+    pub fn seed_names(mut self, names: impl IntoIterator<Item = SeedName>) -> Self {
+        self.seed_names = names.into_iter().collect();
         self
     }
 
@@ -297,6 +311,7 @@ impl NodeBuilder {
         let (catalog_tx, catalog_rx) = watch::channel(Arc::new(CatalogView::default()));
         let (config_seq_tx, config_seq_rx) = watch::channel(0u64);
         let (events_tx, _) = broadcast::channel(EVENT_CHANNEL);
+        let (seeds, seed_resolver) = self.start_seed_resolver(view_rx.clone()).await;
         let stats = Arc::new(stats::Stats::default());
         let shared = Arc::new(Shared {
             commands: commands_tx,
@@ -341,11 +356,11 @@ impl NodeBuilder {
             view: view_tx,
             events: events_tx.clone(),
             stats,
-            seeds: self.seeds,
+            seeds,
             rng: SmallRng::seed_from_u64(rng_seed.rotate_left(17)),
             warned: Default::default(),
         };
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(driver.run()),
             tokio::spawn(server::serve::<T>(
                 listener,
@@ -353,6 +368,7 @@ impl NodeBuilder {
                 server_transport,
             )),
         ];
+        tasks.extend(seed_resolver);
         tracing::info!(%identity, "node started");
         Ok(Node {
             shared,
@@ -362,6 +378,36 @@ impl NodeBuilder {
             connector,
             rpc_client,
         })
+    }
+}
+
+impl NodeBuilder {
+    /// Resolves the seed names once (so the first join attempt has addresses) and starts the
+    /// task that re-resolves them while the node is alone.
+    async fn start_seed_resolver(
+        &self,
+        view: watch::Receiver<Arc<View>>,
+    ) -> (seeds::Seeds, Option<JoinHandle<()>>) {
+        if self.seed_names.is_empty() {
+            return (seeds::Seeds::fixed(self.seeds.clone()), None);
+        }
+        let timeout = self.profile.tcp_timeout();
+        let resolve = move |name| seeds::system_resolve(name, timeout);
+        let mut failing = std::collections::BTreeSet::new();
+        let first = seeds::resolve_all(&self.seed_names, &resolve, &mut failing).await;
+        let (resolved_tx, resolved_rx) = watch::channel(first);
+        let task = tokio::spawn(seeds::keep_resolving(
+            self.seed_names.clone(),
+            resolve,
+            view,
+            resolved_tx,
+            self.profile.join_retry_interval(),
+            failing,
+        ));
+        (
+            seeds::Seeds::with_names(self.seeds.clone(), resolved_rx),
+            Some(task),
+        )
     }
 }
 
@@ -412,6 +458,7 @@ impl Node {
             bind: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             advertise: None,
             seeds: Vec::new(),
+            seed_names: Vec::new(),
             profile: Profile::default(),
             generation: None,
             rng_seed: None,
