@@ -731,3 +731,142 @@ impl ServiceClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::{Registry, RpcService};
+    use serde_bytes::ByteBuf;
+
+    struct Nowhere;
+
+    impl Resolve for Nowhere {
+        fn resolve(&self, _: &str) -> Vec<Endpoint> {
+            Vec::new()
+        }
+    }
+
+    /// A server on loopback: `t.echo` answers at once, `t.later` after yielding (so it runs
+    /// in a task of its own).
+    async fn server() -> SocketAddr {
+        let registry = Arc::new(Registry::default());
+        registry.add(
+            RpcService::new("t")
+                .method("echo", |bytes: ByteBuf| async move { Ok(bytes) })
+                .method("later", |bytes: ByteBuf| async move {
+                    tokio::task::yield_now().await;
+                    Ok(bytes)
+                }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let registry = registry.clone();
+                tokio::spawn(async move {
+                    let mut framed = wire::framed(stream);
+                    // The preface.
+                    if let Some(Ok(_)) = framed.next().await {
+                        let _ = crate::rpc::serve_connection(framed, registry).await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn client() -> RpcClient {
+        RpcClient::new(
+            crate::net::TokioTransport,
+            crate::node::rpc_preface(),
+            Arc::new(Nowhere),
+            1,
+        )
+    }
+
+    fn payload(tag: u64, len: usize) -> ByteBuf {
+        let mut bytes: Vec<u8> = (0..len).map(|i| (i as u64 ^ tag) as u8).collect();
+        bytes[..8.min(len)].copy_from_slice(&tag.to_be_bytes()[..8.min(len)]);
+        ByteBuf::from(bytes)
+    }
+
+    async fn echo(rpc: &RpcClient, addr: SocketAddr, method: &str, request: &ByteBuf) {
+        let reply: ByteBuf = rpc
+            .call_addr(addr, "t", method, request, Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert!(reply == *request, "a reply for another call");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lone_writes_interleave_with_queued_writes() {
+        let addr = server().await;
+        let rpc = client();
+        // A lone caller (it writes its own frames, large ones in part only) alongside
+        // bursts of concurrent callers (queued for the writer task), on one connection.
+        let lone = tokio::spawn({
+            let rpc = rpc.clone();
+            async move {
+                for i in 0..400u64 {
+                    let len = if i % 50 == 7 {
+                        3 << 20
+                    } else {
+                        64 + i as usize
+                    };
+                    let method = if i % 3 == 0 { "later" } else { "echo" };
+                    echo(&rpc, addr, method, &payload(i, len)).await;
+                }
+            }
+        });
+        for round in 0..20u64 {
+            let burst = (0..64u64).map(|k| {
+                let rpc = rpc.clone();
+                async move {
+                    let tag = 1_000_000 + round * 1_000 + k;
+                    let method = if k % 2 == 0 { "later" } else { "echo" };
+                    echo(&rpc, addr, method, &payload(tag, 16 + k as usize * 97)).await;
+                }
+            });
+            futures_util::future::join_all(burst).await;
+            tokio::task::yield_now().await;
+        }
+        tokio::time::timeout(Duration::from_secs(60), lone)
+            .await
+            .expect("the lone caller finished")
+            .unwrap();
+        // One connection carried everything, and it is still usable alone.
+        assert_eq!(lock(&rpc.slots).len(), 1);
+        echo(&rpc, addr, "echo", &payload(9, 64)).await;
+    }
+
+    #[tokio::test]
+    async fn a_late_reply_never_reaches_the_call_reusing_its_slot() {
+        let mut calls = Calls::default();
+        let first = calls.insert();
+        assert_eq!(calls.remove(first), Some(true));
+        let second = calls.insert();
+        assert_eq!(
+            first & 0xffff_ffff,
+            second & 0xffff_ffff,
+            "the slot is reused"
+        );
+        assert!(calls.complete(first, Ok(vec![1])).is_none());
+        assert!(matches!(calls.slot(second), Some(CallSlot::Waiting { .. })));
+        calls.complete(second, Ok(vec![2]));
+        assert!(matches!(
+            calls.slot(second),
+            Some(CallSlot::Done { result: Ok(bytes), .. }) if bytes == &vec![2]
+        ));
+        // A failed connection fails every waiting call, and refuses new ones.
+        let third = calls.insert();
+        calls.fail_all("gone");
+        assert!(matches!(
+            calls.slot(third),
+            Some(CallSlot::Done {
+                result: Err(RpcError::Unavailable { .. }),
+                ..
+            })
+        ));
+        assert!(calls.failed.is_some());
+    }
+}

@@ -248,6 +248,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
             let mut progressed = false;
             // Answers of spawned calls.
             while let Poll::Ready(Some((id, outcome, call))) = self.done_rx.poll_recv(cx) {
+                progressed = true;
                 self.running.remove(&id);
                 push_reply(&mut self.output, id, outcome);
                 self.unflushed.push(call);
@@ -272,8 +273,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
                 }
             }
             // One write for everything answered so far.
+            let answered = self.unflushed.len();
             if let Poll::Ready(Err(error)) = self.poll_write_out(cx) {
                 return Poll::Ready(Err(error.to_string()));
+            }
+            // Flushed replies free room under the bound: read again.
+            if answered > 0 && self.unflushed.is_empty() {
+                progressed = true;
             }
             if self.read_closed
                 && (!until_idle || (self.running.is_empty() && self.unflushed.is_empty()))
@@ -417,5 +423,278 @@ fn push_reply(output: &mut BytesMut, id: u64, outcome: Outcome) {
         };
         // A short error message always encodes.
         let _ = protocol::encode_into(&fallback, output);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire;
+    use futures_util::StreamExt;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncWriteExt, DuplexStream};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// Counts handlers started, finished, and dropped before finishing (cancelled).
+    #[derive(Default)]
+    struct Counts {
+        started: AtomicUsize,
+        finished: AtomicUsize,
+        dropped: AtomicUsize,
+    }
+
+    struct DropWatch(Arc<Counts>, bool);
+
+    impl Drop for DropWatch {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.dropped.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// `t.echo` answers at once; `t.wait` waits for `gate`; `t.panic` panics on first poll.
+    fn registry(gate: Arc<Notify>, counts: Arc<Counts>) -> Arc<Registry> {
+        let registry = Arc::new(Registry::default());
+        registry.add(
+            RpcService::new("t")
+                .method("echo", |bytes: ByteBuf| async move { Ok(bytes) })
+                .method("wait", move |n: u64| {
+                    let (gate, counts) = (gate.clone(), counts.clone());
+                    async move {
+                        counts.started.fetch_add(1, Ordering::SeqCst);
+                        let mut watch = DropWatch(counts.clone(), false);
+                        gate.notified().await;
+                        watch.1 = true;
+                        counts.finished.fetch_add(1, Ordering::SeqCst);
+                        Ok(n)
+                    }
+                })
+                .method("panic", |(): ()| async move {
+                    if true {
+                        panic!("on purpose");
+                    }
+                    Ok(())
+                }),
+        );
+        registry
+    }
+
+    struct Client {
+        framed: Framed<DuplexStream, LengthDelimitedCodec>,
+    }
+
+    impl Client {
+        fn start(registry: Arc<Registry>, capacity: usize) -> Client {
+            let (ours, theirs) = tokio::io::duplex(capacity);
+            tokio::spawn(serve_connection(wire::framed(theirs), registry));
+            Client {
+                framed: wire::framed(ours),
+            }
+        }
+
+        async fn call<T: Serialize>(&mut self, id: u64, method: &str, value: &T, timeout_ms: u32) {
+            let payload = protocol::to_payload(value).unwrap();
+            let frame = Frame::Call {
+                id,
+                service: "t",
+                method,
+                timeout_ms,
+                payload: &payload,
+            };
+            self.write(&frame).await;
+        }
+
+        async fn write(&mut self, frame: &Frame<'_>) {
+            let mut bytes = BytesMut::new();
+            protocol::encode_into(frame, &mut bytes).unwrap();
+            self.framed.get_mut().write_all(&bytes).await.unwrap();
+        }
+
+        async fn reply(&mut self) -> (u64, Outcome) {
+            let bytes = tokio::time::timeout(WAIT, self.framed.next())
+                .await
+                .expect("a reply in time")
+                .expect("connection open")
+                .unwrap();
+            match protocol::decode(&bytes).unwrap() {
+                Frame::Reply { id, outcome } => (id, outcome),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn payload_of<T: DeserializeOwned>(outcome: Outcome) -> T {
+        match outcome {
+            Outcome::Ok(bytes) => protocol::from_payload(&bytes).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn inline_answers_spawned_calls_deadlines_and_panics() {
+        let (gate, counts) = (Arc::new(Notify::new()), Arc::new(Counts::default()));
+        let registry = registry(gate.clone(), counts.clone());
+        let mut client = Client::start(registry.clone(), 64 * 1024);
+        // Answered inline, in order, while a waiting call runs in a task of its own.
+        client.call(1, "wait", &7u64, 5_000).await;
+        until("the waiting call started", || {
+            counts.started.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        for id in 2..20u64 {
+            client
+                .call(id, "echo", &ByteBuf::from(vec![id as u8; 64]), 5_000)
+                .await;
+            let (got, outcome) = client.reply().await;
+            assert_eq!(got, id);
+            assert_eq!(
+                payload_of::<ByteBuf>(outcome).into_vec(),
+                vec![id as u8; 64]
+            );
+        }
+        gate.notify_one();
+        let (id, outcome) = client.reply().await;
+        assert_eq!((id, payload_of::<u64>(outcome)), (1, 7));
+        // A deadline already passed: not even started.
+        client.call(30, "wait", &1u64, 0).await;
+        assert!(matches!(
+            client.reply().await,
+            (30, Outcome::DeadlineExceeded)
+        ));
+        // A deadline that passes while the handler waits: dropped on the server, answered.
+        client.call(31, "wait", &1u64, 50).await;
+        assert!(matches!(
+            client.reply().await,
+            (31, Outcome::DeadlineExceeded)
+        ));
+        until("the late call was dropped", || {
+            counts.dropped.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        // A handler that panics on its first poll fails its call, not the connection.
+        client.call(32, "panic", &(), 5_000).await;
+        assert!(matches!(client.reply().await, (32, Outcome::BadRequest(_))));
+        client
+            .call(33, "echo", &ByteBuf::from(vec![1]), 5_000)
+            .await;
+        assert_eq!(client.reply().await.0, 33);
+        // Garbage closes the connection.
+        client
+            .framed
+            .get_mut()
+            .write_all(&[0, 0, 0, 2, 0xff, 0xff])
+            .await
+            .unwrap();
+        let end = tokio::time::timeout(WAIT, client.framed.next())
+            .await
+            .unwrap();
+        assert!(matches!(end, None | Some(Err(_))), "{end:?}");
+        until("every call accounted", || registry.in_flight() == 0).await;
+        assert_eq!(counts.finished.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn cancel_drops_a_running_call_and_leaves_inline_answers_alone() {
+        let (gate, counts) = (Arc::new(Notify::new()), Arc::new(Counts::default()));
+        let registry = registry(gate.clone(), counts.clone());
+        let mut client = Client::start(registry.clone(), 64 * 1024);
+        client.call(1, "wait", &1u64, 30_000).await;
+        until("started", || counts.started.load(Ordering::SeqCst) == 1).await;
+        client.write(&Frame::Cancel { id: 1 }).await;
+        until("dropped", || counts.dropped.load(Ordering::SeqCst) == 1).await;
+        until("released", || registry.in_flight() == 0).await;
+        // A cancel for a call answered inline (or unknown) changes nothing.
+        client.call(2, "echo", &ByteBuf::from(vec![2]), 5_000).await;
+        client.write(&Frame::Cancel { id: 2 }).await;
+        client.write(&Frame::Cancel { id: 99 }).await;
+        client.call(3, "echo", &ByteBuf::from(vec![3]), 5_000).await;
+        // No reply for the cancelled call: the next replies are 2 and 3.
+        assert_eq!(client.reply().await.0, 2);
+        assert_eq!(client.reply().await.0, 3);
+        assert_eq!(counts.finished.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_inline_replies_to_leave_and_refuses_new_calls() {
+        let (gate, counts) = (Arc::new(Notify::new()), Arc::new(Counts::default()));
+        let registry = registry(gate, counts);
+        // A pipe too small for the reply: the inline answer cannot be written until the
+        // client reads, so the call still counts as running.
+        let mut client = Client::start(registry.clone(), 256);
+        client
+            .call(1, "echo", &ByteBuf::from(vec![5; 4_000]), 5_000)
+            .await;
+        until("answered", || registry.in_flight() == 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            registry.in_flight(),
+            1,
+            "released before its reply was written"
+        );
+        let draining = tokio::spawn({
+            let registry = registry.clone();
+            async move { registry.drain(WAIT).await }
+        });
+        until("draining", || registry.draining.load(Ordering::SeqCst)).await;
+        let (id, outcome) = client.reply().await;
+        assert_eq!(id, 1);
+        assert_eq!(payload_of::<ByteBuf>(outcome).len(), 4_000);
+        assert_eq!(draining.await.unwrap(), 0);
+        // New calls are refused with a retryable error, inline or not.
+        client.call(2, "echo", &ByteBuf::from(vec![1]), 5_000).await;
+        client.call(3, "wait", &1u64, 5_000).await;
+        assert!(matches!(client.reply().await, (2, Outcome::Unavailable(_))));
+        assert!(matches!(client.reply().await, (3, Outcome::Unavailable(_))));
+        assert_eq!(registry.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn calls_in_flight_per_connection_are_bounded() {
+        let (gate, counts) = (Arc::new(Notify::new()), Arc::new(Counts::default()));
+        let registry = registry(gate.clone(), counts.clone());
+        let mut client = Client::start(registry.clone(), 1024 * 1024);
+        let total = MAX_IN_FLIGHT_PER_CONNECTION as u64 + 100;
+        for id in 0..total {
+            client.call(id, "wait", &id, 30_000).await;
+        }
+        until("the bound is reached", || {
+            counts.started.load(Ordering::SeqCst) == MAX_IN_FLIGHT_PER_CONNECTION
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            counts.started.load(Ordering::SeqCst),
+            MAX_IN_FLIGHT_PER_CONNECTION,
+            "the server read past its bound"
+        );
+        let mut answered = std::collections::BTreeSet::new();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while (answered.len() as u64) < total {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "calls left unanswered"
+            );
+            // Calls read after the first ones finish start waiting later: release again.
+            gate.notify_waiters();
+            let next = tokio::time::timeout(Duration::from_millis(50), client.framed.next());
+            let Ok(bytes) = next.await else { continue };
+            let bytes = bytes.expect("connection open").unwrap();
+            let Frame::Reply { id, outcome } = protocol::decode(&bytes).unwrap() else {
+                panic!("not a reply");
+            };
+            assert_eq!(payload_of::<u64>(outcome), id);
+            assert!(answered.insert(id));
+        }
+        until("released", || registry.in_flight() == 0).await;
     }
 }
