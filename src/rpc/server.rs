@@ -214,9 +214,9 @@ struct ServerConnection<S> {
     framed: Framed<S, LengthDelimitedCodec>,
     /// Encoded replies not yet written.
     output: BytesMut,
-    /// Calls whose reply is in `output` (or written but not yet flushed): each still counts
-    /// as running, so a drain waits for its reply to leave.
-    unflushed: Vec<InFlight>,
+    /// Replies in `output` (or written but not yet flushed), each with its call's count
+    /// (a drain waits for the reply to leave). Refusals count against the bound too.
+    unflushed: Vec<Option<InFlight>>,
     needs_flush: bool,
     registry: Arc<Registry>,
     /// Calls running in tasks of their own, by id (for cancellation).
@@ -251,7 +251,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
                 progressed = true;
                 self.running.remove(&id);
                 push_reply(&mut self.output, id, outcome);
-                self.unflushed.push(call);
+                self.unflushed.push(Some(call));
             }
             // Calls, as long as the connection's bound allows (back-pressure).
             while !self.read_closed && self.in_flight() < MAX_IN_FLIGHT_PER_CONNECTION {
@@ -323,6 +323,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
         let Some(call) = InFlight::start(&self.registry) else {
             let outcome = Outcome::Unavailable("node is leaving".into());
             push_reply(&mut self.output, id, outcome);
+            self.unflushed.push(None);
             return;
         };
         let handler = match self.registry.handler(service, method) {
@@ -361,7 +362,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
 
     fn answer(&mut self, id: u64, outcome: Outcome, call: InFlight) {
         push_reply(&mut self.output, id, outcome);
-        self.unflushed.push(call);
+        self.unflushed.push(Some(call));
     }
 
     /// Writes and flushes the output; releases the calls answered once it is flushed.
@@ -433,6 +434,7 @@ mod tests {
     use futures_util::StreamExt;
     use std::sync::atomic::AtomicUsize;
     use tokio::io::{AsyncWriteExt, DuplexStream};
+    use tokio_util::codec::FramedRead;
 
     const WAIT: Duration = Duration::from_secs(10);
 
@@ -656,6 +658,51 @@ mod tests {
         assert!(matches!(client.reply().await, (2, Outcome::Unavailable(_))));
         assert!(matches!(client.reply().await, (3, Outcome::Unavailable(_))));
         assert_eq!(registry.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn refusals_while_draining_count_against_the_bound() {
+        let (gate, counts) = (Arc::new(Notify::new()), Arc::new(Counts::default()));
+        let registry = registry(gate, counts);
+        assert_eq!(registry.drain(Duration::ZERO).await, 0);
+        let mut client = Client::start(registry, 64 * 1024);
+        // A client that sends and never reads: the server stops reading once its replies
+        // back up, instead of queueing refusals without bound.
+        let mut calls = BytesMut::new();
+        let total = 20_000u64;
+        for id in 0..total {
+            let frame = Frame::Call {
+                id,
+                service: "t",
+                method: "echo",
+                timeout_ms: 5_000,
+                payload: &[0],
+            };
+            protocol::encode_into(&frame, &mut calls).unwrap();
+        }
+        let (mut reader, mut writer) = tokio::io::split(client.framed.into_inner());
+        let sending = tokio::spawn(async move { writer.write_all(&calls).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !sending.is_finished(),
+            "the server read everything without answering"
+        );
+        // Reading the replies lets the rest through; every call is refused, retryably.
+        let mut replies = FramedRead::new(&mut reader, LengthDelimitedCodec::new());
+        let mut refused = 0;
+        while refused < total {
+            let bytes = tokio::time::timeout(WAIT, replies.next())
+                .await
+                .expect("replies keep coming")
+                .expect("open")
+                .unwrap();
+            let Frame::Reply { outcome, .. } = protocol::decode(&bytes).unwrap() else {
+                panic!("not a reply");
+            };
+            assert!(matches!(outcome, Outcome::Unavailable(_)), "{outcome:?}");
+            refused += 1;
+        }
+        sending.await.unwrap().unwrap();
     }
 
     #[tokio::test]
