@@ -665,7 +665,7 @@ mod tests {
         let (gate, counts) = (Arc::new(Notify::new()), Arc::new(Counts::default()));
         let registry = registry(gate, counts);
         assert_eq!(registry.drain(Duration::ZERO).await, 0);
-        let mut client = Client::start(registry, 64 * 1024);
+        let client = Client::start(registry, 64 * 1024);
         // A client that sends and never reads: the server stops reading once its replies
         // back up, instead of queueing refusals without bound.
         let mut calls = BytesMut::new();
