@@ -1,19 +1,25 @@
 //! The calling side: a pool of multiplexed connections, resolution and load balancing.
 
 use std::collections::{BTreeSet, HashMap};
+use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::{Buf, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_bytes::ByteBuf;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use tokio_util::codec::FramedRead;
 
 use super::protocol::{self, Frame};
 use super::{RpcError, DEFAULT_TIMEOUT, MAX_IN_FLIGHT_PER_CONNECTION};
@@ -48,15 +54,193 @@ pub enum LoadBalance {
     PreferLocal,
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Vec<u8>, RpcError>>>>>;
+/// The write half of a connection, type-erased (plain or sealed streams).
+type WriteHalf = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// What one connection's callers, reader and writer share.
+struct Shared {
+    calls: Mutex<Calls>,
+    outbox: Mutex<Outbox>,
+    /// Wakes the writer task when frames are queued (or when it must stop).
+    wake_writer: Notify,
+    closed: AtomicBool,
+}
+
+/// Frames on their way to the socket.
+struct Outbox {
+    /// The write half; taken by the writer task while it writes (so nothing interleaves).
+    io: Option<WriteHalf>,
+    /// Encoded frames not yet written.
+    queued: BytesMut,
+    /// Bytes were written that a flush must still push out (sealed streams buffer).
+    needs_flush: bool,
+    /// The connection is gone: the writer task ends.
+    stopped: bool,
+}
+
+/// Calls awaiting their reply, in a slab: a call's id carries its slot (low 32 bits) and a
+/// sequence number (high 32 bits), so a late reply never reaches a reused slot's new call.
+#[derive(Default)]
+struct Calls {
+    slots: Vec<CallSlot>,
+    free: Vec<u32>,
+    sequence: u32,
+    /// Why the connection failed, once it has.
+    failed: Option<String>,
+}
+
+enum CallSlot {
+    Free,
+    Waiting {
+        id: u64,
+        waker: Option<Waker>,
+    },
+    Done {
+        id: u64,
+        result: Result<Vec<u8>, RpcError>,
+    },
+}
+
+impl Calls {
+    fn insert(&mut self) -> u64 {
+        self.sequence = self.sequence.wrapping_add(1);
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None => {
+                self.slots.push(CallSlot::Free);
+                // At most MAX_IN_FLIGHT_PER_CONNECTION slots: callers hold a permit.
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let id = (u64::from(self.sequence) << 32) | u64::from(index);
+        self.slots[index as usize] = CallSlot::Waiting { id, waker: None };
+        id
+    }
+
+    fn slot(&mut self, id: u64) -> Option<&mut CallSlot> {
+        let slot = self.slots.get_mut((id & u64::from(u32::MAX)) as usize)?;
+        match slot {
+            CallSlot::Waiting { id: held, .. } | CallSlot::Done { id: held, .. } if *held == id => {
+                Some(slot)
+            }
+            _ => None,
+        }
+    }
+
+    /// Frees call `id`'s slot; returns whether it was still waiting for its reply.
+    fn remove(&mut self, id: u64) -> Option<bool> {
+        let slot = self.slot(id)?;
+        let waiting = matches!(slot, CallSlot::Waiting { .. });
+        *slot = CallSlot::Free;
+        self.free.push((id & u64::from(u32::MAX)) as u32);
+        Some(waiting)
+    }
+
+    /// Records the outcome of call `id`; returns the waker to wake.
+    fn complete(&mut self, id: u64, result: Result<Vec<u8>, RpcError>) -> Option<Waker> {
+        let slot = self.slot(id)?;
+        let CallSlot::Waiting { waker, .. } = slot else {
+            return None;
+        };
+        let waker = waker.take();
+        *slot = CallSlot::Done { id, result };
+        waker
+    }
+
+    /// Fails every waiting call; returns the wakers to wake.
+    fn fail_all(&mut self, reason: &str) -> Vec<Waker> {
+        self.failed.get_or_insert_with(|| reason.to_string());
+        let mut wakers = Vec::new();
+        for slot in &mut self.slots {
+            if let CallSlot::Waiting { id, waker } = slot {
+                wakers.extend(waker.take());
+                *slot = CallSlot::Done {
+                    id: *id,
+                    result: Err(RpcError::Unavailable {
+                        reason: reason.to_string(),
+                        retryable: false,
+                    }),
+                };
+            }
+        }
+        wakers
+    }
+}
+
+impl Shared {
+    /// Marks the connection failed: every waiting call fails at once, the writer stops.
+    fn fail(&self, reason: &str) {
+        self.closed.store(true, Ordering::Release);
+        let wakers = lock(&self.calls).fail_all(reason);
+        for waker in wakers {
+            waker.wake();
+        }
+        lock(&self.outbox).stopped = true;
+        self.wake_writer.notify_one();
+    }
+
+    /// Queues a frame. `alone`: the only call in flight writes it at once itself, when the
+    /// socket takes it without waiting (no hand-off to the writer task on the sequential
+    /// path); otherwise the writer task sends everything queued in one write.
+    fn send(&self, frame: &Frame<'_>, alone: bool) -> Result<(), RpcError> {
+        let mut outbox = lock(&self.outbox);
+        if outbox.stopped {
+            return Err(closed(true));
+        }
+        let idle = outbox.queued.is_empty() && !outbox.needs_flush;
+        protocol::encode_into(frame, &mut outbox.queued)?;
+        let outbox = &mut *outbox;
+        let Some(io) = outbox.io.as_mut() else {
+            // The writer task is writing; it looks at the queue again when done.
+            return Ok(());
+        };
+        if alone && idle {
+            // A waker that does nothing: if the socket is not ready, the writer task takes
+            // over with a waker of its own.
+            let mut cx = Context::from_waker(Waker::noop());
+            while !outbox.queued.is_empty() {
+                match io.as_mut().poll_write(&mut cx, &outbox.queued) {
+                    Poll::Ready(Ok(written)) if written > 0 => {
+                        outbox.queued.advance(written);
+                        outbox.needs_flush = true;
+                    }
+                    // Errors and stalls: the writer task deals with them.
+                    _ => break,
+                }
+            }
+            if outbox.queued.is_empty()
+                && matches!(io.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(())))
+            {
+                outbox.needs_flush = false;
+                return Ok(());
+            }
+        }
+        self.wake_writer.notify_one();
+        Ok(())
+    }
+}
+
+fn closed(retryable: bool) -> RpcError {
+    RpcError::Unavailable {
+        reason: "connection closed".into(),
+        retryable,
+    }
+}
 
 /// One multiplexed connection to a peer.
 struct Connection {
-    frames: mpsc::Sender<bytes::Bytes>,
-    pending: Pending,
-    next_id: AtomicU64,
-    in_flight: Arc<Semaphore>,
-    closed: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    in_flight: Semaphore,
+    reader: AbortHandle,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // No caller is left: stop both tasks, which closes the socket.
+        self.reader.abort();
+        lock(&self.shared.outbox).stopped = true;
+        self.shared.wake_writer.notify_one();
+    }
 }
 
 impl Connection {
@@ -79,46 +263,32 @@ impl Connection {
             .send(preface)
             .await
             .map_err(|error| unavailable(format!("{addr}: {error}")))?;
-        let (mut sink, mut stream) = framed.split();
-        let (frames, mut outgoing) = mpsc::channel::<bytes::Bytes>(MAX_IN_FLIGHT_PER_CONNECTION);
-        let pending: Pending = Arc::default();
-        let closed = Arc::new(AtomicBool::new(false));
-        let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
-        let writer_in_flight = in_flight.clone();
-        // Writer: batches frames, flushing when the queue runs dry.
-        let writer_closed = closed.clone();
-        tokio::spawn(async move {
-            'outer: while let Some(frame) = outgoing.recv().await {
-                if sink.feed(frame).await.is_err() {
-                    break;
-                }
-                // With other calls in flight, let them queue their frames first so that one
-                // write carries many (a lone call's frame goes at once).
-                if MAX_IN_FLIGHT_PER_CONNECTION - writer_in_flight.available_permits() > 1 {
-                    tokio::task::yield_now().await;
-                }
-                while let Ok(frame) = outgoing.try_recv() {
-                    if sink.feed(frame).await.is_err() {
-                        break 'outer;
-                    }
-                }
-                if sink.flush().await.is_err() {
-                    break;
-                }
-            }
-            writer_closed.store(true, Ordering::Release);
+        let parts = framed.into_parts();
+        let (read_half, write_half) = tokio::io::split(parts.io);
+        let shared = Arc::new(Shared {
+            calls: Mutex::default(),
+            outbox: Mutex::new(Outbox {
+                io: Some(Box::pin(write_half)),
+                queued: BytesMut::new(),
+                needs_flush: false,
+                stopped: false,
+            }),
+            wake_writer: Notify::new(),
+            closed: AtomicBool::new(false),
         });
-        // Reader: routes replies to their callers; on loss fails every pending call at once.
-        let reader_pending = pending.clone();
-        let reader_closed = closed.clone();
-        tokio::spawn(async move {
+        tokio::spawn(write_queued(shared.clone(), addr));
+        // Reader: routes replies to their callers; on loss fails every waiting call at once.
+        let mut frames = FramedRead::new(read_half, parts.codec);
+        let reader_shared = shared.clone();
+        let reader = tokio::spawn(async move {
             let reason = loop {
-                match stream.next().await {
+                match frames.next().await {
                     Some(Ok(bytes)) => match protocol::decode(&bytes) {
                         Ok(Frame::Reply { id, outcome }) => {
-                            let waiter = lock(&reader_pending).remove(&id);
-                            if let Some(waiter) = waiter {
-                                let _ = waiter.send(outcome.into_result(Duration::ZERO));
+                            let result = outcome.into_result(Duration::ZERO);
+                            let waker = lock(&reader_shared.calls).complete(id, result);
+                            if let Some(waker) = waker {
+                                waker.wake();
                             }
                         }
                         Ok(_) => break format!("{addr} sent a frame a server must not send"),
@@ -128,103 +298,140 @@ impl Connection {
                     None => break format!("{addr} closed the connection"),
                 }
             };
-            reader_closed.store(true, Ordering::Release);
-            for (_, waiter) in lock(&reader_pending).drain() {
-                let _ = waiter.send(Err(RpcError::Unavailable {
-                    reason: reason.clone(),
-                    retryable: false,
-                }));
-            }
+            reader_shared.fail(&reason);
         });
         Ok(Connection {
-            frames,
-            pending,
-            next_id: AtomicU64::new(1),
-            in_flight,
-            closed,
+            shared,
+            in_flight: Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION),
+            reader: reader.abort_handle(),
         })
     }
 
     fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.shared.closed.load(Ordering::Acquire)
     }
 
     fn load(&self) -> usize {
         MAX_IN_FLIGHT_PER_CONNECTION - self.in_flight.available_permits()
     }
 
+    /// Runs one call; the caller bounds it with the call's deadline.
     async fn call(
         &self,
         service: &str,
         method: &str,
-        payload: Vec<u8>,
-        timeout: Duration,
+        payload: &[u8],
+        deadline: Instant,
     ) -> Result<Vec<u8>, RpcError> {
-        let deadline = Instant::now() + timeout;
-        let work = async {
-            // Back-pressure: wait for a slot rather than queue without bound.
-            let _permit = self
-                .in_flight
-                .acquire()
-                .await
-                .map_err(|_| RpcError::Unavailable {
-                    reason: "connection closed".into(),
-                    retryable: true,
-                })?;
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let frame = protocol::encode(&Frame::Call {
-                id,
-                service: service.to_string(),
-                method: method.to_string(),
-                timeout_ms: u32::try_from(remaining.as_millis()).unwrap_or(u32::MAX),
-                payload: ByteBuf::from(payload),
-            })?;
-            let (reply, answer) = oneshot::channel();
-            lock(&self.pending).insert(id, reply);
-            // Dropping this future (caller gave up, or timed out) cancels on the server.
-            let mut cancel = CancelOnDrop {
-                connection: self,
-                id,
-                armed: true,
-            };
-            if self.frames.send(frame).await.is_err() {
-                cancel.armed = false;
-                lock(&self.pending).remove(&id);
-                return Err(RpcError::Unavailable {
-                    reason: "connection closed".into(),
-                    retryable: true,
-                });
-            }
-            let result = answer.await.unwrap_or_else(|_| {
-                Err(RpcError::Unavailable {
-                    reason: "connection closed".into(),
-                    retryable: false,
-                })
-            });
-            cancel.armed = false;
-            result
+        // Back-pressure: wait for a slot rather than queue without bound.
+        let _permit = match self.in_flight.try_acquire() {
+            Ok(permit) => permit,
+            Err(_) => self.in_flight.acquire().await.map_err(|_| closed(true))?,
         };
-        match tokio::time::timeout_at(deadline, work).await {
-            Ok(Err(RpcError::Timeout(_))) | Err(_) => Err(RpcError::Timeout(timeout)),
-            Ok(result) => result,
+        let alone = self.load() == 1;
+        let id = {
+            let mut calls = lock(&self.shared.calls);
+            if calls.failed.is_some() {
+                return Err(closed(true));
+            }
+            calls.insert()
+        };
+        // Dropping this future (caller gave up, or timed out) cancels on the server.
+        let mut cancel = CancelOnDrop {
+            shared: &self.shared,
+            id,
+            armed: true,
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let frame = Frame::Call {
+            id,
+            service,
+            method,
+            timeout_ms: u32::try_from(remaining.as_millis()).unwrap_or(u32::MAX),
+            payload,
+        };
+        if let Err(error) = self.shared.send(&frame, alone) {
+            cancel.armed = false;
+            lock(&self.shared.calls).remove(id);
+            return Err(error);
+        }
+        let result = poll_fn(|cx| self.poll_reply(id, cx)).await;
+        cancel.armed = false;
+        result
+    }
+
+    fn poll_reply(&self, id: u64, cx: &mut Context<'_>) -> Poll<Result<Vec<u8>, RpcError>> {
+        let mut calls = lock(&self.shared.calls);
+        match calls.slot(id) {
+            Some(CallSlot::Waiting { waker, .. }) => {
+                match waker {
+                    Some(waker) if waker.will_wake(cx.waker()) => {}
+                    _ => *waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+            Some(CallSlot::Done { result, .. }) => {
+                let result = std::mem::replace(result, Err(closed(false)));
+                calls.remove(id);
+                Poll::Ready(result)
+            }
+            Some(CallSlot::Free) | None => Poll::Ready(Err(closed(false))),
+        }
+    }
+}
+
+/// The writer task: sends whatever callers queued, many frames per write under load.
+async fn write_queued(shared: Arc<Shared>, addr: SocketAddr) {
+    let mut batch = BytesMut::new();
+    loop {
+        shared.wake_writer.notified().await;
+        // Let the other calls in flight queue their frames first, so that one write
+        // carries many.
+        tokio::task::yield_now().await;
+        loop {
+            let (mut io, flush) = {
+                let mut outbox = lock(&shared.outbox);
+                if outbox.stopped {
+                    return;
+                }
+                if outbox.queued.is_empty() && !outbox.needs_flush {
+                    break;
+                }
+                let Some(io) = outbox.io.take() else {
+                    return;
+                };
+                std::mem::swap(&mut batch, &mut outbox.queued);
+                (io, std::mem::take(&mut outbox.needs_flush))
+            };
+            let written = async {
+                io.write_all(&batch).await?;
+                if flush || !batch.is_empty() {
+                    io.flush().await?;
+                }
+                Ok::<(), std::io::Error>(())
+            }
+            .await;
+            batch.clear();
+            if let Err(error) = written {
+                shared.fail(&format!("writing to {addr} failed: {error}"));
+                return;
+            }
+            lock(&shared.outbox).io = Some(io);
         }
     }
 }
 
 struct CancelOnDrop<'a> {
-    connection: &'a Connection,
+    shared: &'a Shared,
     id: u64,
     armed: bool,
 }
 
 impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            lock(&self.connection.pending).remove(&self.id);
-            if let Ok(frame) = protocol::encode(&Frame::Cancel { id: self.id }) {
-                let _ = self.connection.frames.try_send(frame);
-            }
+        if self.armed && lock(&self.shared.calls).remove(self.id) == Some(true) {
+            // Still running on the server: tell it (best effort, never waits).
+            let _ = self.shared.send(&Frame::Cancel { id: self.id }, false);
         }
     }
 }
@@ -233,12 +440,19 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Per peer: the live connection, or when to try again after a failure.
+/// Per peer: the live connection, and who is dialing (with its backoff after failures).
 #[derive(Default)]
-struct Slot {
+struct Peer {
+    /// Read on every call: behind the pool's plain mutex, no await.
     connection: Option<Arc<Connection>>,
+    dialing: Arc<tokio::sync::Mutex<Backoff>>,
+}
+
+/// When to try a failed peer again.
+#[derive(Default)]
+struct Backoff {
     retry_at: Option<Instant>,
-    backoff: Duration,
+    delay: Duration,
 }
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -257,7 +471,7 @@ type Connect = Arc<
 /// clone.
 #[derive(Clone)]
 pub struct RpcClient {
-    slots: Arc<Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Slot>>>>>,
+    slots: Arc<Mutex<HashMap<SocketAddr, Peer>>>,
     connect: Connect,
     resolver: Arc<dyn Resolve>,
     rng: Arc<Mutex<SmallRng>>,
@@ -308,16 +522,26 @@ impl RpcClient {
         }
     }
 
+    /// The live connection to `addr`, or a new one (one dial at a time per peer).
     async fn connection(&self, addr: SocketAddr) -> Result<Arc<Connection>, RpcError> {
-        let slot = lock(&self.slots).entry(addr).or_default().clone();
-        let mut slot = slot.lock().await;
-        if let Some(connection) = &slot.connection {
-            if !connection.is_closed() {
-                return Ok(connection.clone());
+        let dialing = {
+            let mut slots = lock(&self.slots);
+            let peer = slots.entry(addr).or_default();
+            match &peer.connection {
+                Some(connection) if !connection.is_closed() => return Ok(connection.clone()),
+                _ => peer.dialing.clone(),
             }
-            slot.connection = None;
+        };
+        let mut backoff = dialing.lock().await;
+        // Someone else may have connected while this call waited its turn.
+        if let Some(connection) = lock(&self.slots)
+            .get(&addr)
+            .and_then(|peer| peer.connection.clone())
+            .filter(|connection| !connection.is_closed())
+        {
+            return Ok(connection);
         }
-        if let Some(retry_at) = slot.retry_at {
+        if let Some(retry_at) = backoff.retry_at {
             if Instant::now() < retry_at {
                 return Err(RpcError::Unavailable {
                     reason: format!("{addr} failed recently; retrying after a backoff"),
@@ -328,14 +552,13 @@ impl RpcClient {
         match (self.connect)(addr).await {
             Ok(connection) => {
                 let connection = Arc::new(connection);
-                slot.connection = Some(connection.clone());
-                slot.retry_at = None;
-                slot.backoff = Duration::ZERO;
+                lock(&self.slots).entry(addr).or_default().connection = Some(connection.clone());
+                *backoff = Backoff::default();
                 Ok(connection)
             }
             Err(error) => {
-                slot.backoff = (slot.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
-                slot.retry_at = Some(Instant::now() + slot.backoff);
+                backoff.delay = (backoff.delay * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
+                backoff.retry_at = Some(Instant::now() + backoff.delay);
                 Err(error)
             }
         }
@@ -356,7 +579,7 @@ impl RpcClient {
     {
         let payload = protocol::to_payload(request)?;
         let bytes = self
-            .call_raw(addr, service, method, payload, timeout)
+            .call_raw(addr, service, method, &payload, timeout)
             .await?;
         protocol::from_payload(&bytes)
     }
@@ -366,29 +589,27 @@ impl RpcClient {
         addr: SocketAddr,
         service: &str,
         method: &str,
-        payload: Vec<u8>,
+        payload: &[u8],
         timeout: Duration,
     ) -> Result<Vec<u8>, RpcError> {
-        // The call's deadline covers connecting too (an unreachable peer may never answer).
-        let started = Instant::now();
-        let connection = tokio::time::timeout(timeout, self.connection(addr))
-            .await
-            .map_err(|_| RpcError::Timeout(timeout))??;
-        let remaining = timeout.saturating_sub(started.elapsed());
-        if remaining.is_zero() {
-            return Err(RpcError::Timeout(timeout));
+        // One deadline (one timer) covers connecting too: an unreachable peer may never
+        // answer.
+        let deadline = Instant::now() + timeout;
+        let call = async {
+            let connection = self.connection(addr).await?;
+            connection.call(service, method, payload, deadline).await
+        };
+        match tokio::time::timeout_at(deadline, call).await {
+            Ok(Err(RpcError::Timeout(_))) | Err(_) => Err(RpcError::Timeout(timeout)),
+            Ok(result) => result,
         }
-        connection.call(service, method, payload, remaining).await
     }
 
     fn load_of(&self, addr: SocketAddr) -> usize {
-        let slot = lock(&self.slots).get(&addr).cloned();
-        slot.and_then(|slot| {
-            slot.try_lock()
-                .ok()
-                .and_then(|s| s.connection.as_ref().map(|c| c.load()))
-        })
-        .unwrap_or(0)
+        lock(&self.slots)
+            .get(&addr)
+            .and_then(|peer| peer.connection.as_ref().map(|c| c.load()))
+            .unwrap_or(0)
     }
 
     fn pick(&self, candidates: &[Endpoint], policy: LoadBalance) -> Option<SocketAddr> {
@@ -484,7 +705,7 @@ impl ServiceClient {
             }
             let result = self
                 .rpc
-                .call_raw(addr, &self.service, method, payload.clone(), remaining)
+                .call_raw(addr, &self.service, method, &payload, remaining)
                 .await;
             match result {
                 Ok(bytes) => return protocol::from_payload(&bytes),
@@ -508,5 +729,144 @@ impl ServiceClient {
                 Err(error) => return Err(error),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::{Registry, RpcService};
+    use serde_bytes::ByteBuf;
+
+    struct Nowhere;
+
+    impl Resolve for Nowhere {
+        fn resolve(&self, _: &str) -> Vec<Endpoint> {
+            Vec::new()
+        }
+    }
+
+    /// A server on loopback: `t.echo` answers at once, `t.later` after yielding (so it runs
+    /// in a task of its own).
+    async fn server() -> SocketAddr {
+        let registry = Arc::new(Registry::default());
+        registry.add(
+            RpcService::new("t")
+                .method("echo", |bytes: ByteBuf| async move { Ok(bytes) })
+                .method("later", |bytes: ByteBuf| async move {
+                    tokio::task::yield_now().await;
+                    Ok(bytes)
+                }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let registry = registry.clone();
+                tokio::spawn(async move {
+                    let mut framed = wire::framed(stream);
+                    // The preface.
+                    if let Some(Ok(_)) = framed.next().await {
+                        let _ = crate::rpc::serve_connection(framed, registry).await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn client() -> RpcClient {
+        RpcClient::new(
+            crate::net::TokioTransport,
+            crate::node::rpc_preface(),
+            Arc::new(Nowhere),
+            1,
+        )
+    }
+
+    fn payload(tag: u64, len: usize) -> ByteBuf {
+        let mut bytes: Vec<u8> = (0..len).map(|i| (i as u64 ^ tag) as u8).collect();
+        bytes[..8.min(len)].copy_from_slice(&tag.to_be_bytes()[..8.min(len)]);
+        ByteBuf::from(bytes)
+    }
+
+    async fn echo(rpc: &RpcClient, addr: SocketAddr, method: &str, request: &ByteBuf) {
+        let reply: ByteBuf = rpc
+            .call_addr(addr, "t", method, request, Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert!(reply == *request, "a reply for another call");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lone_writes_interleave_with_queued_writes() {
+        let addr = server().await;
+        let rpc = client();
+        // A lone caller (it writes its own frames, large ones in part only) alongside
+        // bursts of concurrent callers (queued for the writer task), on one connection.
+        let lone = tokio::spawn({
+            let rpc = rpc.clone();
+            async move {
+                for i in 0..400u64 {
+                    let len = if i % 50 == 7 {
+                        3 << 20
+                    } else {
+                        64 + i as usize
+                    };
+                    let method = if i % 3 == 0 { "later" } else { "echo" };
+                    echo(&rpc, addr, method, &payload(i, len)).await;
+                }
+            }
+        });
+        for round in 0..20u64 {
+            let burst = (0..64u64).map(|k| {
+                let rpc = rpc.clone();
+                async move {
+                    let tag = 1_000_000 + round * 1_000 + k;
+                    let method = if k % 2 == 0 { "later" } else { "echo" };
+                    echo(&rpc, addr, method, &payload(tag, 16 + k as usize * 97)).await;
+                }
+            });
+            futures_util::future::join_all(burst).await;
+            tokio::task::yield_now().await;
+        }
+        tokio::time::timeout(Duration::from_secs(60), lone)
+            .await
+            .expect("the lone caller finished")
+            .unwrap();
+        // One connection carried everything, and it is still usable alone.
+        assert_eq!(lock(&rpc.slots).len(), 1);
+        echo(&rpc, addr, "echo", &payload(9, 64)).await;
+    }
+
+    #[tokio::test]
+    async fn a_late_reply_never_reaches_the_call_reusing_its_slot() {
+        let mut calls = Calls::default();
+        let first = calls.insert();
+        assert_eq!(calls.remove(first), Some(true));
+        let second = calls.insert();
+        assert_eq!(
+            first & 0xffff_ffff,
+            second & 0xffff_ffff,
+            "the slot is reused"
+        );
+        assert!(calls.complete(first, Ok(vec![1])).is_none());
+        assert!(matches!(calls.slot(second), Some(CallSlot::Waiting { .. })));
+        calls.complete(second, Ok(vec![2]));
+        assert!(matches!(
+            calls.slot(second),
+            Some(CallSlot::Done { result: Ok(bytes), .. }) if bytes == &vec![2]
+        ));
+        // A failed connection fails every waiting call, and refuses new ones.
+        let third = calls.insert();
+        calls.fail_all("gone");
+        assert!(matches!(
+            calls.slot(third),
+            Some(CallSlot::Done {
+                result: Err(RpcError::Unavailable { .. }),
+                ..
+            })
+        ));
+        assert!(calls.failed.is_some());
     }
 }

@@ -1,5 +1,10 @@
 //! Frames of an RPC connection.
+//!
+//! A frame is a 4-byte big-endian length, then the bincode encoding of a [`Frame`]. Calls
+//! borrow their strings and payload from the buffer they are encoded from or decoded in, so
+//! neither side allocates to send or to receive a call.
 
+use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
@@ -8,15 +13,18 @@ use crate::wire;
 
 /// One frame on an RPC connection, either direction.
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum Frame {
+pub(crate) enum Frame<'a> {
     /// Client → server: run a method.
     Call {
         id: u64,
-        service: String,
-        method: String,
+        #[serde(borrow)]
+        service: &'a str,
+        #[serde(borrow)]
+        method: &'a str,
         /// Milliseconds the caller still waits; the server drops the call after that.
         timeout_ms: u32,
-        payload: ByteBuf,
+        #[serde(borrow, with = "serde_bytes")]
+        payload: &'a [u8],
     },
     /// Client → server: the caller gave up on call `id`.
     Cancel { id: u64 },
@@ -51,22 +59,53 @@ impl Outcome {
     }
 }
 
-/// Encodes a frame, refusing payloads above the limit.
-pub(crate) fn encode(frame: &Frame) -> Result<bytes::Bytes, RpcError> {
-    wire::encode_frame(frame)
-        .map(bytes::Bytes::from)
-        .map_err(|error| match error {
-            wire::WireError::TooLarge { size, .. } => RpcError::FrameTooLarge {
-                size,
-                limit: MAX_PAYLOAD,
-            },
-            other => RpcError::Protocol(other.to_string()),
-        })
+/// The frame encoding: the same bincode configuration as every other TCP frame.
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ wire::MAX_FRAME * 2 }>()
 }
 
-/// Decodes a frame.
-pub(crate) fn decode(bytes: &[u8]) -> Result<Frame, RpcError> {
-    wire::decode_frame(bytes).map_err(|error| RpcError::Protocol(error.to_string()))
+/// Appends `frame`, length prefix included, to `out`; refuses frames above the limit
+/// (leaving `out` as it was).
+pub(crate) fn encode_into(frame: &Frame<'_>, out: &mut BytesMut) -> Result<(), RpcError> {
+    let start = out.len();
+    out.put_u32(0);
+    let written = bincode::serde::encode_into_std_write(frame, &mut (&mut *out).writer(), config());
+    let size = match written {
+        Ok(size) => size,
+        Err(error) => {
+            out.truncate(start);
+            return Err(RpcError::Protocol(error.to_string()));
+        }
+    };
+    if size > wire::MAX_FRAME {
+        out.truncate(start);
+        return Err(RpcError::FrameTooLarge {
+            size,
+            limit: MAX_PAYLOAD,
+        });
+    }
+    // `size` fits in a u32: it is at most MAX_FRAME.
+    out[start..start + 4].copy_from_slice(&(size as u32).to_be_bytes());
+    Ok(())
+}
+
+/// Decodes one frame (without its length prefix); strings and payload borrow from `bytes`.
+pub(crate) fn decode(bytes: &[u8]) -> Result<Frame<'_>, RpcError> {
+    if bytes.len() > wire::MAX_FRAME {
+        return Err(RpcError::FrameTooLarge {
+            size: bytes.len(),
+            limit: wire::MAX_FRAME,
+        });
+    }
+    let (frame, used) = bincode::serde::borrow_decode_from_slice(bytes, config())
+        .map_err(|error| RpcError::Protocol(format!("malformed message: {error}")))?;
+    if used != bytes.len() {
+        return Err(RpcError::Protocol(format!(
+            "malformed message: {} trailing bytes",
+            bytes.len() - used
+        )));
+    }
+    Ok(frame)
 }
 
 /// Serializes a typed value into a payload.
@@ -85,4 +124,90 @@ pub(crate) fn to_payload<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, Rp
 /// Deserializes a typed value from a payload; trailing bytes are an error.
 pub(crate) fn from_payload<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, RpcError> {
     wire::decode_frame(bytes).map_err(|error| RpcError::Protocol(error.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_with_their_length_prefix() {
+        let mut out = BytesMut::new();
+        let call = Frame::Call {
+            id: 7 << 32 | 3,
+            service: "echo",
+            method: "say",
+            timeout_ms: 250,
+            payload: &[1, 2, 3],
+        };
+        encode_into(&call, &mut out).unwrap();
+        encode_into(&Frame::Cancel { id: 9 }, &mut out).unwrap();
+        let len = u32::from_be_bytes(out[..4].try_into().unwrap()) as usize;
+        match decode(&out[4..4 + len]).unwrap() {
+            Frame::Call {
+                id,
+                service,
+                method,
+                timeout_ms,
+                payload,
+            } => {
+                assert_eq!(
+                    (id, service, method, timeout_ms),
+                    (7 << 32 | 3, "echo", "say", 250)
+                );
+                assert_eq!(payload, &[1, 2, 3]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let rest = &out[4 + len..];
+        let len2 = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+        assert_eq!(len2 + 4, rest.len());
+        assert!(matches!(
+            decode(&rest[4..]).unwrap(),
+            Frame::Cancel { id: 9 }
+        ));
+    }
+
+    #[test]
+    fn the_borrowed_call_is_the_owned_call_on_the_wire() {
+        // The borrowed frame must keep the encoding of the owned one (String, ByteBuf).
+        #[derive(Serialize)]
+        enum Owned {
+            Call {
+                id: u64,
+                service: String,
+                method: String,
+                timeout_ms: u32,
+                payload: ByteBuf,
+            },
+        }
+        let owned = wire::encode_frame(&Owned::Call {
+            id: 1,
+            service: "s".into(),
+            method: "m".into(),
+            timeout_ms: 5,
+            payload: ByteBuf::from(vec![9; 70]),
+        })
+        .unwrap();
+        let mut out = BytesMut::new();
+        let call = Frame::Call {
+            id: 1,
+            service: "s",
+            method: "m",
+            timeout_ms: 5,
+            payload: &[9; 70],
+        };
+        encode_into(&call, &mut out).unwrap();
+        assert_eq!(&out[4..], &owned[..]);
+    }
+
+    #[test]
+    fn garbage_and_trailing_bytes_are_refused() {
+        assert!(decode(&[0xde, 0xad, 0xbe, 0xef]).is_err());
+        let mut out = BytesMut::new();
+        encode_into(&Frame::Cancel { id: 1 }, &mut out).unwrap();
+        let mut frame = out[4..].to_vec();
+        frame.push(0);
+        assert!(decode(&frame).is_err());
+    }
 }

@@ -1,17 +1,22 @@
 //! The serving side: registered services, and the loop of one RPC connection.
 
 use std::collections::HashMap;
-use std::future::Future;
+use std::future::{poll_fn, Future};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use bytes::{Buf, BytesMut};
+use futures_util::FutureExt;
+use futures_util::Stream;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_bytes::ByteBuf;
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, Notify};
 use tokio::task::AbortHandle;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
@@ -19,7 +24,8 @@ use super::protocol::{self, Frame, Outcome};
 use super::{AppError, MAX_IN_FLIGHT_PER_CONNECTION};
 
 type HandlerFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
-type Handler = Arc<dyn Fn(Vec<u8>) -> HandlerFuture + Send + Sync>;
+/// Decodes the request (at once, from the frame's buffer) and returns the work to run.
+type Handler = Arc<dyn Fn(&[u8]) -> HandlerFuture + Send + Sync>;
 
 /// A service: named methods, each a typed async function.
 #[derive(Clone)]
@@ -62,15 +68,17 @@ impl RpcService {
         F: Fn(Req) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Resp, AppError>> + Send + 'static,
     {
-        let handler = Arc::new(handler);
-        let erased: Handler = Arc::new(move |payload: Vec<u8>| {
-            let handler = handler.clone();
+        let erased: Handler = Arc::new(move |payload: &[u8]| {
+            let request: Req = match protocol::from_payload(payload) {
+                Ok(request) => request,
+                Err(error) => {
+                    let outcome = Outcome::BadRequest(error.to_string());
+                    return Box::pin(std::future::ready(outcome)) as HandlerFuture;
+                }
+            };
+            let work = handler(request);
             Box::pin(async move {
-                let request: Req = match protocol::from_payload(&payload) {
-                    Ok(request) => request,
-                    Err(error) => return Outcome::BadRequest(error.to_string()),
-                };
-                match handler(request).await {
+                match work.await {
                     Ok(response) => match protocol::to_payload(&response) {
                         Ok(bytes) => Outcome::Ok(ByteBuf::from(bytes)),
                         Err(error) => Outcome::BadRequest(error.to_string()),
@@ -137,13 +145,14 @@ impl Registry {
 
     /// Calls currently running.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     /// Refuses new calls (with a retryable error) and waits, at most `limit`, for the
     /// running ones to finish. Returns how many were still running at the end.
     pub async fn drain(&self, limit: Duration) -> usize {
-        self.draining.store(true, Ordering::Release);
+        // SeqCst, paired with `InFlight::start`: a call either sees the drain or is counted.
+        self.draining.store(true, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let idle = self.idle.notified();
@@ -164,183 +173,575 @@ impl Registry {
 }
 
 /// Serves one RPC connection until the client closes it or sends garbage.
+///
+/// One task reads calls, runs them and writes the replies. A handler that finishes on its
+/// first poll (most do) is answered inline; only handlers that wait are spawned, under the
+/// call's deadline. The replies of one read burst go out in one write.
 pub(crate) async fn serve_connection<S>(
     framed: Framed<S, LengthDelimitedCodec>,
     registry: Arc<Registry>,
 ) -> Result<(), String>
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sink, mut stream) = framed.split();
-    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
-    let writer_permits = permits.clone();
-    let (replies, mut outgoing) = mpsc::channel::<Reply>(MAX_IN_FLIGHT_PER_CONNECTION);
-    // Writes replies, flushing only when no more are queued (batches under load). A call
-    // counts as running until its reply is flushed, so a drain waits for the reply too.
-    let writer = tokio::spawn(async move {
-        let mut written: Vec<Option<CallGuard>> = Vec::new();
-        while let Some((frame, guard)) = outgoing.recv().await {
-            written.push(guard);
-            if sink.feed(frame).await.is_err() {
-                return;
+    let (done_tx, done_rx) = mpsc::channel(MAX_IN_FLIGHT_PER_CONNECTION);
+    let mut connection = ServerConnection {
+        framed,
+        output: BytesMut::new(),
+        unflushed: Vec::new(),
+        needs_flush: false,
+        registry,
+        running: HashMap::new(),
+        done_tx,
+        done_rx,
+        read_closed: false,
+    };
+    poll_fn(|cx| connection.poll_serve(cx, false)).await?;
+    // The client closed its side: let running calls answer, briefly.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        poll_fn(|cx| connection.poll_serve(cx, true)),
+    )
+    .await;
+    Ok(())
+}
+
+/// What a spawned call sends back when done.
+type Done = (u64, Outcome, InFlight);
+
+struct ServerConnection<S> {
+    /// Reads length-checked frames; replies bypass it (written from `output`).
+    framed: Framed<S, LengthDelimitedCodec>,
+    /// Encoded replies not yet written.
+    output: BytesMut,
+    /// Replies in `output` (or written but not yet flushed), each with its call's count
+    /// (a drain waits for the reply to leave). Refusals count against the bound too.
+    unflushed: Vec<Option<InFlight>>,
+    needs_flush: bool,
+    registry: Arc<Registry>,
+    /// Calls running in tasks of their own, by id (for cancellation).
+    running: HashMap<u64, AbortHandle>,
+    done_tx: mpsc::Sender<Done>,
+    done_rx: mpsc::Receiver<Done>,
+    read_closed: bool,
+}
+
+impl<S> Drop for ServerConnection<S> {
+    fn drop(&mut self) {
+        // The client is gone (or the node stops): its calls have no one to answer to.
+        for (_, task) in self.running.drain() {
+            task.abort();
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
+    /// Calls counted against the per-connection bound.
+    fn in_flight(&self) -> usize {
+        self.running.len() + self.unflushed.len()
+    }
+
+    /// Serves until the client closes its side (`Ready(Ok)`), or, with `until_idle`, until
+    /// every running call is answered and flushed as well.
+    fn poll_serve(&mut self, cx: &mut Context<'_>, until_idle: bool) -> Poll<Result<(), String>> {
+        loop {
+            let mut progressed = false;
+            // Answers of spawned calls.
+            while let Poll::Ready(Some((id, outcome, call))) = self.done_rx.poll_recv(cx) {
+                progressed = true;
+                self.running.remove(&id);
+                push_reply(&mut self.output, id, outcome);
+                self.unflushed.push(Some(call));
             }
-            // With other calls running, let them queue their replies first so that one
-            // write carries many (a lone call's reply goes at once).
-            if MAX_IN_FLIGHT_PER_CONNECTION - writer_permits.available_permits() > 1 {
-                tokio::task::yield_now().await;
-            }
-            while let Ok((frame, guard)) = outgoing.try_recv() {
-                written.push(guard);
-                if sink.feed(frame).await.is_err() {
-                    return;
+            // Calls, as long as the connection's bound allows (back-pressure).
+            while !self.read_closed && self.in_flight() < MAX_IN_FLIGHT_PER_CONNECTION {
+                match Pin::new(&mut self.framed).poll_next(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        progressed = true;
+                        self.handle_frame(cx, &frame)?;
+                        // Everything read is handled: answer before reading again (one
+                        // write per read burst, and no wasted read before a lone reply).
+                        if self.framed.read_buffer().is_empty() {
+                            if let Poll::Ready(Err(error)) = self.poll_write_out(cx) {
+                                return Poll::Ready(Err(error.to_string()));
+                            }
+                        }
+                    }
+                    Poll::Ready(Some(Err(error))) => return Poll::Ready(Err(error.to_string())),
+                    Poll::Ready(None) => self.read_closed = true,
+                    Poll::Pending => break,
                 }
             }
-            if sink.flush().await.is_err() {
-                return;
+            // One write for everything answered so far.
+            let answered = self.unflushed.len();
+            if let Poll::Ready(Err(error)) = self.poll_write_out(cx) {
+                return Poll::Ready(Err(error.to_string()));
             }
-            written.clear();
+            // Flushed replies free room under the bound: read again.
+            if answered > 0 && self.unflushed.is_empty() {
+                progressed = true;
+            }
+            if self.read_closed
+                && (!until_idle || (self.running.is_empty() && self.unflushed.is_empty()))
+            {
+                return Poll::Ready(Ok(()));
+            }
+            if !progressed {
+                return Poll::Pending;
+            }
         }
-    });
-    let running: Arc<Mutex<HashMap<u64, AbortHandle>>> = Arc::default();
-    // However this function ends (client gone, garbage, or the node stopping and dropping
-    // it), the writer and the calls end with it, and the socket closes at once.
-    let _tasks = ConnectionTasks {
-        writer: writer.abort_handle(),
-        running: running.clone(),
-    };
-    let result = loop {
-        let frame = match stream.next().await {
-            Some(Ok(frame)) => frame,
-            Some(Err(error)) => break Err(error.to_string()),
-            None => break Ok(()),
-        };
-        let frame = match protocol::decode(&frame) {
-            Ok(frame) => frame,
-            Err(error) => break Err(error.to_string()),
-        };
-        match frame {
+    }
+
+    fn handle_frame(&mut self, cx: &mut Context<'_>, frame: &[u8]) -> Result<(), String> {
+        match protocol::decode(frame).map_err(|error| error.to_string())? {
             Frame::Call {
                 id,
                 service,
                 method,
                 timeout_ms,
                 payload,
-            } => {
-                let received = tokio::time::Instant::now();
-                let deadline = received + Duration::from_millis(u64::from(timeout_ms));
-                if registry.draining.load(Ordering::Acquire) {
-                    let outcome = Outcome::Unavailable("node is leaving".into());
-                    if send_reply(&replies, id, outcome, None).await.is_err() {
-                        break Ok(());
-                    }
-                    continue;
-                }
-                // Back-pressure: stop reading while too many calls run.
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    break Ok(());
-                };
-                let handler = registry.handler(&service, &method);
-                registry.in_flight.fetch_add(1, Ordering::AcqRel);
-                let guard = CallGuard {
-                    registry: registry.clone(),
-                    running: running.clone(),
-                    id,
-                    _permit: permit,
-                };
-                let replies = replies.clone();
-                // Holding the map while spawning orders our insert before the task's removal.
-                let mut running_now = lock(&running);
-                let task = tokio::spawn(async move {
-                    let guard = guard;
-                    let outcome = match handler {
-                        Err(what) => Outcome::NotFound(what),
-                        // Work whose caller has already given up is not started.
-                        Ok(_) if tokio::time::Instant::now() >= deadline => {
-                            Outcome::DeadlineExceeded
-                        }
-                        Ok(handler) => {
-                            match tokio::time::timeout_at(deadline, handler(payload.into_vec()))
-                                .await
-                            {
-                                Ok(outcome) => outcome,
-                                Err(_) => Outcome::DeadlineExceeded,
-                            }
-                        }
-                    };
-                    let _ = send_reply(&replies, id, outcome, Some(guard)).await;
-                });
-                running_now.insert(id, task.abort_handle());
-                drop(running_now);
-            }
+            } => self.start_call(cx, id, service, method, timeout_ms, payload),
             Frame::Cancel { id } => {
-                if let Some(task) = lock(&running).remove(&id) {
+                if let Some(task) = self.running.remove(&id) {
                     task.abort();
                 }
             }
-            Frame::Reply { .. } => break Err("a client sent a reply".into()),
+            Frame::Reply { .. } => return Err("a client sent a reply".into()),
         }
-    };
-    // Let the writer send what is queued before the guard stops everything.
-    drop(replies);
-    if result.is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+        Ok(())
     }
-    result
-}
 
-struct ConnectionTasks {
-    writer: AbortHandle,
-    running: Arc<Mutex<HashMap<u64, AbortHandle>>>,
-}
-
-impl Drop for ConnectionTasks {
-    fn drop(&mut self) {
-        // The client is gone: its calls have no one to answer to.
-        let running: Vec<_> = lock(&self.running).drain().map(|(_, task)| task).collect();
-        for task in running {
-            task.abort();
+    fn start_call(
+        &mut self,
+        cx: &mut Context<'_>,
+        id: u64,
+        service: &str,
+        method: &str,
+        timeout_ms: u32,
+        payload: &[u8],
+    ) {
+        let Some(call) = InFlight::start(&self.registry) else {
+            let outcome = Outcome::Unavailable("node is leaving".into());
+            push_reply(&mut self.output, id, outcome);
+            self.unflushed.push(None);
+            return;
+        };
+        let handler = match self.registry.handler(service, method) {
+            Ok(handler) => handler,
+            Err(what) => return self.answer(id, Outcome::NotFound(what), call),
+        };
+        // Work whose caller has already given up is not started.
+        if timeout_ms == 0 {
+            return self.answer(id, Outcome::DeadlineExceeded, call);
         }
-        self.writer.abort();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(timeout_ms));
+        let mut work = handler(payload);
+        // Most handlers finish at once: answer inline, without a task or a timer.
+        match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+            Ok(Poll::Ready(outcome)) => return self.answer(id, outcome, call),
+            Ok(Poll::Pending) => {}
+            Err(_) => return self.answer(id, panicked(), call),
+        }
+        let done = self.done_tx.clone();
+        let task =
+            tokio::spawn(async move {
+                let outcome =
+                    match tokio::time::timeout_at(deadline, AssertUnwindSafe(work).catch_unwind())
+                        .await
+                    {
+                        Ok(Ok(outcome)) => outcome,
+                        Ok(Err(_)) => panicked(),
+                        Err(_) => Outcome::DeadlineExceeded,
+                    };
+                // The connection holds at most MAX_IN_FLIGHT_PER_CONNECTION calls, each sending
+                // once: this never waits. If the connection is gone, `call` is released here.
+                let _ = done.send((id, outcome, call)).await;
+            });
+        self.running.insert(id, task.abort_handle());
+    }
+
+    fn answer(&mut self, id: u64, outcome: Outcome, call: InFlight) {
+        push_reply(&mut self.output, id, outcome);
+        self.unflushed.push(Some(call));
+    }
+
+    /// Writes and flushes the output; releases the calls answered once it is flushed.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.output.is_empty() {
+            let written = ready!(Pin::new(self.framed.get_mut()).poll_write(cx, &self.output))?;
+            if written == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.output.advance(written);
+            self.needs_flush = true;
+        }
+        if self.needs_flush {
+            ready!(Pin::new(self.framed.get_mut()).poll_flush(cx))?;
+            self.needs_flush = false;
+        }
+        self.unflushed.clear();
+        Poll::Ready(Ok(()))
     }
 }
 
-/// Accounts for a running call, whether it completes or is aborted (cancelled).
-struct CallGuard {
+fn panicked() -> Outcome {
+    Outcome::BadRequest("the handler panicked".into())
+}
+
+/// A call counted as running on the node (for drain), from its start until its reply is
+/// flushed or it is cancelled.
+struct InFlight {
     registry: Arc<Registry>,
-    running: Arc<Mutex<HashMap<u64, AbortHandle>>>,
-    id: u64,
-    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl Drop for CallGuard {
+impl InFlight {
+    /// Counts a new call, unless the node is draining.
+    fn start(registry: &Arc<Registry>) -> Option<InFlight> {
+        // Count first, then check: a drain that starts in between sees this call.
+        registry.in_flight.fetch_add(1, Ordering::SeqCst);
+        let call = InFlight {
+            registry: registry.clone(),
+        };
+        if registry.draining.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(call)
+    }
+}
+
+impl Drop for InFlight {
     fn drop(&mut self) {
-        lock(&self.running).remove(&self.id);
         self.registry.finished();
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
+/// Appends the reply frame; a reply that cannot be encoded becomes an error reply.
+fn push_reply(output: &mut BytesMut, id: u64, outcome: Outcome) {
+    if let Err(error) = protocol::encode_into(&Frame::Reply { id, outcome }, output) {
+        let fallback = Frame::Reply {
+            id,
+            outcome: Outcome::BadRequest(error.to_string()),
+        };
+        // A short error message always encodes.
+        let _ = protocol::encode_into(&fallback, output);
+    }
 }
 
-/// An encoded reply, with the accounting of its call (released once flushed).
-type Reply = (bytes::Bytes, Option<CallGuard>);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire;
+    use futures_util::StreamExt;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncWriteExt, DuplexStream};
+    use tokio_util::codec::FramedRead;
 
-async fn send_reply(
-    replies: &mpsc::Sender<Reply>,
-    id: u64,
-    outcome: Outcome,
-    guard: Option<CallGuard>,
-) -> Result<(), ()> {
-    let frame = match protocol::encode(&Frame::Reply { id, outcome }) {
-        Ok(frame) => frame,
-        Err(error) => {
-            let fallback = Frame::Reply {
-                id,
-                outcome: Outcome::BadRequest(error.to_string()),
-            };
-            protocol::encode(&fallback).map_err(|_| ())?
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// Counts handlers started, finished, and dropped before finishing (cancelled).
+    #[derive(Default)]
+    struct Counts {
+        started: AtomicUsize,
+        finished: AtomicUsize,
+        dropped: AtomicUsize,
+    }
+
+    struct DropWatch(Arc<Counts>, bool);
+
+    impl Drop for DropWatch {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.dropped.fetch_add(1, Ordering::SeqCst);
+            }
         }
-    };
-    replies.send((frame, guard)).await.map_err(|_| ())
+    }
+
+    /// `t.echo` answers at once; `t.wait` waits for `gate`; `t.panic` panics on first poll.
+    fn registry(gate: Arc<Notify>, counts: Arc<Counts>) -> Arc<Registry> {
+        let registry = Arc::new(Registry::default());
+        registry.add(
+            RpcService::new("t")
+                .method("echo", |bytes: ByteBuf| async move { Ok(bytes) })
+                .method("wait", move |n: u64| {
+                    let (gate, counts) = (gate.clone(), counts.clone());
+                    async move {
+                        counts.started.fetch_add(1, Ordering::SeqCst);
+                        let mut watch = DropWatch(counts.clone(), false);
+                        gate.notified().await;
+                        watch.1 = true;
+                        counts.finished.fetch_add(1, Ordering::SeqCst);
+                        Ok(n)
+                    }
+                })
+                .method("panic", |(): ()| async move {
+                    if true {
+                        panic!("on purpose");
+                    }
+                    Ok(())
+                }),
+        );
+        registry
+    }
+
+    struct Client {
+        framed: Framed<DuplexStream, LengthDelimitedCodec>,
+    }
+
+    impl Client {
+        fn start(registry: Arc<Registry>, capacity: usize) -> Client {
+            let (ours, theirs) = tokio::io::duplex(capacity);
+            tokio::spawn(serve_connection(wire::framed(theirs), registry));
+            Client {
+                framed: wire::framed(ours),
+            }
+        }
+
+        async fn call<T: Serialize>(&mut self, id: u64, method: &str, value: &T, timeout_ms: u32) {
+            let payload = protocol::to_payload(value).unwrap();
+            let frame = Frame::Call {
+                id,
+                service: "t",
+                method,
+                timeout_ms,
+                payload: &payload,
+            };
+            self.write(&frame).await;
+        }
+
+        async fn write(&mut self, frame: &Frame<'_>) {
+            let mut bytes = BytesMut::new();
+            protocol::encode_into(frame, &mut bytes).unwrap();
+            self.framed.get_mut().write_all(&bytes).await.unwrap();
+        }
+
+        async fn reply(&mut self) -> (u64, Outcome) {
+            let bytes = tokio::time::timeout(WAIT, self.framed.next())
+                .await
+                .expect("a reply in time")
+                .expect("connection open")
+                .unwrap();
+            match protocol::decode(&bytes).unwrap() {
+                Frame::Reply { id, outcome } => (id, outcome),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn payload_of<T: DeserializeOwned>(outcome: Outcome) -> T {
+        match outcome {
+            Outcome::Ok(bytes) => protocol::from_payload(&bytes).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn inline_answers_spawned_calls_deadlines_and_panics() {
+        let (gate, counts) = (Arc::new(Notify::new()), Arc::new(Counts::default()));
+        let registry = registry(gate.clone(), counts.clone());
+        let mut client = Client::start(registry.clone(), 64 * 1024);
+        // Answered inline, in order, while a waiting call runs in a task of its own.
+        client.call(1, "wait", &7u64, 5_000).await;
+        until("the waiting call started", || {
+            counts.started.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        for id in 2..20u64 {
+            client
+                .call(id, "echo", &ByteBuf::from(vec![id as u8; 64]), 5_000)
+                .await;
+            let (got, outcome) = client.reply().await;
+            assert_eq!(got, id);
+            assert_eq!(
+                payload_of::<ByteBuf>(outcome).into_vec(),
+                vec![id as u8; 64]
+            );
+        }
+        gate.notify_one();
+        let (id, outcome) = client.reply().await;
+        assert_eq!((id, payload_of::<u64>(outcome)), (1, 7));
+        // A deadline already passed: not even started.
+        client.call(30, "wait", &1u64, 0).await;
+        assert!(matches!(
+            client.reply().await,
+            (30, Outcome::DeadlineExceeded)
+        ));
+        // A deadline that passes while the handler waits: dropped on the server, answered.
+        client.call(31, "wait", &1u64, 50).await;
+        assert!(matches!(
+            client.reply().await,
+            (31, Outcome::DeadlineExceeded)
+        ));
+        until("the late call was dropped", || {
+            counts.dropped.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        // A handler that panics on its first poll fails its call, not the connection.
+        client.call(32, "panic", &(), 5_000).await;
+        assert!(matches!(client.reply().await, (32, Outcome::BadRequest(_))));
+        client
+            .call(33, "echo", &ByteBuf::from(vec![1]), 5_000)
+            .await;
+        assert_eq!(client.reply().await.0, 33);
+        // Garbage closes the connection.
+        client
+            .framed
+            .get_mut()
+            .write_all(&[0, 0, 0, 2, 0xff, 0xff])
+            .await
+            .unwrap();
+        let end = tokio::time::timeout(WAIT, client.framed.next())
+            .await
+            .unwrap();
+        assert!(matches!(end, None | Some(Err(_))), "{end:?}");
+        until("every call accounted", || registry.in_flight() == 0).await;
+        assert_eq!(counts.finished.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn cancel_drops_a_running_call_and_leaves_inline_answers_alone() {
+        let (gate, counts) = (Arc::new(Notify::new()), Arc::new(Counts::default()));
+        let registry = registry(gate.clone(), counts.clone());
+        let mut client = Client::start(registry.clone(), 64 * 1024);
+        client.call(1, "wait", &1u64, 30_000).await;
+        until("started", || counts.started.load(Ordering::SeqCst) == 1).await;
+        client.write(&Frame::Cancel { id: 1 }).await;
+        until("dropped", || counts.dropped.load(Ordering::SeqCst) == 1).await;
+        until("released", || registry.in_flight() == 0).await;
+        // A cancel for a call answered inline (or unknown) changes nothing.
+        client.call(2, "echo", &ByteBuf::from(vec![2]), 5_000).await;
+        client.write(&Frame::Cancel { id: 2 }).await;
+        client.write(&Frame::Cancel { id: 99 }).await;
+        client.call(3, "echo", &ByteBuf::from(vec![3]), 5_000).await;
+        // No reply for the cancelled call: the next replies are 2 and 3.
+        assert_eq!(client.reply().await.0, 2);
+        assert_eq!(client.reply().await.0, 3);
+        assert_eq!(counts.finished.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_inline_replies_to_leave_and_refuses_new_calls() {
+        let (gate, counts) = (Arc::new(Notify::new()), Arc::new(Counts::default()));
+        let registry = registry(gate, counts);
+        // A pipe too small for the reply: the inline answer cannot be written until the
+        // client reads, so the call still counts as running.
+        let mut client = Client::start(registry.clone(), 256);
+        client
+            .call(1, "echo", &ByteBuf::from(vec![5; 4_000]), 5_000)
+            .await;
+        until("answered", || registry.in_flight() == 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            registry.in_flight(),
+            1,
+            "released before its reply was written"
+        );
+        let draining = tokio::spawn({
+            let registry = registry.clone();
+            async move { registry.drain(WAIT).await }
+        });
+        until("draining", || registry.draining.load(Ordering::SeqCst)).await;
+        let (id, outcome) = client.reply().await;
+        assert_eq!(id, 1);
+        assert_eq!(payload_of::<ByteBuf>(outcome).len(), 4_000);
+        assert_eq!(draining.await.unwrap(), 0);
+        // New calls are refused with a retryable error, inline or not.
+        client.call(2, "echo", &ByteBuf::from(vec![1]), 5_000).await;
+        client.call(3, "wait", &1u64, 5_000).await;
+        assert!(matches!(client.reply().await, (2, Outcome::Unavailable(_))));
+        assert!(matches!(client.reply().await, (3, Outcome::Unavailable(_))));
+        assert_eq!(registry.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn refusals_while_draining_count_against_the_bound() {
+        let (gate, counts) = (Arc::new(Notify::new()), Arc::new(Counts::default()));
+        let registry = registry(gate, counts);
+        assert_eq!(registry.drain(Duration::ZERO).await, 0);
+        let client = Client::start(registry, 64 * 1024);
+        // A client that sends and never reads: the server stops reading once its replies
+        // back up, instead of queueing refusals without bound.
+        let mut calls = BytesMut::new();
+        let total = 20_000u64;
+        for id in 0..total {
+            let frame = Frame::Call {
+                id,
+                service: "t",
+                method: "echo",
+                timeout_ms: 5_000,
+                payload: &[0],
+            };
+            protocol::encode_into(&frame, &mut calls).unwrap();
+        }
+        let (mut reader, mut writer) = tokio::io::split(client.framed.into_inner());
+        let sending = tokio::spawn(async move { writer.write_all(&calls).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !sending.is_finished(),
+            "the server read everything without answering"
+        );
+        // Reading the replies lets the rest through; every call is refused, retryably.
+        let mut replies = FramedRead::new(&mut reader, LengthDelimitedCodec::new());
+        let mut refused = 0;
+        while refused < total {
+            let bytes = tokio::time::timeout(WAIT, replies.next())
+                .await
+                .expect("replies keep coming")
+                .expect("open")
+                .unwrap();
+            let Frame::Reply { outcome, .. } = protocol::decode(&bytes).unwrap() else {
+                panic!("not a reply");
+            };
+            assert!(matches!(outcome, Outcome::Unavailable(_)), "{outcome:?}");
+            refused += 1;
+        }
+        sending.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn calls_in_flight_per_connection_are_bounded() {
+        let (gate, counts) = (Arc::new(Notify::new()), Arc::new(Counts::default()));
+        let registry = registry(gate.clone(), counts.clone());
+        let mut client = Client::start(registry.clone(), 1024 * 1024);
+        let total = MAX_IN_FLIGHT_PER_CONNECTION as u64 + 100;
+        for id in 0..total {
+            client.call(id, "wait", &id, 30_000).await;
+        }
+        until("the bound is reached", || {
+            counts.started.load(Ordering::SeqCst) == MAX_IN_FLIGHT_PER_CONNECTION
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            counts.started.load(Ordering::SeqCst),
+            MAX_IN_FLIGHT_PER_CONNECTION,
+            "the server read past its bound"
+        );
+        let mut answered = std::collections::BTreeSet::new();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while (answered.len() as u64) < total {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "calls left unanswered"
+            );
+            // Calls read after the first ones finish start waiting later: release again.
+            gate.notify_waiters();
+            let next = tokio::time::timeout(Duration::from_millis(50), client.framed.next());
+            let Ok(bytes) = next.await else { continue };
+            let bytes = bytes.expect("connection open").unwrap();
+            let Frame::Reply { id, outcome } = protocol::decode(&bytes).unwrap() else {
+                panic!("not a reply");
+            };
+            assert_eq!(payload_of::<u64>(outcome), id);
+            assert!(answered.insert(id));
+        }
+        until("released", || registry.in_flight() == 0).await;
+    }
 }
