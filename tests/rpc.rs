@@ -1,15 +1,16 @@
 //! RPC between in-process nodes on loopback.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use grapevine::{AppError, LoadBalance, MemberStatus, Node, Profile, RpcError, RpcService};
+use grapevine::{AppError, LoadBalance, Node, RpcError, RpcService};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const WAIT: Duration = Duration::from_secs(20);
+mod common;
+
+use common::{cluster, start, WAIT};
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 struct Add {
@@ -21,35 +22,6 @@ struct Add {
 struct Sum {
     sum: u64,
     node: String,
-}
-
-async fn start(name: &str, seeds: &[SocketAddr]) -> Node {
-    Node::builder(name)
-        .seeds(seeds.iter().copied())
-        .profile(Profile::Local)
-        .start()
-        .await
-        .expect("node starts")
-}
-
-async fn cluster(size: usize) -> Vec<Node> {
-    let first = start("node-0", &[]).await;
-    let seed = first.addr();
-    let mut nodes = vec![first];
-    for i in 1..size {
-        nodes.push(start(&format!("node-{i}"), &[seed]).await);
-    }
-    for node in &nodes {
-        tokio::time::timeout(
-            WAIT,
-            node.wait_for_members(|m| {
-                m.iter().filter(|m| m.status == MemberStatus::Alive).count() == size
-            }),
-        )
-        .await
-        .expect("converged");
-    }
-    nodes
 }
 
 fn adder(node: &str) -> RpcService {
