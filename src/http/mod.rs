@@ -1,0 +1,272 @@
+//! The agent's sidecar HTTP API: any program, in any language, registers services, looks
+//! them up, reads and writes config and watches both, over JSON on loopback. It also serves
+//! Prometheus metrics (`/metrics`) and a live status page (`/`).
+//!
+//! The endpoints follow the shape of Consul's agent API under `/v1/` (see `docs/openapi.yaml`
+//! and the README's "Sidecar HTTP API" section). Reads are served from the node's published
+//! views; blocking queries (`?index=N&wait=30s`) and Server-Sent Events streams wait on the
+//! node's own change counters, never on polling. Every wait is bounded: `wait` is capped,
+//! concurrent watchers are capped (429 beyond), bodies are size-limited (413), and the
+//! server stops with the agent.
+
+mod api;
+mod prometheus;
+mod query;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::node::{Node, ServiceHandle};
+
+/// Limits of the HTTP API.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Largest request body accepted (default 128 KiB: a config value is at most 64 KiB).
+    pub max_body: usize,
+    /// Blocking queries and event streams open at once (default 256); more get 429.
+    pub max_watchers: usize,
+    /// Longest `wait` of a blocking query (default 10 min, as Consul); longer ones are capped.
+    pub max_wait: Duration,
+    /// `wait` of a blocking query that gives none (default 5 min, as Consul).
+    pub default_wait: Duration,
+    /// Interval of SSE keep-alive comments (default 15 s).
+    pub keep_alive: Duration,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            max_body: 128 * 1024,
+            max_watchers: 256,
+            max_wait: Duration::from_secs(600),
+            default_wait: Duration::from_secs(300),
+            keep_alive: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Errors starting the HTTP server.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The address could not be bound.
+    #[error("cannot bind the HTTP API to {addr}: {source}")]
+    Bind {
+        /// Address asked for.
+        addr: SocketAddr,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// The response header carrying the index of a blocking query's view.
+pub const INDEX_HEADER: &str = "x-grapevine-index";
+
+/// State shared by the handlers.
+pub(crate) struct AppState {
+    pub(crate) node: Arc<Node>,
+    pub(crate) options: HttpOptions,
+    /// Permits for blocking queries and streams.
+    watchers: Arc<Semaphore>,
+    /// Services registered through this API, by id, for their check endpoints.
+    pub(crate) handles: Mutex<std::collections::BTreeMap<String, ServiceHandle>>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) metrics: prometheus::Metrics,
+}
+
+impl AppState {
+    /// A watcher slot, or 429 when every slot is taken.
+    pub(crate) fn watcher(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.watchers.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.watcher_refused();
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "too many blocking queries and streams open (limit {}); retry later",
+                    self.options.max_watchers
+                ),
+            )
+        })
+    }
+
+    /// Watchers open right now.
+    pub(crate) fn watchers_open(&self) -> usize {
+        self.options.max_watchers - self.watchers.available_permits()
+    }
+}
+
+/// An error answered as JSON: `{"error": "..."}` with a fitting status code.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    message: String,
+    /// The index of the view the error was found in (a 404 of a blocking query).
+    index: Option<u64>,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            index: None,
+        }
+    }
+
+    pub(crate) fn with_index(mut self, index: u64) -> Self {
+        self.index = Some(index);
+        self
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.message });
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(index) = self.index {
+            response
+                .headers_mut()
+                .insert(INDEX_HEADER, axum::http::HeaderValue::from(index));
+        }
+        response
+    }
+}
+
+impl From<crate::Error> for ApiError {
+    fn from(error: crate::Error) -> Self {
+        use crate::state::catalog::CatalogError;
+        use crate::state::config::ConfigError;
+        let status = match &error {
+            crate::Error::Catalog(CatalogError::UnknownService(_)) => StatusCode::NOT_FOUND,
+            crate::Error::Catalog(CatalogError::TooManyServices) => StatusCode::CONFLICT,
+            crate::Error::Catalog(_) | crate::Error::Config(_) => StatusCode::BAD_REQUEST,
+            crate::Error::ConfigStore(ConfigError::ValueTooLarge { .. }) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            crate::Error::ConfigStore(_) => StatusCode::BAD_REQUEST,
+            crate::Error::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, error.to_string())
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A running HTTP API. Stops when [`HttpServer::shutdown`] is called or it is dropped.
+pub struct HttpServer {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for HttpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpServer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+/// How long a shutdown waits for open requests before cutting them off.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+impl HttpServer {
+    /// Binds `addr` and serves the API of `node` until shut down.
+    pub async fn start(
+        node: Arc<Node>,
+        addr: SocketAddr,
+        options: HttpOptions,
+    ) -> Result<HttpServer, HttpError> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| HttpError::Bind { addr, source })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| HttpError::Bind { addr, source })?;
+        let shutdown = CancellationToken::new();
+        let state = Arc::new(AppState {
+            node,
+            watchers: Arc::new(Semaphore::new(options.max_watchers)),
+            handles: Mutex::new(Default::default()),
+            shutdown: shutdown.clone(),
+            metrics: prometheus::Metrics::new(),
+            options: options.clone(),
+        });
+        let router = api::router(state).layer(DefaultBodyLimit::max(options.max_body));
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let serving = axum::serve(listener, router)
+                .with_graceful_shutdown(stop.clone().cancelled_owned());
+            if let Err(error) = serving.await {
+                tracing::warn!(%error, "HTTP API stopped");
+            }
+        });
+        tracing::info!(addr = %bound, "HTTP API listening");
+        Ok(HttpServer {
+            addr: bound,
+            shutdown,
+            task: Some(task),
+        })
+    }
+
+    /// The address the API listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting requests, ends open watches and streams, and waits (at most 2 s)
+    /// for the requests in progress.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        if let Some(mut task) = self.task.take() {
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(mut task) = self.task.take() {
+            // Streams end on the token; whatever is still open after the grace is cut off.
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(async move {
+                        if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+                            .await
+                            .is_err()
+                        {
+                            task.abort();
+                        }
+                    });
+                }
+                Err(_) => task.abort(),
+            }
+        }
+    }
+}
