@@ -16,7 +16,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug)]
 pub struct Reply {
     pub status: u16,
-    pub headers: Vec<(String, String)>,
+    pub headers: Headers,
     pub body: Vec<u8>,
 }
 
@@ -96,7 +96,11 @@ pub async fn put(addr: SocketAddr, path: &str, body: &[u8]) -> Reply {
     request(addr, "PUT", path, body).await
 }
 
-fn split_head(raw: &[u8]) -> Option<(u16, Vec<(String, String)>, usize)> {
+/// Header names and values, in order.
+type Headers = Vec<(String, String)>;
+
+/// Status, headers and where the body starts, once the head is complete.
+fn split_head(raw: &[u8]) -> Option<(u16, Headers, usize)> {
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let text = String::from_utf8_lossy(&raw[..end]);
     let mut lines = text.split("\r\n");
