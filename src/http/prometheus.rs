@@ -7,7 +7,10 @@
 
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram, with_local_recorder};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+    with_local_recorder, Unit,
+};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -20,6 +23,83 @@ use crate::state::catalog::Health;
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0,
 ];
+
+/// The `# HELP` lines.
+fn describe() {
+    describe_gauge!(
+        "grapevine_members",
+        "Members as this node sees them, by status."
+    );
+    describe_counter!(
+        "grapevine_gossip_packets_total",
+        "UDP gossip datagrams received (in) and sent (out)."
+    );
+    describe_counter!(
+        "grapevine_gossip_bytes_total",
+        Unit::Bytes,
+        "Bytes of UDP gossip datagrams received (in) and sent (out)."
+    );
+    describe_counter!(
+        "grapevine_gossip_packets_dropped_total",
+        "Datagrams dropped as malformed, oversized or refused."
+    );
+    describe_gauge!(
+        "grapevine_broadcast_queue_depth",
+        "Items waiting in the gossip broadcast queues."
+    );
+    describe_counter!(
+        "grapevine_anti_entropy_rounds_total",
+        "Anti-entropy exchanges this node started, by result."
+    );
+    describe_counter!(
+        "grapevine_push_pull_total",
+        "Member-list push-pulls completed."
+    );
+    describe_counter!(
+        "grapevine_tcp_sync_bytes_total",
+        Unit::Bytes,
+        "Bytes of TCP push-pull and anti-entropy exchanges."
+    );
+    describe_counter!(
+        "grapevine_tcp_connections_total",
+        "Inbound TCP connections: accepted, dropped (bad request), refused (busy)."
+    );
+    describe_gauge!("grapevine_rpc_in_flight", "RPC calls this node is serving.");
+    describe_gauge!(
+        "grapevine_rpc_services_served",
+        "RPC services this node serves."
+    );
+    describe_gauge!(
+        "grapevine_catalog_instances",
+        "Service instances on live nodes, by health."
+    );
+    describe_gauge!(
+        "grapevine_catalog_services",
+        "Services with an instance on a live node."
+    );
+    describe_counter!(
+        "grapevine_catalog_index",
+        "Catalog views published (catalog and membership changes applied)."
+    );
+    describe_gauge!("grapevine_config_keys", "Config keys set.");
+    describe_counter!(
+        "grapevine_config_changes_total",
+        "Config changes this node applied."
+    );
+    describe_gauge!(
+        "grapevine_http_watchers",
+        "Blocking queries and event streams open."
+    );
+    describe_counter!(
+        "grapevine_http_watchers_refused_total",
+        "Blocking queries and streams refused (429) at the watcher limit."
+    );
+    describe_histogram!(
+        "grapevine_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer HTTP API requests (to the first byte for streams)."
+    );
+}
 
 /// A recorder of one HTTP server and the handle that renders it.
 pub(crate) struct Metrics {
@@ -34,6 +114,7 @@ impl Metrics {
             .map(PrometheusBuilder::build_recorder)
             .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
         let handle = recorder.handle();
+        with_local_recorder(&recorder, describe);
         Metrics { recorder, handle }
     }
 
