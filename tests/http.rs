@@ -686,3 +686,28 @@ async fn blocking_query_ends_at_shutdown() {
         "still listening"
     );
 }
+
+#[tokio::test]
+async fn connections_are_capped() {
+    let a = node("a", &[]).await;
+    let options = HttpOptions {
+        max_connections: 2,
+        ..HttpOptions::default()
+    };
+    let http = serve(&a, options).await;
+    let addr = http.local_addr();
+    // Two idle connections take both slots; a third client waits in the backlog.
+    let first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiting = tokio::spawn(async move { get(addr, "/v1/agent/self").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "served beyond the connection cap");
+    drop(first);
+    let reply = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("served once a slot freed")
+        .unwrap();
+    assert_eq!(reply.status, 200);
+    http.shutdown().await;
+}

@@ -39,6 +39,8 @@ pub struct HttpOptions {
     pub default_wait: Duration,
     /// Interval of SSE keep-alive comments (default 15 s).
     pub keep_alive: Duration,
+    /// Connections open at once (default 1,024); more wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 impl Default for HttpOptions {
@@ -49,6 +51,7 @@ impl Default for HttpOptions {
             max_wait: Duration::from_secs(600),
             default_wait: Duration::from_secs(300),
             keep_alive: Duration::from_secs(15),
+            max_connections: 1024,
         }
     }
 }
@@ -166,6 +169,91 @@ impl From<crate::Error> for ApiError {
     }
 }
 
+/// A TCP listener that holds at most a fixed number of connections open: the next accept
+/// waits for a slot, so extra clients queue in the kernel's backlog instead of in memory.
+struct CappedListener {
+    inner: tokio::net::TcpListener,
+    slots: Arc<Semaphore>,
+}
+
+/// A connection holding its slot until it is dropped.
+struct CappedStream {
+    inner: tokio::net::TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl axum::serve::Listener for CappedListener {
+    type Io = CappedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            // The semaphore is never closed; should it be, stop accepting.
+            return std::future::pending().await;
+        };
+        loop {
+            match self.inner.accept().await {
+                Ok((inner, addr)) => return (CappedStream { inner, _slot: slot }, addr),
+                Err(error) => {
+                    // Out of descriptors and the like: pause rather than spin.
+                    tracing::debug!(%error, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+impl tokio::io::AsyncRead for CappedStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CappedStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -214,6 +302,10 @@ impl HttpServer {
         });
         let router = api::router(state).layer(DefaultBodyLimit::max(options.max_body));
         let stop = shutdown.clone();
+        let listener = CappedListener {
+            inner: listener,
+            slots: Arc::new(Semaphore::new(options.max_connections.max(1))),
+        };
         let task = tokio::spawn(async move {
             let serving = axum::serve(listener, router)
                 .with_graceful_shutdown(stop.clone().cancelled_owned());
