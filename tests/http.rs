@@ -271,6 +271,15 @@ async fn bad_registrations_are_refused_with_reasons() {
         );
     }
     assert_eq!(get(addr, "/v1/catalog/services").await.json(), json!({}));
+    // Streams check their input before they start.
+    for path in [
+        "/v1/stream/catalog?service=bad%20name",
+        "/v1/stream/catalog?services=web",
+        "/v1/stream/kv/prod?index=soon",
+    ] {
+        let stream = SseStream::open(addr, path, &[]).await;
+        assert_eq!(stream.status, 400, "{path}");
+    }
     // Wrong method and unknown routes.
     let reply = get(addr, "/v1/agent/service/register").await;
     assert_eq!(reply.status, 405);
@@ -286,6 +295,12 @@ async fn bad_registrations_are_refused_with_reasons() {
         "/v1/health/service/bad%20name",
         "/v1/catalog/services?wait=10x",
         "/metrics?x=1",
+        "/v1/agent/members?index=x",
+        "/v1/agent/services?wait=-1s",
+        "/v1/agent/self?verbose",
+        "/v1/status?x=1",
+        "/v1/kv?recurse=2",
+        "/v1/kv/prod/x?index=1&wait=1d",
     ] {
         let reply = get(addr, path).await;
         assert_eq!(reply.status, 400, "{path}: {}", reply.text());
@@ -640,6 +655,10 @@ async fn two_nodes_metrics_and_status() {
     // Each server renders its own node only.
     let text_a = get(addr_a, "/metrics").await.text();
     assert!(text_a.contains("grapevine_members{status=\"alive\"} 2"));
+    assert!(
+        !text_a.contains("route=\"/v1/health/service/{name}\""),
+        "b's requests leaked into a's metrics:\n{text_a}"
+    );
 
     // The status page and the data it shows.
     let page = get(addr_a, "/").await;

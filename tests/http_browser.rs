@@ -123,9 +123,7 @@ fn local(port: u16) -> SocketAddr {
 /// A blocking `GET`; `None` if the server cannot be reached.
 fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
@@ -154,7 +152,10 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n")?;
     let status = head.split(' ').nth(1)?.parse().ok()?;
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         return Some((status, dechunk(body)));
     }
     Some((status, body.to_string()))
@@ -183,7 +184,10 @@ fn json_get(addr: SocketAddr, path: &str) -> Option<serde_json::Value> {
 fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         thread::sleep(Duration::from_millis(200));
     }
 }
@@ -302,16 +306,22 @@ fn status_page_in_headless_chromium() {
     ) else {
         return;
     };
-    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "http-browser-{}",
-        std::process::id()
-    ));
+    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("http-browser-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
 
     let a = Agent::start("a", None, &["--service", "web:8080:v1", "--no-check"]);
-    let b = Agent::start("b", Some(a.gossip), &["--service", "api:9090", "--no-check"]);
-    let mut c = Agent::start("c", Some(a.gossip), &["--service", "web:8081:v2", "--no-check"]);
+    let b = Agent::start(
+        "b",
+        Some(a.gossip),
+        &["--service", "api:9090", "--no-check"],
+    );
+    let mut c = Agent::start(
+        "c",
+        Some(a.gossip),
+        &["--service", "web:8081:v2", "--no-check"],
+    );
     wait_until("3 alive members and 3 instances on a", CONVERGE, || {
         let members = json_get(a.http, "/v1/agent/members").unwrap_or_default();
         let services = json_get(a.http, "/v1/catalog/services").unwrap_or_default();
@@ -322,8 +332,17 @@ fn status_page_in_headless_chromium() {
             && services["api"]["instances"] == 1
     });
     let mut command = Command::new(BIN);
-    command.args(["config", "set", "prod/web/greeting", "hello", "--agent", &b.gossip.to_string()]);
-    assert!(run_bounded(command, Duration::from_secs(20)).status.success());
+    command.args([
+        "config",
+        "set",
+        "prod/web/greeting",
+        "hello",
+        "--agent",
+        &b.gossip.to_string(),
+    ]);
+    assert!(run_bounded(command, Duration::from_secs(20))
+        .status
+        .success());
     wait_until("the config key on a", CONVERGE, || {
         http_get(a.http, "/v1/kv/prod/web/greeting").is_some_and(|(status, _)| status == 200)
     });
@@ -335,12 +354,20 @@ fn status_page_in_headless_chromium() {
         let row = format!(r#"data-member="{name}" data-status="alive""#);
         assert!(dom.contains(&row), "{row} missing from the page:\n{dom}");
     }
-    for (service, instance) in [("web", "web-8080"), ("web", "web-8081"), ("api", "api-9090")] {
-        let row = format!(r#"data-service="{service}" data-instance="{instance}" data-health="passing""#);
+    for (service, instance) in [
+        ("web", "web-8080"),
+        ("web", "web-8081"),
+        ("api", "api-9090"),
+    ] {
+        let row =
+            format!(r#"data-service="{service}" data-instance="{instance}" data-health="passing""#);
         assert!(dom.contains(&row), "{row} missing from the page:\n{dom}");
     }
     assert!(dom.contains(r#"data-key="prod/web/greeting""#), "{dom}");
-    assert!(dom.contains("<title>grapevine: 3 alive, 0 down</title>"), "{dom}");
+    assert!(
+        dom.contains("<title>grapevine: 3 alive, 0 down</title>"),
+        "{dom}"
+    );
 
     // One page left open: it refreshes itself and sees c go down after a crash.
     let profile = work.join("profile-live");
@@ -358,7 +385,9 @@ fn status_page_in_headless_chromium() {
     });
     let devtools = devtools.unwrap();
     wait_until("the live page showing 3 alive", CONVERGE, || {
-        page_titles(devtools).iter().any(|t| t == "grapevine: 3 alive, 0 down")
+        page_titles(devtools)
+            .iter()
+            .any(|t| t == "grapevine: 3 alive, 0 down")
     });
     c.process.kill(); // kill -9: a crash, not a leave
     let started = Instant::now();
@@ -375,7 +404,10 @@ fn status_page_in_headless_chromium() {
 
     // A fresh load agrees, and a screenshot records it.
     let dom = dump_dom(&browser, &work.join("profile-2"), &url);
-    assert!(dom.contains(r#"data-member="c" data-status="down""#), "{dom}");
+    assert!(
+        dom.contains(r#"data-member="c" data-status="down""#),
+        "{dom}"
+    );
     assert!(
         dom.contains(r#"data-instance="web-8081" data-health="passing" data-node-status="down""#),
         "{dom}"
@@ -391,7 +423,10 @@ fn status_page_in_headless_chromium() {
     let output = run_bounded(command, BROWSER_RUN);
     assert!(output.status.success(), "screenshot failed");
     let png = std::fs::read(&screenshot).expect("screenshot written");
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "not a real screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "not a real screenshot"
+    );
     eprintln!("screenshot: {}", screenshot.display());
     drop((a, b));
     let _ = std::fs::remove_dir_all(&work);
