@@ -442,6 +442,34 @@ async fn blocking_queries_return_on_change_and_on_timeout() {
         "returned on change, not on timeout"
     );
 
+    // A change elsewhere in the catalog moves the index but does not answer the query.
+    let index = changed.index();
+    let waiting = tokio::spawn(async move {
+        get(
+            addr,
+            &format!("/v1/health/service/web?index={index}&wait=30s"),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    put(
+        addr,
+        "/v1/agent/service/register",
+        br#"{"name":"other","port":81}"#,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "woken by another service");
+    put(
+        addr,
+        "/v1/agent/service/register",
+        br#"{"name":"web","id":"web-2","port":82}"#,
+    )
+    .await;
+    let changed = waiting.await.unwrap();
+    assert_eq!(changed.json().as_array().unwrap().len(), 2);
+    assert!(changed.index() >= index + 2);
+
     // Timeout: nothing changes, the query answers the same view with the same index.
     let index = changed.index();
     let started = tokio::time::Instant::now();

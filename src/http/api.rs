@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::query::{parse_duration, Params};
 use super::{ApiError, AppState, INDEX_HEADER};
-use crate::node::{Check, ConfigEvent, Instance, Query};
+use crate::node::{Check, ConfigEvent, Instance, Node, Query};
 use crate::state::catalog::{Health, Service};
 use crate::state::config::{validate_key, MAX_KEY_LEN};
 
@@ -174,26 +174,49 @@ async fn status(State(state): Shared, RawQuery(query): RawQuery) -> Result<Respo
     Ok(Json(body).into_response())
 }
 
-/// Waits, for a blocking query on the catalog, until its index passes the one given (or
-/// the wait ends); returns the index to answer with.
-async fn block_catalog(state: &AppState, params: &Params) -> Result<u64, ApiError> {
+/// Answers a catalog read, as a blocking query when an index is given: it waits until the
+/// catalog index passes that one *and* `read` answers something different from what it
+/// answered at that index (or the wait ends), so that changes elsewhere in the cluster do
+/// not wake every watcher. The index answered is the current one.
+async fn block_catalog<T, F>(
+    state: &AppState,
+    params: &Params,
+    read: F,
+) -> Result<Response, ApiError>
+where
+    T: PartialEq + Serialize,
+    F: Fn(&Node) -> T,
+{
     let catalog = state.node.catalog();
     let wait = params.wait(state.options.default_wait, state.options.max_wait)?;
-    let Some(after) = params.index()? else {
-        return Ok(catalog.index());
-    };
-    // An index from the future (an earlier run of the agent) answers at once with the
-    // current one, which the client then blocks on.
-    if after != catalog.index() {
-        return Ok(catalog.index());
+    let mut index = catalog.index();
+    let before = read(&state.node);
+    // No index, an older one (the view moved on) or one from the future (an earlier run of
+    // the agent): answer at once; the client then blocks on the current index.
+    if params.index()? != Some(index) {
+        return Ok(indexed(index, &before));
     }
     let _permit = state.watcher()?;
-    tokio::select! {
-        biased;
-        () = state.shutdown.cancelled() => {}
-        _ = tokio::time::timeout(wait, catalog.wait_past(after)) => {}
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut changed = None;
+    loop {
+        tokio::select! {
+            biased;
+            () = state.shutdown.cancelled() => break,
+            () = tokio::time::sleep_until(deadline) => break,
+            next = catalog.wait_past(index) => {
+                let Some(next) = next else { break };
+                index = next;
+                let now = read(&state.node);
+                if now != before {
+                    changed = Some(now);
+                    break;
+                }
+            }
+        }
     }
-    Ok(catalog.index())
+    // Without a change, the answer is still what it was at the index given.
+    Ok(indexed(index, &changed.unwrap_or(before)))
 }
 
 /// Waits, for a blocking query on the config store, until something under `prefix` changed
@@ -220,8 +243,7 @@ async fn block_config(state: &AppState, params: &Params, prefix: &str) -> Result
 async fn members(State(state): Shared, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
     let params = Params::parse(query.as_deref(), &["index", "wait"])?;
     // Member changes republish the catalog view, so its index covers them.
-    let index = block_catalog(&state, &params).await?;
-    Ok(indexed(index, &state.node.members()))
+    block_catalog(&state, &params, Node::members).await
 }
 
 async fn agent_services(
@@ -229,17 +251,16 @@ async fn agent_services(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let params = Params::parse(query.as_deref(), &["index", "wait"])?;
-    let index = block_catalog(&state, &params).await?;
-    let local = state.node.identity().name;
-    let services: BTreeMap<String, Instance> = state
-        .node
-        .catalog()
-        .all_instances()
-        .into_iter()
-        .filter(|i| i.node == local)
-        .map(|i| (i.id.clone(), i))
-        .collect();
-    Ok(indexed(index, &services))
+    block_catalog(&state, &params, |node| {
+        let local = node.identity().name;
+        node.catalog()
+            .all_instances()
+            .into_iter()
+            .filter(|i| i.node == local)
+            .map(|i| (i.id.clone(), i))
+            .collect::<BTreeMap<String, Instance>>()
+    })
+    .await
 }
 
 /// A service registration, as `PUT /v1/agent/service/register` takes it.
@@ -392,7 +413,7 @@ async fn check(
     Ok(Json(serde_json::json!({ "id": id, "health": health })).into_response())
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, PartialEq)]
 struct ServiceEntry {
     instances: usize,
     passing: usize,
@@ -404,9 +425,12 @@ async fn catalog_services(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let params = Params::parse(query.as_deref(), &["index", "wait"])?;
-    let index = block_catalog(&state, &params).await?;
+    block_catalog(&state, &params, service_summaries).await
+}
+
+fn service_summaries(node: &Node) -> BTreeMap<String, ServiceEntry> {
     let mut services: BTreeMap<String, ServiceEntry> = BTreeMap::new();
-    for instance in state.node.catalog().all_instances() {
+    for instance in node.catalog().all_instances() {
         if !instance.node_status.is_active() {
             continue;
         }
@@ -421,7 +445,7 @@ async fn catalog_services(
         entry.passing += usize::from(instance.health == Health::Passing);
         entry.tags.extend(instance.tags);
     }
-    Ok(indexed(index, &services))
+    services
 }
 
 fn check_service_name(name: &str) -> Result<(), ApiError> {
@@ -443,9 +467,10 @@ async fn health_service(
     };
     lookup.tags.sort();
     lookup.tags.dedup();
-    let index = block_catalog(&state, &params).await?;
-    let instances = state.node.catalog().lookup_with(&name, &lookup);
-    Ok(indexed(index, &instances))
+    block_catalog(&state, &params, |node| {
+        node.catalog().lookup_with(&name, &lookup)
+    })
+    .await
 }
 
 /// A config entry as JSON: the value as text when it is UTF-8, else as base64.
