@@ -758,3 +758,44 @@ async fn connections_are_capped() {
     assert_eq!(reply.status, 200);
     http.shutdown().await;
 }
+
+#[tokio::test]
+async fn idle_connections_are_closed_but_long_waits_are_not() {
+    let a = node("a", &[]).await;
+    let options = HttpOptions {
+        idle_timeout: Duration::from_millis(500),
+        keep_alive: Duration::from_millis(100),
+        ..HttpOptions::default()
+    };
+    let http = serve(&a, options).await;
+    let addr = http.local_addr();
+    // A client that sends half a request and stops is cut off.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stalled
+        .write_all(b"GET /v1/agent/self HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "a stalled request kept its connection");
+    // A blocking query longer than the idle timeout still gets its answer, and a stream
+    // outlives it too.
+    let index = get(addr, "/v1/catalog/services").await.index();
+    let mut stream = SseStream::open(addr, "/v1/stream/kv", &[]).await;
+    let started = tokio::time::Instant::now();
+    let reply = get(
+        addr,
+        &format!("/v1/catalog/services?index={index}&wait=1500ms"),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+    put(addr, "/v1/kv/prod/late/key", b"1").await;
+    let event = stream
+        .next(EVENT_WAIT)
+        .await
+        .expect("the stream outlived the idle timeout");
+    assert_eq!(event.event, "set");
+    http.shutdown().await;
+}

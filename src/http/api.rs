@@ -69,6 +69,10 @@ async fn record(State(state): Shared, request: Request, next: Next) -> Response 
         .map(|path| path.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
     let method = request.method().to_string();
+    let _running = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<super::ConnectionRequests>>()
+        .map(|info| info.0.start());
     let started = tokio::time::Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16();

@@ -41,6 +41,10 @@ pub struct HttpOptions {
     pub keep_alive: Duration,
     /// Connections open at once (default 1,024); more wait in the listen backlog.
     pub max_connections: usize,
+    /// A connection waiting this long for a request's bytes is closed (default 60 s; at
+    /// least twice `keep_alive`): idle keep-alive connections and clients that never finish
+    /// their request free their slot.
+    pub idle_timeout: Duration,
 }
 
 impl Default for HttpOptions {
@@ -52,6 +56,7 @@ impl Default for HttpOptions {
             default_wait: Duration::from_secs(300),
             keep_alive: Duration::from_secs(15),
             max_connections: 1024,
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -174,12 +179,57 @@ impl From<crate::Error> for ApiError {
 struct CappedListener {
     inner: tokio::net::TcpListener,
     slots: Arc<Semaphore>,
+    idle: Duration,
 }
 
-/// A connection holding its slot until it is dropped.
+/// A connection holding its slot until it is dropped, closed when it waits longer than the
+/// idle timeout for a request's bytes. Writes count as activity, so streams (keep-alive
+/// every 15 s) stay open; a blocking query is a request being answered, not idleness.
 struct CappedStream {
     inner: tokio::net::TcpStream,
     _slot: OwnedSemaphorePermit,
+    idle: Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    requests: ConnectionRequests,
+}
+
+/// Requests of one connection being answered (counted by the router's middleware, which
+/// finds it as the connection's `ConnectInfo`): while one is, the connection is not idle.
+#[derive(Clone, Default)]
+pub(crate) struct ConnectionRequests(Arc<std::sync::atomic::AtomicUsize>);
+
+impl ConnectionRequests {
+    /// Counts a request until the returned guard is dropped.
+    pub(crate) fn start(&self) -> impl Drop {
+        use std::sync::atomic::Ordering;
+        struct Running(Arc<std::sync::atomic::AtomicUsize>);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Running(self.0.clone())
+    }
+
+    fn busy(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, CappedListener>>
+    for ConnectionRequests
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, CappedListener>) -> Self {
+        stream.io().requests.clone()
+    }
+}
+
+impl CappedStream {
+    fn touch(&mut self) {
+        let at = tokio::time::Instant::now() + self.idle;
+        self.timer.as_mut().reset(at);
+    }
 }
 
 impl axum::serve::Listener for CappedListener {
@@ -193,7 +243,16 @@ impl axum::serve::Listener for CappedListener {
         };
         loop {
             match self.inner.accept().await {
-                Ok((inner, addr)) => return (CappedStream { inner, _slot: slot }, addr),
+                Ok((inner, addr)) => {
+                    let stream = CappedStream {
+                        inner,
+                        _slot: slot,
+                        idle: self.idle,
+                        timer: Box::pin(tokio::time::sleep(self.idle)),
+                        requests: ConnectionRequests::default(),
+                    };
+                    return (stream, addr);
+                }
                 Err(error) => {
                     // Out of descriptors and the like: pause rather than spin.
                     tracing::debug!(%error, "HTTP accept failed");
@@ -210,21 +269,50 @@ impl axum::serve::Listener for CappedListener {
 
 impl tokio::io::AsyncRead for CappedStream {
     fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        use std::future::Future;
+        use std::task::Poll;
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    this.touch();
+                }
+                Poll::Ready(result)
+            }
+            // The server also reads while it answers (to notice a client leaving): a long
+            // blocking query is not idleness.
+            Poll::Pending if this.requests.busy() => {
+                this.touch();
+                Poll::Pending
+            }
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "HTTP connection idle for too long",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 }
 
 impl tokio::io::AsyncWrite for CappedStream {
     fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let result = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if matches!(result, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.touch();
+        }
+        result
     }
 
     fn poll_flush(
@@ -242,11 +330,16 @@ impl tokio::io::AsyncWrite for CappedStream {
     }
 
     fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let result = std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if matches!(result, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.touch();
+        }
+        result
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -305,9 +398,12 @@ impl HttpServer {
         let listener = CappedListener {
             inner: listener,
             slots: Arc::new(Semaphore::new(options.max_connections.max(1))),
+            // Streams write a keep-alive every `keep_alive`: never take that for idleness.
+            idle: options.idle_timeout.max(options.keep_alive * 2),
         };
         let task = tokio::spawn(async move {
-            let serving = axum::serve(listener, router)
+            let service = router.into_make_service_with_connect_info::<ConnectionRequests>();
+            let serving = axum::serve(listener, service)
                 .with_graceful_shutdown(stop.clone().cancelled_owned());
             if let Err(error) = serving.await {
                 tracing::warn!(%error, "HTTP API stopped");
