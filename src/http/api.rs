@@ -340,6 +340,12 @@ async fn register(
         return Err(ApiError::bad_request("port must be 1-65535"));
     }
     let id = registration.id.unwrap_or_else(|| registration.name.clone());
+    let (port, tags, meta, address) = (
+        registration.port,
+        registration.tags.clone(),
+        registration.meta.clone(),
+        registration.address,
+    );
     let mut service = Service::new(registration.name, id.clone(), registration.port);
     service.addr = registration.address;
     service.tags = registration.tags;
@@ -366,14 +372,52 @@ async fn register(
         None => state.node.register(service).await?,
     };
     super::lock(&state.handles).insert(id.clone(), handle);
-    let health = state
-        .node
-        .catalog()
-        .all_instances()
-        .into_iter()
-        .find(|i| i.node == state.node.identity().name && i.id == id)
-        .map(|i| i.health);
+    let registered = settle(&state.node, &id, |found| {
+        found.is_some_and(|i| {
+            i.port == port
+                && i.tags == tags
+                && i.meta == meta
+                && address.is_none_or(|a| a == i.addr)
+        })
+    })
+    .await;
+    let health = registered.map(|i| i.health);
     Ok(Json(serde_json::json!({ "id": id, "health": health })).into_response())
+}
+
+/// How long a write waits to show in this agent's own reads.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// Waits (at most [`SETTLE`]) until this node's published catalog shows the instance `id`
+/// as `done` wants, so that a client reads its own write on its next request; returns the
+/// instance as last seen.
+async fn settle(
+    node: &Node,
+    id: &str,
+    done: impl Fn(Option<&Instance>) -> bool,
+) -> Option<Instance> {
+    let catalog = node.catalog();
+    let local = node.identity().name;
+    let find = || {
+        catalog
+            .all_instances()
+            .into_iter()
+            .find(|i| i.node == local && i.id == id)
+    };
+    let wait = async {
+        loop {
+            let index = catalog.index();
+            let found = find();
+            if done(found.as_ref()) {
+                return found;
+            }
+            catalog.wait_past(index).await?;
+        }
+    };
+    match tokio::time::timeout(SETTLE, wait).await {
+        Ok(found) => found,
+        Err(_) => find(),
+    }
 }
 
 async fn deregister(
@@ -384,6 +428,7 @@ async fn deregister(
     Params::parse(query.as_deref(), &[])?;
     state.node.deregister(&id).await?;
     super::lock(&state.handles).remove(&id);
+    settle(&state.node, &id, |found| found.is_none()).await;
     Ok(Json(serde_json::json!({ "deregistered": id })).into_response())
 }
 
@@ -414,6 +459,10 @@ async fn check(
         Health::Warning => handle.warn().await?,
         Health::Critical => handle.fail().await?,
     }
+    settle(&state.node, &id, |found| {
+        found.is_some_and(|i| i.health == health)
+    })
+    .await;
     Ok(Json(serde_json::json!({ "id": id, "health": health })).into_response())
 }
 
