@@ -22,6 +22,7 @@ pub mod agent;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod http;
 pub mod membership;
 pub mod net;
 pub mod node;

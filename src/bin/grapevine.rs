@@ -193,6 +193,11 @@ struct AgentArgs {
     /// Label bound into every sealed message: clusters with different labels never mix.
     #[arg(long, default_value = grapevine::node::DEFAULT_CLUSTER_LABEL)]
     cluster_label: String,
+    /// Serve the sidecar HTTP API, /metrics and the status page on this address (default
+    /// 127.0.0.1:8500 when given bare). A non-loopback address needs --allow-remote-control.
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, num_args = 0..=1,
+          default_missing_value = "127.0.0.1:8500")]
+    http: Option<SocketAddr>,
 }
 
 fn parse_service(text: &str) -> Result<Service, String> {
@@ -667,7 +672,15 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
             .keyring(keyring)
             .cluster_label(args.cluster_label.clone());
     }
-    let node = builder.start().await?;
+    if let Some(addr) = args.http {
+        if !addr.ip().is_loopback() && !args.allow_remote_control {
+            return Err(grapevine::Error::Config(format!(
+                "--http {addr} is not a loopback address; the API has no authentication, so \
+                 also pass --allow-remote-control to expose it"
+            )));
+        }
+    }
+    let node = std::sync::Arc::new(builder.start().await?);
     if let Some(path) = &args.keyring {
         node.persist_keys_to(path.clone());
     }
@@ -693,9 +706,21 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
         }
         tracing::info!(%id, "service registered");
     }
+    let http = match args.http {
+        Some(addr) => Some(
+            grapevine::http::HttpServer::start(node.clone(), addr, Default::default())
+                .await
+                .map_err(|error| grapevine::Error::Config(error.to_string()))?,
+        ),
+        None => None,
+    };
     tracing::info!(addr = %node.addr(), "agent running; press Ctrl-C to leave");
     wait_for_signal().await;
     tracing::info!("leaving the cluster");
+    // The HTTP API stops first: its watchers end before the node they read goes away.
+    if let Some(http) = http {
+        http.shutdown().await;
+    }
     node.leave().await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -315,6 +315,11 @@ where
         Ok(added)
     }
 
+    /// Items waiting in the broadcast queues (member updates and custom broadcasts).
+    pub fn broadcast_backlog(&self) -> usize {
+        self.foca.updates_backlog() + self.foca.custom_broadcast_backlog()
+    }
+
     /// The deadline of the earliest pending timer.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.timers.peek().map(|Reverse(t)| t.deadline)

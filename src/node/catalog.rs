@@ -82,6 +82,9 @@ pub struct ServiceSummary {
 /// The catalog joined with membership, published by the driver after every change.
 #[derive(Debug, Default)]
 pub(crate) struct CatalogView {
+    /// How many views the driver has published before this one plus one: a monotonic index
+    /// of the applied catalog and membership changes (0 before the first).
+    pub(crate) index: u64,
     /// Instances by service name, sorted by node then id.
     pub(crate) services: BTreeMap<String, Vec<Instance>>,
 }
@@ -115,7 +118,7 @@ impl CatalogView {
                     });
             }
         }
-        CatalogView { services }
+        CatalogView { index: 0, services }
     }
 
     pub(crate) fn query(&self, name: &str, query: &Query) -> Vec<Instance> {
@@ -175,6 +178,26 @@ impl CatalogHandle {
             .flatten()
             .cloned()
             .collect()
+    }
+
+    /// A monotonic index of the catalog changes this node applied (registrations, health
+    /// changes, members joining, failing or leaving); it grows by one per published view.
+    /// Local to this node and this run of it.
+    pub fn index(&self) -> u64 {
+        self.view.borrow().index
+    }
+
+    /// Waits until [`Self::index`] passes `after` and returns the new index; `None` once
+    /// the node has stopped. Bound the wait with a timeout.
+    pub async fn wait_past(&self, after: u64) -> Option<u64> {
+        let mut view = self.view.clone();
+        loop {
+            let index = view.borrow_and_update().index;
+            if index > after {
+                return Some(index);
+            }
+            view.changed().await.ok()?;
+        }
     }
 
     /// Watches the passing instances of `service`.

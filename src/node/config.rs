@@ -108,6 +108,17 @@ impl ConfigHandle {
         sync::lock(&self.state).config.list(prefix)
     }
 
+    /// Live keys under `prefix` (whole path segments; `""` for all), in key order, without
+    /// their values.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        sync::lock(&self.state).config.keys(prefix)
+    }
+
+    /// How many keys are set (deleted keys excluded).
+    pub fn key_count(&self) -> usize {
+        sync::lock(&self.state).config.live_len()
+    }
+
     /// The sequence number of the last change this node applied.
     pub fn current_seq(&self) -> u64 {
         sync::lock(&self.state).config.current_seq()

@@ -572,6 +572,10 @@ impl<T: Transport> Driver<T> {
         } else {
             None
         };
+        let backlog = self.membership.broadcast_backlog() as u64;
+        self.stats
+            .broadcast_queue
+            .store(backlog, std::sync::atomic::Ordering::Relaxed);
         let state = sync::lock(&self.state);
         let config_seq = state.config.current_seq();
         if *self.config_seq.borrow() != config_seq {
@@ -579,10 +583,11 @@ impl<T: Transport> Driver<T> {
         }
         let versions = (members_version, state.version());
         if progress.state_published != Some(versions) {
-            let view = match &members {
+            let mut view = match &members {
                 Some(members) => CatalogView::build(&state.catalog, members),
                 None => CatalogView::build(&state.catalog, &self.view.borrow().members),
             };
+            view.index = self.catalog_view.borrow().index + 1;
             drop(state);
             self.catalog_view.send_replace(Arc::new(view));
             progress.state_published = Some(versions);

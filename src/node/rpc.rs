@@ -108,6 +108,16 @@ impl Node {
             .await
     }
 
+    /// RPC calls this node is serving right now.
+    pub fn rpc_in_flight(&self) -> usize {
+        self.shared.rpc.in_flight()
+    }
+
+    /// Names of the RPC services this node serves (the built-in one included).
+    pub fn rpc_services(&self) -> Vec<String> {
+        self.shared.rpc.names()
+    }
+
     /// The RPC client of this node (connection pool shared by every service client).
     pub fn rpc_client(&self) -> &RpcClient {
         &self.rpc_client

@@ -51,6 +51,8 @@ counters! {
     events_lagged,
     /// Sealed datagrams and connections refused (wrong key or label, plaintext, forged).
     sealed_refused,
+    /// Items waiting in the gossip broadcast queues (a gauge, set after every driver step).
+    broadcast_queue,
 }
 
 impl Stats {

@@ -515,6 +515,23 @@ impl ConfigStore {
             .map(|(k, s)| (k, &s.entry))
     }
 
+    /// Live keys under `prefix` (whole segments, as [`Self::list`]), in key order, without
+    /// copying their values.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        self.range_prefix(prefix)
+            .filter(|(_, e)| e.value.is_some())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Number of live keys (tombstones excluded).
+    pub fn live_len(&self) -> usize {
+        self.entries
+            .values()
+            .filter(|s| s.entry.value.is_some())
+            .count()
+    }
+
     /// Live `(key, value)` pairs under `prefix`, in key order. The prefix matches whole
     /// segments (see [`key_matches_prefix`]): `prod/orders` lists `prod/orders/...` but not
     /// `prod/orders2/...`; `""` lists everything.

@@ -1,0 +1,200 @@
+//! `/metrics` in Prometheus text format.
+//!
+//! Each HTTP server owns its recorder (never the process-global one), so that several nodes
+//! in one process (tests, embedders) keep their figures apart. The node's own counters are
+//! copied into it at scrape time: the gossip and sync hot paths only bump the atomics they
+//! already had. HTTP request latency is recorded as it happens, into the same recorder.
+
+use std::time::Duration;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+    with_local_recorder, Unit,
+};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::membership::MemberStatus;
+use crate::node::Node;
+use crate::state::catalog::Health;
+
+/// Buckets of request latency, in seconds (a blocking query may hold a request for minutes).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0,
+];
+
+/// The `# HELP` lines.
+fn describe() {
+    describe_gauge!(
+        "grapevine_members",
+        "Members as this node sees them, by status."
+    );
+    describe_counter!(
+        "grapevine_gossip_packets_total",
+        "UDP gossip datagrams received (in) and sent (out)."
+    );
+    describe_counter!(
+        "grapevine_gossip_bytes_total",
+        Unit::Bytes,
+        "Bytes of UDP gossip datagrams received (in) and sent (out)."
+    );
+    describe_counter!(
+        "grapevine_gossip_packets_dropped_total",
+        "Datagrams dropped as malformed, oversized or refused."
+    );
+    describe_gauge!(
+        "grapevine_broadcast_queue_depth",
+        "Items waiting in the gossip broadcast queues."
+    );
+    describe_counter!(
+        "grapevine_anti_entropy_rounds_total",
+        "Anti-entropy exchanges this node started, by result."
+    );
+    describe_counter!(
+        "grapevine_push_pull_total",
+        "Member-list push-pulls completed."
+    );
+    describe_counter!(
+        "grapevine_tcp_sync_bytes_total",
+        Unit::Bytes,
+        "Bytes of TCP push-pull and anti-entropy exchanges."
+    );
+    describe_counter!(
+        "grapevine_tcp_connections_total",
+        "Inbound TCP connections: accepted, dropped (bad request), refused (busy)."
+    );
+    describe_gauge!("grapevine_rpc_in_flight", "RPC calls this node is serving.");
+    describe_gauge!(
+        "grapevine_rpc_services_served",
+        "RPC services this node serves."
+    );
+    describe_gauge!(
+        "grapevine_catalog_instances",
+        "Service instances on live nodes, by health."
+    );
+    describe_gauge!(
+        "grapevine_catalog_services",
+        "Services with an instance on a live node."
+    );
+    describe_counter!(
+        "grapevine_catalog_index",
+        "Catalog views published (catalog and membership changes applied)."
+    );
+    describe_gauge!("grapevine_config_keys", "Config keys set.");
+    describe_counter!(
+        "grapevine_config_changes_total",
+        "Config changes this node applied."
+    );
+    describe_gauge!(
+        "grapevine_http_watchers",
+        "Blocking queries and event streams open."
+    );
+    describe_counter!(
+        "grapevine_http_watchers_refused_total",
+        "Blocking queries and streams refused (429) at the watcher limit."
+    );
+    describe_histogram!(
+        "grapevine_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer HTTP API requests (to the first byte for streams)."
+    );
+}
+
+/// A recorder of one HTTP server and the handle that renders it.
+pub(crate) struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .map(PrometheusBuilder::build_recorder)
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let handle = recorder.handle();
+        with_local_recorder(&recorder, describe);
+        Metrics { recorder, handle }
+    }
+
+    /// Counts a request refused because every watcher slot was taken.
+    pub(crate) fn watcher_refused(&self) {
+        with_local_recorder(&self.recorder, || {
+            counter!("grapevine_http_watchers_refused_total").increment(1);
+        });
+    }
+
+    /// Records one answered HTTP request.
+    pub(crate) fn request(&self, route: &str, method: &str, status: u16, took: Duration) {
+        let labels = [
+            ("route", route.to_string()),
+            ("method", method.to_string()),
+            ("status", status.to_string()),
+        ];
+        with_local_recorder(&self.recorder, || {
+            histogram!("grapevine_http_request_duration_seconds", &labels)
+                .record(took.as_secs_f64());
+        });
+    }
+
+    /// Copies the node's figures into the recorder and renders everything.
+    pub(crate) fn render(&self, node: &Node, watchers_open: usize) -> String {
+        let stats = node.stats();
+        let members = node.members();
+        let catalog = node.catalog();
+        let config = node.config();
+        let instances = catalog.all_instances();
+        with_local_recorder(&self.recorder, || {
+            for status in [
+                MemberStatus::Alive,
+                MemberStatus::Suspect,
+                MemberStatus::Down,
+                MemberStatus::Left,
+            ] {
+                let count = members.iter().filter(|m| m.status == status).count();
+                gauge!("grapevine_members", "status" => status.to_string()).set(count as f64);
+            }
+            counter!("grapevine_gossip_packets_total", "direction" => "in")
+                .absolute(stats.udp_received);
+            counter!("grapevine_gossip_packets_total", "direction" => "out")
+                .absolute(stats.udp_sent);
+            counter!("grapevine_gossip_bytes_total", "direction" => "in")
+                .absolute(stats.udp_received_bytes);
+            counter!("grapevine_gossip_bytes_total", "direction" => "out")
+                .absolute(stats.udp_sent_bytes);
+            counter!("grapevine_gossip_packets_dropped_total").absolute(stats.udp_dropped);
+            gauge!("grapevine_broadcast_queue_depth").set(stats.broadcast_queue as f64);
+            counter!("grapevine_anti_entropy_rounds_total", "result" => "ok")
+                .absolute(stats.sync_ok);
+            counter!("grapevine_anti_entropy_rounds_total", "result" => "failed")
+                .absolute(stats.sync_failed);
+            counter!("grapevine_push_pull_total").absolute(stats.push_pull_ok);
+            counter!("grapevine_tcp_sync_bytes_total").absolute(stats.tcp_bytes);
+            counter!("grapevine_tcp_connections_total", "result" => "accepted")
+                .absolute(stats.tcp_accepted);
+            counter!("grapevine_tcp_connections_total", "result" => "dropped")
+                .absolute(stats.tcp_dropped);
+            counter!("grapevine_tcp_connections_total", "result" => "refused_busy")
+                .absolute(stats.tcp_refused_busy);
+            counter!("grapevine_member_events_lagged_total").absolute(stats.events_lagged);
+            counter!("grapevine_sealed_refused_total").absolute(stats.sealed_refused);
+            gauge!("grapevine_rpc_in_flight").set(node.rpc_in_flight() as f64);
+            gauge!("grapevine_rpc_services_served").set(node.rpc_services().len() as f64);
+            for health in [Health::Passing, Health::Warning, Health::Critical] {
+                let count = instances
+                    .iter()
+                    .filter(|i| i.node_status.is_active() && i.health == health)
+                    .count();
+                gauge!("grapevine_catalog_instances", "health" => health.to_string())
+                    .set(count as f64);
+            }
+            gauge!("grapevine_catalog_services").set(catalog.services().len() as f64);
+            counter!("grapevine_catalog_index").absolute(catalog.index());
+            gauge!("grapevine_config_keys").set(config.key_count() as f64);
+            counter!("grapevine_config_changes_total").absolute(config.current_seq());
+            gauge!("grapevine_http_watchers").set(watchers_open as f64);
+        });
+        self.handle.render()
+    }
+}
