@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use grapevine::http::{HttpOptions, HttpServer};
-use grapevine::{Node, Profile};
+use grapevine::{AppError, Node, Profile, RpcService};
 use http_support::{get, put, request, SseStream};
 use serde_json::{json, Value};
 
@@ -680,8 +680,57 @@ async fn two_nodes_metrics_and_status() {
         text.contains("grapevine_http_request_duration_seconds_count{route=\"/v1/health/service/{name}\",method=\"GET\",status=\"200\"}"),
         "{text}"
     );
+    // RPC figures per service: b serves `adder`, a calls it (two answers, one app error).
+    b.serve(
+        RpcService::new("adder").method("add", |(x, y): (u32, u32)| async move {
+            x.checked_add(y).ok_or(AppError::new(1, "overflow"))
+        }),
+    )
+    .await
+    .unwrap();
+    eventually("a sees b's rpc service", || async {
+        !a.catalog().lookup("adder").is_empty()
+    })
+    .await;
+    let adder = a.client("adder");
+    assert_eq!(adder.call::<_, u32>("add", &(2u32, 3u32)).await, Ok(5));
+    assert_eq!(adder.call::<_, u32>("add", &(4u32, 4u32)).await, Ok(8));
+    assert!(adder
+        .call::<_, u32>("add", &(u32::MAX, 1u32))
+        .await
+        .is_err());
+    let text_b = get(addr_b, "/metrics").await.text();
+    let server = "side=\"server\",service=\"adder\"";
+    assert!(
+        text_b.contains(&format!("grapevine_rpc_calls_total{{{server}}} 3")),
+        "{text_b}"
+    );
+    assert!(
+        text_b.contains(&format!(
+            "grapevine_rpc_errors_total{{{server},kind=\"remote\"}} 1"
+        )),
+        "{text_b}"
+    );
+    assert!(
+        text_b.contains(&format!(
+            "grapevine_rpc_duration_seconds_bucket{{{server},le=\"+Inf\"}} 3"
+        )),
+        "{text_b}"
+    );
     // Each server renders its own node only.
     let text_a = get(addr_a, "/metrics").await.text();
+    let client = "side=\"client\",service=\"adder\"";
+    assert!(
+        text_a.contains(&format!("grapevine_rpc_calls_total{{{client}}} 3")),
+        "{text_a}"
+    );
+    assert!(
+        text_a.contains(&format!(
+            "grapevine_rpc_duration_seconds_count{{{client}}} 3"
+        )),
+        "{text_a}"
+    );
+    assert!(!text_a.contains(server), "{text_a}");
     assert!(text_a.contains("grapevine_members{status=\"alive\"} 2"));
     assert!(
         !text_a.contains("route=\"/v1/health/service/{name}\""),
@@ -699,7 +748,14 @@ async fn two_nodes_metrics_and_status() {
     let status = get(addr_a, "/v1/status").await.json();
     assert_eq!(status["node"]["name"], "a");
     assert_eq!(status["members"].as_array().unwrap().len(), 2);
-    assert_eq!(status["instances"][0]["service"], "api");
+    assert!(
+        status["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["service"] == "api"),
+        "{status}"
+    );
     assert_eq!(status["config"]["count"], 1);
     assert_eq!(
         status["config"]["keys"][0],

@@ -17,6 +17,8 @@ use metrics_exporter_prometheus::{
 
 use crate::membership::MemberStatus;
 use crate::node::Node;
+use crate::rpc::metrics::LATENCY_BUCKETS as RPC_LATENCY_BUCKETS;
+use crate::rpc::ServiceSnapshot;
 use crate::state::catalog::Health;
 
 /// Buckets of request latency, in seconds (a blocking query may hold a request for minutes).
@@ -195,6 +197,81 @@ impl Metrics {
             counter!("grapevine_config_changes_total").absolute(config.current_seq());
             gauge!("grapevine_http_watchers").set(watchers_open as f64);
         });
-        self.handle.render()
+        let mut text = self.handle.render();
+        render_rpc(&node.rpc_metrics(), &mut text);
+        text
     }
+}
+
+/// Appends the per-service RPC families. They are written here rather than through the
+/// recorder because the RPC layer keeps its own fixed-bucket histograms (atomics on the call
+/// path), which a recorder cannot take as totals.
+fn render_rpc(figures: &[ServiceSnapshot], out: &mut String) {
+    use std::fmt::Write;
+    let labels = |f: &ServiceSnapshot| {
+        format!(
+            "side=\"{}\",service=\"{}\"",
+            f.side.label(),
+            escape_label(&f.service)
+        )
+    };
+    out.push_str("# HELP grapevine_rpc_calls_total RPC calls finished (failed ones included), by side (client: made, server: served) and service.\n");
+    out.push_str("# TYPE grapevine_rpc_calls_total counter\n");
+    for f in figures {
+        let _ = writeln!(
+            out,
+            "grapevine_rpc_calls_total{{{}}} {}",
+            labels(f),
+            f.calls
+        );
+    }
+    out.push_str(
+        "# HELP grapevine_rpc_errors_total Failed RPC calls, by side, service and kind.\n",
+    );
+    out.push_str("# TYPE grapevine_rpc_errors_total counter\n");
+    for f in figures {
+        for (failure, count) in &f.failures {
+            let _ = writeln!(
+                out,
+                "grapevine_rpc_errors_total{{{},kind=\"{}\"}} {count}",
+                labels(f),
+                failure.label()
+            );
+        }
+    }
+    out.push_str("# HELP grapevine_rpc_duration_seconds Time from a call's start to its result (client) or to its reply's flush (server).\n");
+    out.push_str("# TYPE grapevine_rpc_duration_seconds histogram\n");
+    for f in figures {
+        let labels = labels(f);
+        let mut cumulative = 0;
+        for (bound, count) in RPC_LATENCY_BUCKETS.iter().zip(&f.buckets) {
+            cumulative += count;
+            let _ = writeln!(
+                out,
+                "grapevine_rpc_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        cumulative += f.buckets.last().copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "grapevine_rpc_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {cumulative}"
+        );
+        let _ = writeln!(
+            out,
+            "grapevine_rpc_duration_seconds_sum{{{labels}}} {}",
+            f.total_seconds
+        );
+        let _ = writeln!(
+            out,
+            "grapevine_rpc_duration_seconds_count{{{labels}}} {cumulative}"
+        );
+    }
+}
+
+/// A label value as the text format wants it: backslash, quote and newline escaped.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -11,7 +11,9 @@ use super::catalog::CatalogHandle;
 use super::Node;
 use crate::error::Result;
 use crate::membership::MemberStatus;
-use crate::rpc::{Endpoint, Resolve, RpcClient, RpcError, RpcService, ServiceClient};
+use crate::rpc::{
+    Endpoint, Resolve, RpcClient, RpcError, RpcService, ServiceClient, ServiceSnapshot,
+};
 use crate::state::catalog::Service;
 
 /// Tag of catalog instances that are RPC services served by grapevine.
@@ -111,6 +113,14 @@ impl Node {
     /// RPC calls this node is serving right now.
     pub fn rpc_in_flight(&self) -> usize {
         self.shared.rpc.in_flight()
+    }
+
+    /// Per-service RPC figures: the calls this node made (`client`) and served (`server`),
+    /// with failures by kind and latency histograms.
+    pub fn rpc_metrics(&self) -> Vec<ServiceSnapshot> {
+        let mut figures = self.rpc_client.metrics();
+        figures.extend(self.shared.rpc.metrics());
+        figures
     }
 
     /// Names of the RPC services this node serves (the built-in one included).

@@ -21,6 +21,9 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 
+use super::metrics::{
+    CallFailure, CallRecord, CallSide, RpcMetrics, ServiceFigures, ServiceSnapshot,
+};
 use super::protocol::{self, Frame};
 use super::{RpcError, DEFAULT_TIMEOUT, MAX_IN_FLIGHT_PER_CONNECTION};
 use crate::net::Transport;
@@ -476,6 +479,7 @@ pub struct RpcClient {
     resolver: Arc<dyn Resolve>,
     rng: Arc<Mutex<SmallRng>>,
     round_robin: Arc<AtomicUsize>,
+    metrics: Arc<RpcMetrics>,
 }
 
 impl std::fmt::Debug for RpcClient {
@@ -508,14 +512,22 @@ impl RpcClient {
             resolver,
             rng: Arc::new(Mutex::new(SmallRng::seed_from_u64(seed))),
             round_robin: Arc::default(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Figures of the calls this client made, per service.
+    pub fn metrics(&self) -> Vec<ServiceSnapshot> {
+        self.metrics.snapshot(CallSide::Client)
     }
 
     /// A client for the instances of `service`.
     pub fn service(&self, service: impl Into<String>) -> ServiceClient {
+        let service = service.into();
         ServiceClient {
             rpc: self.clone(),
-            service: service.into(),
+            figures: self.metrics.service(&service),
+            service,
             policy: LoadBalance::default(),
             idempotent: false,
             timeout: DEFAULT_TIMEOUT,
@@ -577,11 +589,17 @@ impl RpcClient {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        let payload = protocol::to_payload(request)?;
-        let bytes = self
-            .call_raw(addr, service, method, &payload, timeout)
-            .await?;
-        protocol::from_payload(&bytes)
+        let mut record = CallRecord::start(self.metrics.service(service));
+        let result = async {
+            let payload = protocol::to_payload(request)?;
+            let bytes = self
+                .call_raw(addr, service, method, &payload, timeout)
+                .await?;
+            protocol::from_payload(&bytes)
+        }
+        .await;
+        record.finish(result.as_ref().err().map(CallFailure::of));
+        result
     }
 
     async fn call_raw(
@@ -648,6 +666,7 @@ impl RpcClient {
 pub struct ServiceClient {
     rpc: RpcClient,
     service: String,
+    figures: Arc<ServiceFigures>,
     policy: LoadBalance,
     idempotent: bool,
     timeout: Duration,
@@ -678,6 +697,18 @@ impl ServiceClient {
 
     /// Calls `method` with `request` on an instance of the service.
     pub async fn call<Req, Resp>(&self, method: &str, request: &Req) -> Result<Resp, RpcError>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
+        let mut record = CallRecord::start(self.figures.clone());
+        let result = self.call_balanced(method, request).await;
+        record.finish(result.as_ref().err().map(CallFailure::of));
+        result
+    }
+
+    /// [`ServiceClient::call`] without the bookkeeping: resolve, pick, retry.
+    async fn call_balanced<Req, Resp>(&self, method: &str, request: &Req) -> Result<Resp, RpcError>
     where
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,

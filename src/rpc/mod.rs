@@ -7,10 +7,12 @@
 //! instances through the catalog and balance between them (see [`LoadBalance`]).
 
 mod client;
+pub mod metrics;
 mod protocol;
 mod server;
 
 pub use client::{Endpoint, LoadBalance, Resolve, RpcClient, ServiceClient};
+pub use metrics::{CallFailure, CallSide, ServiceSnapshot};
 pub(crate) use server::serve_connection;
 
 /// Decodes an RPC frame (for fuzzing).

@@ -8,6 +8,7 @@ use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+use super::metrics::CallFailure;
 use super::{AppError, RpcError, MAX_PAYLOAD};
 use crate::wire;
 
@@ -44,6 +45,18 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
+    /// How the call failed, as counted in the figures; `None` for a success.
+    pub(crate) fn failure(&self) -> Option<CallFailure> {
+        match self {
+            Outcome::Ok(_) => None,
+            Outcome::App(_) => Some(CallFailure::Remote),
+            Outcome::NotFound(_) => Some(CallFailure::NotFound),
+            Outcome::Unavailable(_) => Some(CallFailure::Unavailable),
+            Outcome::DeadlineExceeded => Some(CallFailure::Timeout),
+            Outcome::BadRequest(_) => Some(CallFailure::Protocol),
+        }
+    }
+
     pub(crate) fn into_result(self, timeout: std::time::Duration) -> Result<Vec<u8>, RpcError> {
         match self {
             Outcome::Ok(bytes) => Ok(bytes.into_vec()),

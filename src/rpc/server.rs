@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::AbortHandle;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
+use super::metrics::{CallRecord, CallSide, RpcMetrics, ServiceFigures, ServiceSnapshot};
 use super::protocol::{self, Frame, Outcome};
 use super::{AppError, MAX_IN_FLIGHT_PER_CONNECTION};
 
@@ -92,10 +93,17 @@ impl RpcService {
     }
 }
 
+/// A registered service and its figures (kept across re-registrations).
+struct Served {
+    service: Arc<RpcService>,
+    figures: Arc<ServiceFigures>,
+}
+
 /// The services a node serves, and its drain state.
 #[derive(Default)]
 pub struct Registry {
-    services: RwLock<HashMap<String, Arc<RpcService>>>,
+    services: RwLock<HashMap<String, Served>>,
+    metrics: RpcMetrics,
     draining: AtomicBool,
     in_flight: AtomicUsize,
     idle: Notify,
@@ -113,8 +121,15 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     /// Adds (or replaces) a service.
     pub fn add(&self, service: RpcService) {
+        let figures = self.metrics.service(&service.name);
         let mut services = self.services.write().unwrap_or_else(|p| p.into_inner());
-        services.insert(service.name.clone(), Arc::new(service));
+        services.insert(
+            service.name.clone(),
+            Served {
+                service: Arc::new(service),
+                figures,
+            },
+        );
     }
 
     /// Removes a service; `false` if it was not served.
@@ -131,16 +146,29 @@ impl Registry {
         names
     }
 
-    fn handler(&self, service: &str, method: &str) -> Result<Handler, String> {
+    /// Figures of the calls served, per registered service.
+    pub fn metrics(&self) -> Vec<ServiceSnapshot> {
+        self.metrics.snapshot(CallSide::Server)
+    }
+
+    /// The handler of `service.method` and the service's figures. Calls to services not
+    /// served are not counted per service: their names come from the network.
+    fn handler(
+        &self,
+        service: &str,
+        method: &str,
+    ) -> Result<(Handler, Arc<ServiceFigures>), String> {
         let services = self.services.read().unwrap_or_else(|p| p.into_inner());
         let found = services
             .get(service)
             .ok_or_else(|| format!("no service {service:?} here"))?;
-        found
+        let handler = found
+            .service
             .methods
             .get(method)
             .cloned()
-            .ok_or_else(|| format!("service {service:?} has no method {method:?}"))
+            .ok_or_else(|| format!("service {service:?} has no method {method:?}"))?;
+        Ok((handler, found.figures.clone()))
     }
 
     /// Calls currently running.
@@ -250,8 +278,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
             while let Poll::Ready(Some((id, outcome, call))) = self.done_rx.poll_recv(cx) {
                 progressed = true;
                 self.running.remove(&id);
-                push_reply(&mut self.output, id, outcome);
-                self.unflushed.push(Some(call));
+                self.answer(id, outcome, call);
             }
             // Calls, as long as the connection's bound allows (back-pressure).
             while !self.read_closed && self.in_flight() < MAX_IN_FLIGHT_PER_CONNECTION {
@@ -320,14 +347,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
         timeout_ms: u32,
         payload: &[u8],
     ) {
-        let Some(call) = InFlight::start(&self.registry) else {
+        let Some(mut call) = InFlight::start(&self.registry) else {
             let outcome = Outcome::Unavailable("node is leaving".into());
             push_reply(&mut self.output, id, outcome);
             self.unflushed.push(None);
             return;
         };
         let handler = match self.registry.handler(service, method) {
-            Ok(handler) => handler,
+            Ok((handler, figures)) => {
+                call.record = Some(CallRecord::start(figures));
+                handler
+            }
             Err(what) => return self.answer(id, Outcome::NotFound(what), call),
         };
         // Work whose caller has already given up is not started.
@@ -360,7 +390,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
         self.running.insert(id, task.abort_handle());
     }
 
-    fn answer(&mut self, id: u64, outcome: Outcome, call: InFlight) {
+    fn answer(&mut self, id: u64, outcome: Outcome, mut call: InFlight) {
+        if let Some(record) = &mut call.record {
+            record.finish(outcome.failure());
+        }
         push_reply(&mut self.output, id, outcome);
         self.unflushed.push(Some(call));
     }
@@ -392,6 +425,8 @@ fn panicked() -> Outcome {
 /// flushed or it is cancelled.
 struct InFlight {
     registry: Arc<Registry>,
+    /// Counts the call in its service's figures when dropped (served services only).
+    record: Option<CallRecord>,
 }
 
 impl InFlight {
@@ -401,6 +436,7 @@ impl InFlight {
         registry.in_flight.fetch_add(1, Ordering::SeqCst);
         let call = InFlight {
             registry: registry.clone(),
+            record: None,
         };
         if registry.draining.load(Ordering::SeqCst) {
             return None;

@@ -1,0 +1,307 @@
+//! Per-service RPC figures: calls, errors by kind and a latency histogram, on the calling
+//! side and on the serving side.
+//!
+//! The hot path only bumps atomics of a [`ServiceFigures`] found once (when a
+//! [`ServiceClient`](super::ServiceClient) is made, or a service registered); readers take a
+//! [`RpcSnapshot`] for `/metrics` or `grapevine info`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Upper bounds of the latency buckets, in seconds (a `+Inf` bucket follows).
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+    5.0,
+];
+
+/// Most services tracked per side; calls to further services count under [`OTHER_SERVICES`]
+/// (service names on the calling side come from application code, so their number is
+/// not bounded by the catalog).
+pub const MAX_TRACKED_SERVICES: usize = 256;
+
+/// The service name under which calls beyond [`MAX_TRACKED_SERVICES`] are counted.
+pub const OTHER_SERVICES: &str = "(other)";
+
+/// Why a call failed, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallFailure {
+    /// No live, passing instance (calling side only).
+    NoInstances,
+    /// The deadline passed.
+    Timeout,
+    /// The instance was unreachable, dropped the connection, or is draining.
+    Unavailable,
+    /// The handler returned an application error.
+    Remote,
+    /// No such service or method on the server.
+    NotFound,
+    /// Encoding, decoding, or a handler that panicked.
+    Protocol,
+    /// A payload above the frame limit.
+    FrameTooLarge,
+    /// The caller dropped the call before it finished.
+    Cancelled,
+}
+
+impl CallFailure {
+    const ALL: [CallFailure; 8] = [
+        CallFailure::NoInstances,
+        CallFailure::Timeout,
+        CallFailure::Unavailable,
+        CallFailure::Remote,
+        CallFailure::NotFound,
+        CallFailure::Protocol,
+        CallFailure::FrameTooLarge,
+        CallFailure::Cancelled,
+    ];
+
+    /// The label this failure is counted under.
+    pub fn label(self) -> &'static str {
+        match self {
+            CallFailure::NoInstances => "no_instances",
+            CallFailure::Timeout => "timeout",
+            CallFailure::Unavailable => "unavailable",
+            CallFailure::Remote => "remote",
+            CallFailure::NotFound => "not_found",
+            CallFailure::Protocol => "protocol",
+            CallFailure::FrameTooLarge => "frame_too_large",
+            CallFailure::Cancelled => "cancelled",
+        }
+    }
+
+    /// The failure an error counts as.
+    pub fn of(error: &super::RpcError) -> Self {
+        use super::RpcError;
+        match error {
+            RpcError::NoInstances(_) => CallFailure::NoInstances,
+            RpcError::Timeout(_) => CallFailure::Timeout,
+            RpcError::Unavailable { .. } => CallFailure::Unavailable,
+            RpcError::Remote(_) => CallFailure::Remote,
+            RpcError::NotFound(_) => CallFailure::NotFound,
+            RpcError::Protocol(_) => CallFailure::Protocol,
+            RpcError::FrameTooLarge { .. } => CallFailure::FrameTooLarge,
+        }
+    }
+}
+
+/// Live figures of one service on one side.
+#[derive(Debug, Default)]
+pub struct ServiceFigures {
+    calls: AtomicU64,
+    failures: [AtomicU64; CallFailure::ALL.len()],
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    total_nanos: AtomicU64,
+}
+
+impl ServiceFigures {
+    /// Counts one finished call that took `took`, failed with `failure` if any.
+    pub fn record(&self, took: Duration, failure: Option<CallFailure>) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if let Some(failure) = failure {
+            self.failures[failure as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        let seconds = took.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.total_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self, side: CallSide, service: &str) -> ServiceSnapshot {
+        let failures = CallFailure::ALL
+            .iter()
+            .filter_map(|&failure| {
+                let count = self.failures[failure as usize].load(Ordering::Relaxed);
+                (count > 0).then_some((failure, count))
+            })
+            .collect();
+        ServiceSnapshot {
+            side,
+            service: service.to_string(),
+            calls: self.calls.load(Ordering::Relaxed),
+            failures,
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            total_seconds: self.total_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        }
+    }
+}
+
+/// Which end of a call the figures are from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallSide {
+    /// Calls this node made.
+    Client,
+    /// Calls this node served.
+    Server,
+}
+
+impl CallSide {
+    /// The label of this side.
+    pub fn label(self) -> &'static str {
+        match self {
+            CallSide::Client => "client",
+            CallSide::Server => "server",
+        }
+    }
+}
+
+/// Figures of one service on one side at one moment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceSnapshot {
+    /// Calling or serving side.
+    pub side: CallSide,
+    /// The service.
+    pub service: String,
+    /// Calls finished (failed ones included).
+    pub calls: u64,
+    /// Failed calls by reason (reasons never seen are left out).
+    pub failures: BTreeMap<CallFailure, u64>,
+    /// Calls per latency bucket (not cumulative), one per bound of [`LATENCY_BUCKETS`] and a
+    /// last one above them.
+    pub buckets: Vec<u64>,
+    /// Sum of all calls' durations.
+    pub total_seconds: f64,
+}
+
+/// The figures of every service on one side, bounded in number.
+#[derive(Debug, Default)]
+pub struct RpcMetrics {
+    services: Mutex<BTreeMap<String, Arc<ServiceFigures>>>,
+}
+
+impl RpcMetrics {
+    /// The figures of `service`, made on first use.
+    pub fn service(&self, service: &str) -> Arc<ServiceFigures> {
+        let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(figures) = services.get(service) {
+            return figures.clone();
+        }
+        let name = if services.len() < MAX_TRACKED_SERVICES {
+            service
+        } else {
+            OTHER_SERVICES
+        };
+        services.entry(name.to_string()).or_default().clone()
+    }
+
+    /// Every service's figures, sorted by service name.
+    pub fn snapshot(&self, side: CallSide) -> Vec<ServiceSnapshot> {
+        let services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        services
+            .iter()
+            .map(|(name, figures)| figures.snapshot(side, name))
+            .collect()
+    }
+}
+
+/// Records a call when dropped: as it finished if [`CallRecord::finish`] was called, as
+/// cancelled otherwise (the caller dropped the call's future).
+pub(crate) struct CallRecord {
+    figures: Arc<ServiceFigures>,
+    started: tokio::time::Instant,
+    failure: Option<Option<CallFailure>>,
+}
+
+impl CallRecord {
+    pub(crate) fn start(figures: Arc<ServiceFigures>) -> Self {
+        CallRecord {
+            figures,
+            started: tokio::time::Instant::now(),
+            failure: None,
+        }
+    }
+
+    /// Notes how the call ended; it is counted when the record is dropped.
+    pub(crate) fn finish(&mut self, failure: Option<CallFailure>) {
+        self.failure = Some(failure);
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        let failure = self.failure.unwrap_or(Some(CallFailure::Cancelled));
+        self.figures.record(self.started.elapsed(), failure);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_land_in_their_latency_bucket_and_failures_by_kind() {
+        let metrics = RpcMetrics::default();
+        let orders = metrics.service("orders");
+        orders.record(Duration::from_micros(40), None);
+        orders.record(Duration::from_micros(700), Some(CallFailure::Remote));
+        orders.record(Duration::from_secs(9), Some(CallFailure::Timeout));
+        let snapshot = metrics.snapshot(CallSide::Client);
+        assert_eq!(snapshot.len(), 1);
+        let orders = &snapshot[0];
+        assert_eq!(orders.calls, 3);
+        assert_eq!(orders.buckets[0], 1, "40 µs ≤ 50 µs");
+        assert_eq!(orders.buckets[4], 1, "700 µs ≤ 1 ms");
+        assert_eq!(
+            orders.buckets[LATENCY_BUCKETS.len()],
+            1,
+            "9 s above every bound"
+        );
+        assert_eq!(orders.buckets.iter().sum::<u64>(), 3);
+        assert_eq!(
+            orders.failures,
+            BTreeMap::from([(CallFailure::Timeout, 1), (CallFailure::Remote, 1)])
+        );
+        assert!((orders.total_seconds - 9.00074).abs() < 1e-9);
+    }
+
+    #[test]
+    fn services_beyond_the_limit_share_one_entry() {
+        let metrics = RpcMetrics::default();
+        for i in 0..MAX_TRACKED_SERVICES + 10 {
+            metrics
+                .service(&format!("svc-{i:04}"))
+                .record(Duration::ZERO, None);
+        }
+        let snapshot = metrics.snapshot(CallSide::Server);
+        assert_eq!(snapshot.len(), MAX_TRACKED_SERVICES + 1);
+        let other = snapshot
+            .iter()
+            .find(|s| s.service == OTHER_SERVICES)
+            .unwrap();
+        assert_eq!(other.calls, 10);
+        // A tracked service keeps its own entry.
+        metrics.service("svc-0000").record(Duration::ZERO, None);
+        let snapshot = metrics.snapshot(CallSide::Server);
+        let first = snapshot.iter().find(|s| s.service == "svc-0000").unwrap();
+        assert_eq!(first.calls, 2);
+    }
+
+    #[test]
+    fn a_dropped_record_counts_as_cancelled_unless_finished() {
+        let metrics = RpcMetrics::default();
+        let figures = metrics.service("s");
+        drop(CallRecord::start(figures.clone()));
+        let mut done = CallRecord::start(figures);
+        done.finish(None);
+        drop(done);
+        let snapshot = &metrics.snapshot(CallSide::Client)[0];
+        assert_eq!(snapshot.calls, 2);
+        assert_eq!(
+            snapshot.failures,
+            BTreeMap::from([(CallFailure::Cancelled, 1)])
+        );
+    }
+}
