@@ -503,7 +503,7 @@ impl RpcClient {
             let transport = transport.clone();
             let preface = preface.clone();
             Box::pin(
-                async move { Connection::open(&transport, addr, preface, DEFAULT_TIMEOUT).await },
+                async move { Connection::open(&transport, addr, preface, CONNECT_TIMEOUT).await },
             )
         });
         RpcClient {
@@ -671,6 +671,12 @@ pub struct ServiceClient {
     idempotent: bool,
     timeout: Duration,
 }
+
+/// Longest wait for a new connection: shorter than a call's default deadline, so that a
+/// call to an unreachable instance (a host gone, its packets dropped) fails as unavailable,
+/// and moves to another instance, before the deadline passes. Two seconds leave room for one
+/// lost SYN (retransmitted after 1 s).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Most instances an idempotent call is tried on.
 const MAX_ATTEMPTS: usize = 3;
@@ -868,6 +874,92 @@ mod tests {
         // One connection carried everything, and it is still usable alone.
         assert_eq!(lock(&rpc.slots).len(), 1);
         echo(&rpc, addr, "echo", &payload(9, 64)).await;
+    }
+
+    /// Loopback sockets, except that connecting to `unreachable` never completes (a host
+    /// whose packets are dropped).
+    #[derive(Clone)]
+    struct Blackhole {
+        unreachable: SocketAddr,
+    }
+
+    impl Transport for Blackhole {
+        type Udp = tokio::net::UdpSocket;
+        type Stream = tokio::net::TcpStream;
+        type Listener = tokio::net::TcpListener;
+
+        async fn bind_udp(&self, addr: SocketAddr) -> std::io::Result<Self::Udp> {
+            crate::net::TokioTransport.bind_udp(addr).await
+        }
+
+        async fn bind_tcp(&self, addr: SocketAddr) -> std::io::Result<Self::Listener> {
+            crate::net::TokioTransport.bind_tcp(addr).await
+        }
+
+        async fn connect(&self, addr: SocketAddr) -> std::io::Result<Self::Stream> {
+            if addr == self.unreachable {
+                std::future::pending::<()>().await;
+            }
+            crate::net::TokioTransport.connect(addr).await
+        }
+    }
+
+    struct Fixed(Vec<SocketAddr>);
+
+    impl Resolve for Fixed {
+        fn resolve(&self, _: &str) -> Vec<Endpoint> {
+            self.0
+                .iter()
+                .map(|&addr| Endpoint { addr, local: false })
+                .collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_instance_fails_as_unavailable_and_the_call_moves_on() {
+        let healthy = server().await;
+        let unreachable: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let rpc = RpcClient::new(
+            Blackhole { unreachable },
+            crate::node::rpc_preface(),
+            Arc::new(Fixed(vec![unreachable, healthy])),
+            1,
+        );
+        // A deadline the old connect timeout (the default call deadline) would exceed.
+        let deadline = CONNECT_TIMEOUT * 2;
+        assert!(deadline < DEFAULT_TIMEOUT);
+        // Directly: unavailable (retryable) once the connect timeout passes, before the
+        // call's own deadline.
+        let direct = rpc
+            .call_addr::<_, ByteBuf>(unreachable, "t", "echo", &payload(1, 8), deadline)
+            .await;
+        assert!(
+            matches!(
+                direct,
+                Err(RpcError::Unavailable {
+                    retryable: true,
+                    ..
+                })
+            ),
+            "{direct:?}"
+        );
+        // Through resolution, round robin trying the unreachable instance first (a new
+        // client: the first one holds a backoff for that address): the call lands on the
+        // healthy one within its deadline.
+        let rpc = RpcClient::new(
+            Blackhole { unreachable },
+            crate::node::rpc_preface(),
+            Arc::new(Fixed(vec![unreachable, healthy])),
+            1,
+        );
+        let reply: ByteBuf = rpc
+            .service("t")
+            .policy(LoadBalance::RoundRobin)
+            .timeout(deadline)
+            .call("echo", &payload(2, 8))
+            .await
+            .expect("moved to the healthy instance");
+        assert_eq!(reply, payload(2, 8));
     }
 
     #[tokio::test]

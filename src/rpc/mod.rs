@@ -11,7 +11,7 @@ pub mod metrics;
 mod protocol;
 mod server;
 
-pub use client::{Endpoint, LoadBalance, Resolve, RpcClient, ServiceClient};
+pub use client::{Endpoint, LoadBalance, Resolve, RpcClient, ServiceClient, CONNECT_TIMEOUT};
 pub use metrics::{CallFailure, CallSide, ServiceSnapshot};
 pub(crate) use server::serve_connection;
 
