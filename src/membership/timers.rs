@@ -14,10 +14,14 @@
 //!   read first.
 //! - **Local health.** A node whose own probes fail, or that was stalled, is more likely to
 //!   be the sick one than the peers it suspects. A health score (0 = healthy, at most
-//!   [`MAX_HEALTH_SCORE`]) rises by one with each failed probe and to the maximum after a
-//!   stall, and decays by one per quiet probe period. Each suspicion this node raises lasts
-//!   `suspicion × (1 + score)`, which gives peers more time to refute when this node's view
-//!   is the doubtful one.
+//!   [`MAX_HEALTH_SCORE`]) rises by one with each probe that fails on a member not already
+//!   suspected, and to the maximum after a stall, and decays by one per three quiet probe
+//!   periods (a node cut off from the network fails one probe a period, so its score
+//!   climbs). Each suspicion this node raises lasts
+//!   `suspicion × (1 + score)`, the score taken when the suspicion starts or, if higher,
+//!   when it would end (a node cut off from the network keeps failing probes, so its
+//!   pending verdicts keep moving out). Peers get more time to refute when this node's
+//!   view is the doubtful one.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -31,11 +35,17 @@ use super::{NodeId, Profile};
 /// `1 + MAX_HEALTH_SCORE` times the configured suspicion period.
 pub const MAX_HEALTH_SCORE: u32 = 3;
 
+/// Probe periods without a new failure that heal one step of the health score.
+const HEALTH_DECAY_PERIODS: u128 = 3;
+
 struct ScheduledTimer {
     deadline: Instant,
     seq: u64,
-    /// The delay foca asked for (re-used when a suspicion is re-armed after a stall).
+    /// When the timer was (re-)armed, and the delay foca asked for.
+    armed: Instant,
     delay: Duration,
+    /// The factor `1 + health score` the delay was stretched by.
+    factor: u32,
     timer: Timer<NodeId>,
 }
 
@@ -61,8 +71,8 @@ impl Ord for ScheduledTimer {
 pub struct TimerQueue {
     heap: BinaryHeap<Reverse<ScheduledTimer>>,
     seq: u64,
-    /// Lateness beyond which the node is considered to have been stalled; also the decay
-    /// step of the health score.
+    /// Lateness beyond which the node is considered to have been stalled; also the unit of
+    /// the health score's decay.
     probe_period: Duration,
     /// How long overdue timers wait after a stall (one probe round trip).
     grace: Duration,
@@ -90,14 +100,19 @@ impl TimerQueue {
     /// `ChangeSuspectToDown`, scheduled when one of its probes failed) lasts
     /// `delay × (1 + health score)`, and the failed probe raises the score.
     pub fn schedule(&mut self, delay: Duration, timer: Timer<NodeId>, now: Instant) {
-        let deadline = if matches!(timer, Timer::ChangeSuspectToDown { .. }) {
-            let scaled = delay * (1 + self.health_score(now));
-            self.raise(now, 1);
-            now + scaled
+        if let Timer::ChangeSuspectToDown { member_id, .. } = &timer {
+            let factor = 1 + self.health_score(now);
+            // Probing a member this node suspects already is no new evidence about itself.
+            let known = self.heap.iter().any(|Reverse(t)| {
+                matches!(&t.timer, Timer::ChangeSuspectToDown { member_id: m, .. } if m == member_id)
+            });
+            if !known {
+                self.raise(now, 1);
+            }
+            self.push(now, delay, factor, timer);
         } else {
-            now + delay
-        };
-        self.push(deadline, delay, timer);
+            self.push(now, delay, 1, timer);
+        }
     }
 
     /// The deadline of the earliest pending timer.
@@ -109,21 +124,32 @@ impl TimerQueue {
     /// than a probe period the node was stalled: every overdue timer is re-armed instead
     /// (see the module docs) and nothing is due.
     pub fn pop_due(&mut self, now: Instant) -> Option<Timer<NodeId>> {
-        let deadline = self.next_deadline()?;
-        if deadline > now {
-            return None;
+        loop {
+            let deadline = self.next_deadline()?;
+            if deadline > now {
+                return None;
+            }
+            if now.saturating_duration_since(deadline) > self.probe_period {
+                self.recover_from_stall(now);
+                return None;
+            }
+            let Reverse(due) = self.heap.pop()?;
+            if matches!(due.timer, Timer::ChangeSuspectToDown { .. }) {
+                // Health got worse since the suspicion started: stretch it further.
+                let factor = 1 + self.health_score(now);
+                if factor > due.factor && due.armed + due.delay * factor > now {
+                    self.push(due.armed, due.delay, factor, due.timer);
+                    continue;
+                }
+            }
+            return Some(due.timer);
         }
-        if now.saturating_duration_since(deadline) > self.probe_period {
-            self.recover_from_stall(now);
-            return None;
-        }
-        self.heap.pop().map(|Reverse(t)| t.timer)
     }
 
     /// The local health score at `now`: 0 when healthy, up to [`MAX_HEALTH_SCORE`].
     pub fn health_score(&self, now: Instant) -> u32 {
         let quiet = now.saturating_duration_since(self.score_since);
-        let steps = quiet.as_nanos() / self.probe_period.as_nanos().max(1);
+        let steps = quiet.as_nanos() / (self.probe_period.as_nanos() * HEALTH_DECAY_PERIODS).max(1);
         self.score
             .saturating_sub(u32::try_from(steps).unwrap_or(u32::MAX))
     }
@@ -148,12 +174,14 @@ impl TimerQueue {
         self.score_since = now;
     }
 
-    fn push(&mut self, deadline: Instant, delay: Duration, timer: Timer<NodeId>) {
+    fn push(&mut self, armed: Instant, delay: Duration, factor: u32, timer: Timer<NodeId>) {
         self.seq += 1;
         self.heap.push(Reverse(ScheduledTimer {
-            deadline,
+            deadline: armed + delay * factor,
             seq: self.seq,
+            armed,
             delay,
+            factor,
             timer,
         }));
     }
@@ -173,12 +201,11 @@ impl TimerQueue {
         }
         // Re-armed in their original order, so ties still fire as foca scheduled them.
         for t in overdue {
-            let deadline = if matches!(t.timer, Timer::ChangeSuspectToDown { .. }) {
-                now + t.delay * factor
+            if matches!(t.timer, Timer::ChangeSuspectToDown { .. }) {
+                self.push(now, t.delay, factor, t.timer);
             } else {
-                now + self.grace
-            };
-            self.push(deadline, t.delay, t.timer);
+                self.push(now, self.grace, 1, t.timer);
+            }
         }
     }
 }
@@ -238,21 +265,59 @@ mod tests {
         q.schedule(s, suspicion("a"), t0);
         assert_eq!(q.next_deadline(), Some(t0 + s));
         assert_eq!(q.health_score(t0), 1);
-        // A second failure right after: this node looks sick, give the peer more time.
+        // Probing the same suspect again is no news about this node.
+        q.schedule(s, suspicion("a"), t0);
+        assert_eq!(q.health_score(t0), 1);
+        // A failure on another member right after: this node looks sick, give the peer
+        // more time.
         q.schedule(s, suspicion("b"), t0);
         assert_eq!(q.health_score(t0), 2);
-        let fired = drain(&mut q, t0 + s);
-        assert_eq!(fired, vec![suspicion("a")]);
+        // The 2nd "a" and "b" started with a score of 1: they last 8 s. The 1st "a" is
+        // stretched to 8 s when due, since health is worse than when it started.
+        assert!(drain(&mut q, t0 + s).is_empty());
         assert_eq!(q.next_deadline(), Some(t0 + s * 2));
-        // One probe period (1 s on a LAN) without failure heals one step.
-        assert_eq!(q.health_score(t0 + Duration::from_millis(999)), 2);
-        assert_eq!(q.health_score(t0 + Duration::from_secs(1)), 1);
+        assert_eq!(
+            drain(&mut q, t0 + s * 2),
+            vec![suspicion("a"), suspicion("b"), suspicion("a")]
+        );
+        // Three probe periods (1 s on a LAN) without failure heal one step.
+        assert_eq!(q.health_score(t0 + Duration::from_millis(2999)), 2);
+        assert_eq!(q.health_score(t0 + Duration::from_secs(3)), 1);
         assert_eq!(q.health_score(t0 + Duration::from_secs(60)), 0);
         // The score never exceeds its cap.
         for _ in 0..10 {
             q.schedule(s, suspicion("c"), t0);
         }
         assert_eq!(q.health_score(t0), MAX_HEALTH_SCORE);
+    }
+
+    #[test]
+    fn a_node_whose_probes_keep_failing_stretches_its_pending_suspicions() {
+        let t0 = Instant::now();
+        let mut q = TimerQueue::new(Profile::Lan, t0);
+        let s = Duration::from_secs(4);
+        q.schedule(s, suspicion("a"), t0);
+        // Cut off from the network: every probe fails, one a second.
+        for k in 1..4 {
+            q.schedule(s, suspicion(&format!("b{k}")), t0 + Duration::from_secs(k));
+        }
+        assert_eq!(
+            q.health_score(t0 + Duration::from_secs(4)),
+            MAX_HEALTH_SCORE
+        );
+        // "a" was due at 4 s; the node now looks sick, so it waits 4 × 4 s from its start.
+        let stretched = t0 + s * (1 + MAX_HEALTH_SCORE);
+        let mut now = t0;
+        while now < stretched {
+            assert!(
+                !drain(&mut q, now).contains(&suspicion("a")),
+                "{:?}",
+                now - t0
+            );
+            now += Duration::from_millis(100);
+        }
+        assert!(drain(&mut q, stretched).contains(&suspicion("a")));
+        assert_eq!(q.stalls(), 0);
     }
 
     #[test]
