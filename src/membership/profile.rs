@@ -11,7 +11,7 @@ use crate::wire;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Profile {
-    /// A data-centre network: probe every 1 s, suspicion max(3, 2·log10(n)) s (lengthened
+    /// A data-centre network: probe every 1 s, suspicion max(3, 1.5·log10(n)) s (lengthened
     /// by local health, see [`TimerQueue`](super::TimerQueue)).
     #[default]
     Lan,
@@ -67,11 +67,11 @@ impl Profile {
         }
         let scale = (cluster_size.max(1) as f64).log10().max(1.0);
         if self == Profile::Lan {
-            // Half of foca's 4·log10(n) s (memberlist's figure), at least 3 s: crashes are
-            // declared in about 6 s at 100 nodes instead of 10. What keeps false positives
+            // Less than half of foca's 4·log10(n) s (memberlist's figure), at least 3 s:
+            // crashes are declared in about 5 s at 100 nodes instead of 10. What keeps false positives
             // away is Lifeguard's local health in `TimerQueue`: a node that was stalled or
             // whose probes fail gives the members it suspects up to 4× longer to refute.
-            config.suspect_to_down_after = Duration::from_secs_f64((2.0 * scale).max(3.0));
+            config.suspect_to_down_after = Duration::from_secs_f64((1.5 * scale).max(3.0));
         }
         if self == Profile::Local {
             config.probe_period = Duration::from_millis(500);

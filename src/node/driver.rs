@@ -160,7 +160,9 @@ impl<T: Transport> Driver<T> {
                 },
                 // Timers come before datagrams so that a flood cannot starve the detector.
                 () = tokio::time::sleep_until(deadline) => {
+                    let stalls = self.membership.stalls();
                     self.membership.handle_due_timers(now());
+                    Stats::add(&self.stats.stalls, self.membership.stalls() - stalls);
                 }
                 received = self.udp.recv_from(&mut buf) => match received {
                     Ok((len, from)) => self.handle_datagram(&buf[..len], from, &mut tasks),

@@ -51,6 +51,9 @@ counters! {
     events_lagged,
     /// Sealed datagrams and connections refused (wrong key or label, plaintext, forged).
     sealed_refused,
+    /// Times the failure detector found its timers far overdue (this node had been
+    /// stalled) and re-armed them instead of judging peers on stale evidence.
+    stalls,
 }
 
 impl Stats {
