@@ -93,6 +93,20 @@ impl Profile {
         }
     }
 
+    /// Push-pull runs once every this many [`push_pull_interval`](Self::push_pull_interval)s
+    /// in a cluster of `cluster_size`: every interval up to 32 members, then one more
+    /// interval per doubling (memberlist's scaling), since each exchange carries the whole
+    /// member list. Keeps the idle bandwidth per node below ~5 KB/s at 10,000 members.
+    pub fn push_pull_scale(cluster_size: usize) -> u32 {
+        const FULL_RATE_UP_TO: f64 = 32.0;
+        let n = cluster_size as f64;
+        if n <= FULL_RATE_UP_TO {
+            1
+        } else {
+            (n / FULL_RATE_UP_TO).log2().ceil() as u32 + 1
+        }
+    }
+
     /// How often a node runs anti-entropy of the replicated state with a random peer.
     pub fn sync_interval(self) -> Duration {
         match self {
@@ -136,5 +150,38 @@ impl Profile {
             Profile::Lan | Profile::Local => Duration::from_secs(5),
             Profile::Wan => Duration::from_secs(15),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_pull_slows_down_one_interval_per_doubling_beyond_32_members() {
+        let scales: Vec<u32> = [1, 32, 33, 64, 65, 100, 1000, 10_000]
+            .into_iter()
+            .map(Profile::push_pull_scale)
+            .collect();
+        assert_eq!(scales, vec![1, 1, 2, 2, 3, 3, 6, 10]);
+    }
+
+    #[test]
+    fn lan_suspicion_is_shorter_than_focas_and_grows_with_the_cluster() {
+        let secs = |n| {
+            Profile::Lan
+                .foca_config(n)
+                .suspect_to_down_after
+                .as_secs_f64()
+        };
+        assert_eq!(secs(10), 3.0);
+        assert_eq!(secs(100), 3.0);
+        assert!((secs(1000) - 4.5).abs() < 1e-9);
+        assert!((secs(10_000) - 6.0).abs() < 1e-9);
+        let down_after = Profile::Lan
+            .foca_config(100)
+            .periodic_announce_to_down_members
+            .map(|p| p.frequency);
+        assert_eq!(down_after, Some(Profile::Lan.push_pull_interval()));
     }
 }

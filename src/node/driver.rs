@@ -102,6 +102,8 @@ const MAX_WARNED: usize = 1024;
 /// Book-keeping of the driver loop.
 #[derive(Default)]
 struct Progress {
+    /// Push-pull ticks so far.
+    push_pull_ticks: u64,
     members_published: Option<u64>,
     state_published: Option<(u64, u64)>,
     had_peers: bool,
@@ -134,6 +136,8 @@ impl<T: Transport> Driver<T> {
         let mut tasks: JoinSet<Result<Outcome>> = JoinSet::new();
         let mut buf = vec![0u8; wire::MAX_DATAGRAM + 1];
         let mut progress = Progress::default();
+        // A random phase, so that scaled-down push-pulls do not all fall on the same tick.
+        progress.push_pull_ticks = self.rng.random_range(0..1u64 << 32);
         // After joining, a few quick push-pulls (1 s, 2 s, 4 s) fill in members that joined
         // at the same time, instead of waiting for the periodic exchange.
         let mut followup: Option<(Instant, Duration)> = None;
@@ -200,7 +204,14 @@ impl<T: Transport> Driver<T> {
                     }
                     self.housekeeping(&mut progress);
                 }
-                _ = push_pull_tick.tick() => self.push_pull_random(&mut tasks),
+                _ = push_pull_tick.tick() => {
+                    // Large clusters push-pull less often (memberlist's scaling).
+                    let size = self.membership.num_active_peers() + 1;
+                    progress.push_pull_ticks = progress.push_pull_ticks.wrapping_add(1);
+                    if progress.push_pull_ticks % u64::from(Profile::push_pull_scale(size)) == 0 {
+                        self.push_pull_random(&mut tasks);
+                    }
+                }
             }
             let has_peers = self.membership.num_active_peers() > 0;
             if has_peers && !progress.had_peers {

@@ -173,6 +173,7 @@ pub struct SimNode {
     seed_cursor: usize,
     followup: Option<(u64, Nanos)>,
     followup_token: u64,
+    push_pull_ticks: u64,
     outbound: usize,
     exchanges: BTreeMap<u64, Exchange>,
     next_xid: u64,
@@ -421,6 +422,7 @@ impl Sim {
                 seed_cursor: 0,
                 followup: None,
                 followup_token: 0,
+                push_pull_ticks: 0,
                 outbound: 0,
                 exchanges: BTreeMap::new(),
                 next_xid: 0,
@@ -557,6 +559,8 @@ impl Sim {
         node.had_peers = false;
         node.seed_cursor = 0;
         node.followup = None;
+        // The driver's random phase of scaled-down push-pulls.
+        node.push_pull_ticks = node.rng.random_range(0..1u64 << 32);
         node.outbound = 0;
         node.exchanges.clear();
         node.wake_at = None;
@@ -822,7 +826,12 @@ impl Sim {
                 Some(profile.sync_interval())
             }
             Tick::PushPull => {
-                self.push_pull_random(i);
+                let size = self.core(i).num_active_peers() + 1;
+                let node = &mut self.nodes[i];
+                node.push_pull_ticks = node.push_pull_ticks.wrapping_add(1);
+                if node.push_pull_ticks % u64::from(Profile::push_pull_scale(size)) == 0 {
+                    self.push_pull_random(i);
+                }
                 Some(profile.push_pull_interval())
             }
             Tick::Followup(token) => {
