@@ -104,6 +104,8 @@ const MAX_WARNED: usize = 1024;
 struct Progress {
     /// Push-pull ticks so far.
     push_pull_ticks: u64,
+    /// Members back from down or left since the last turn: push-pull with them.
+    rejoined: Vec<SocketAddr>,
     members_published: Option<u64>,
     state_published: Option<(u64, u64)>,
     had_peers: bool,
@@ -225,6 +227,9 @@ impl<T: Transport> Driver<T> {
             progress.had_peers = has_peers;
             self.follow_identity();
             self.flush(&mut progress).await;
+            for peer in std::mem::take(&mut progress.rejoined) {
+                self.start_push_pull(peer, &mut tasks);
+            }
             self.publish(&mut progress);
         }
     }
@@ -562,7 +567,15 @@ impl<T: Transport> Driver<T> {
                         .entry(m.name.clone())
                         .or_insert_with(Instant::now);
                 }
-                MemberEvent::Joined(m) | MemberEvent::Updated(m) => {
+                MemberEvent::Joined(m) => {
+                    if progress.dead_since.remove(&m.name).is_some() {
+                        // Contact resumed with a member we had given up on (a healed
+                        // partition, a restart): swap member lists at once rather than
+                        // at the next, possibly scaled-down, push-pull.
+                        progress.rejoined.push(m.addr);
+                    }
+                }
+                MemberEvent::Updated(m) => {
                     progress.dead_since.remove(&m.name);
                 }
                 MemberEvent::Suspect(_) => {}

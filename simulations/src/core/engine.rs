@@ -670,6 +670,9 @@ impl Sim {
                         let now = base + Duration::from_nanos(phases[i]);
                         if let Some(core) = node.core.as_mut() {
                             core.apply_push_pull(snapshot, now);
+                            // Every member appeared: nothing the driver acts on, and n²
+                            // of these would not fit at 10,000 nodes.
+                            core.drain_changes(&mut Vec::new());
                         }
                         if let Some(state) = node.state.as_ref() {
                             let mut state = sync::lock(state);
@@ -1042,10 +1045,18 @@ impl Sim {
         for (to, data) in out.drain(..) {
             self.send_udp(i, to, data);
         }
+        let mut rejoined = Vec::new();
         for change in changes.drain(..) {
             let (name, generation, left) = match change {
                 Change::Down { name, generation } => (name, generation, false),
                 Change::Left { name, generation } => (name, generation, true),
+                Change::Up { name } => {
+                    // The driver push-pulls with a member back from down or left.
+                    if self.nodes[i].dead_since.remove(&name).is_some() {
+                        rejoined.extend(name_index(&name));
+                    }
+                    continue;
+                }
             };
             let Some(subject) = name_index(&name) else {
                 continue;
@@ -1072,6 +1083,9 @@ impl Sim {
         }
         self.scratch_out = out;
         self.scratch_changes = changes;
+        for peer in rejoined {
+            self.start_push_pull(i, peer as usize);
+        }
     }
 
     fn arm_wake(&mut self, i: usize) {

@@ -43,6 +43,8 @@ pub enum Change {
     Down { name: String, generation: u64 },
     /// Left gracefully.
     Left { name: String, generation: u64 },
+    /// Appeared, or came back after being down or left.
+    Up { name: String },
 }
 
 /// A push-pull state in flight, with its encoded size.
@@ -351,6 +353,7 @@ impl Core {
                             name: m.name,
                             generation: m.generation,
                         }),
+                        MemberEvent::Joined(m) => out.push(Change::Up { name: m.name }),
                         _ => {}
                     }
                 }
@@ -635,6 +638,7 @@ impl Lean {
                     };
                     self.changes.push(change);
                 }
+                OwnedNotification::MemberUp(id) => self.changes.push(Change::Up { name: id.name }),
                 _ => {}
             }
         }
