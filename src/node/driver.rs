@@ -137,9 +137,11 @@ impl<T: Transport> Driver<T> {
         let mut join_tick = interval(self.profile.join_retry_interval());
         let mut tasks: JoinSet<Result<Outcome>> = JoinSet::new();
         let mut buf = vec![0u8; wire::MAX_DATAGRAM + 1];
-        let mut progress = Progress::default();
-        // A random phase, so that scaled-down push-pulls do not all fall on the same tick.
-        progress.push_pull_ticks = self.rng.random_range(0..1u64 << 32);
+        let mut progress = Progress {
+            // A random phase, so that scaled-down push-pulls do not all fall on one tick.
+            push_pull_ticks: self.rng.random_range(0..1u64 << 32),
+            ..Progress::default()
+        };
         // After joining, a few quick push-pulls (1 s, 2 s, 4 s) fill in members that joined
         // at the same time, instead of waiting for the periodic exchange.
         let mut followup: Option<(Instant, Duration)> = None;

@@ -832,7 +832,10 @@ impl Sim {
                 let size = self.core(i).num_active_peers() + 1;
                 let node = &mut self.nodes[i];
                 node.push_pull_ticks = node.push_pull_ticks.wrapping_add(1);
-                if node.push_pull_ticks % u64::from(Profile::push_pull_scale(size)) == 0 {
+                if node
+                    .push_pull_ticks
+                    .is_multiple_of(u64::from(Profile::push_pull_scale(size)))
+                {
                     self.push_pull_random(i);
                 }
                 Some(profile.push_pull_interval())
