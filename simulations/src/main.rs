@@ -32,8 +32,10 @@ struct Cli {
     /// Packet loss probability in [0, 1) (default: 0.05 for `loss`, 0 otherwise).
     #[arg(long)]
     loss: Option<f64>,
-    /// Simulated seconds of the measured phase, after the cluster has formed (default per
-    /// scenario: converge and crash 60, leave 30, partition 90, loss 600, others 120).
+    /// Simulated seconds of the measured phase, after the cluster has formed. Core engine
+    /// defaults: converge and crash 60, leave 30, partition 90, loss 600, others 120. Full
+    /// engine: sets partition (default 30), loss (120), churn (60) and rpc (60); the other
+    /// scenarios run until what they measure has happened and ignore it.
     #[arg(long)]
     duration: Option<f64>,
     /// Tier: `full` (real node code on turmoil) or `core` (discrete-event simulator of the

@@ -51,7 +51,7 @@ where
         .map_err(err)?;
     chart
         .configure_mesh()
-        .x_desc("seconds since the write")
+        .x_desc("seconds since the write (or the crash)")
         .y_desc("fraction informed")
         .draw()
         .map_err(err)?;

@@ -7,14 +7,14 @@
 mod codec;
 mod identity;
 mod profile;
+mod timers;
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use foca::{
-    AccumulatingRuntime, BroadcastHandler, Foca, NoCustomBroadcast, OwnedNotification, State, Timer,
+    AccumulatingRuntime, BroadcastHandler, Foca, NoCustomBroadcast, OwnedNotification, State,
 };
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use codec::BincodeCodec;
 pub use identity::{validate_name, NodeId, MAX_NAME_LEN};
 pub use profile::Profile;
+pub use timers::{TimerQueue, MAX_HEALTH_SCORE};
 
 use crate::wire::{self, DatagramKind, WireError};
 
@@ -133,29 +134,6 @@ pub enum MembershipError {
     TooManyMembers(usize),
 }
 
-struct ScheduledTimer {
-    deadline: Instant,
-    seq: u64,
-    timer: Timer<NodeId>,
-}
-
-impl PartialEq for ScheduledTimer {
-    fn eq(&self, other: &Self) -> bool {
-        (self.deadline, self.seq) == (other.deadline, other.seq)
-    }
-}
-impl Eq for ScheduledTimer {}
-impl PartialOrd for ScheduledTimer {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for ScheduledTimer {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.deadline, self.seq).cmp(&(other.deadline, other.seq))
-    }
-}
-
 struct ViewEntry {
     member: Member,
     /// When the member last changed status.
@@ -172,8 +150,7 @@ pub struct Membership<B: BroadcastHandler<NodeId> = NoCustomBroadcast> {
     profile: Profile,
     /// Cluster size foca's configuration was last tuned for.
     tuned_for: usize,
-    timers: BinaryHeap<Reverse<ScheduledTimer>>,
-    timer_seq: u64,
+    timers: TimerQueue,
     view: BTreeMap<String, ViewEntry>,
     left: VecDeque<NodeId>,
     events: Vec<MemberEvent>,
@@ -227,8 +204,7 @@ where
             runtime: AccumulatingRuntime::new(),
             profile,
             tuned_for: 1,
-            timers: BinaryHeap::new(),
-            timer_seq: 0,
+            timers: TimerQueue::new(profile, now),
             view,
             left: VecDeque::new(),
             events: Vec::new(),
@@ -322,24 +298,46 @@ where
 
     /// The deadline of the earliest pending timer.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse(t)| t.deadline)
+        self.timers.next_deadline()
     }
 
-    /// Fires every timer due at `now`, in deadline order.
+    /// Fires every timer due at `now`, in deadline order. Timers found far overdue (the
+    /// node was stalled) are re-armed rather than fired on stale evidence; see
+    /// [`TimerQueue`].
     pub fn handle_due_timers(&mut self, now: Instant) {
-        while let Some(Reverse(next)) = self.timers.peek() {
-            if next.deadline > now {
-                break;
-            }
-            let Some(Reverse(due)) = self.timers.pop() else {
-                break;
-            };
-            if let Err(error) = self.foca.handle_timer(due.timer, &mut self.runtime) {
+        let stalls = self.timers.stalls();
+        while let Some(timer) = self.timers.pop_due(now) {
+            let verdict_on = suspicion_subject(&timer);
+            if let Err(error) = self.foca.handle_timer(timer, &mut self.runtime) {
                 tracing::debug!(%error, "timer handling failed");
+            }
+            if let Some(subject) = verdict_on {
+                if !is_down(&self.foca, &subject) {
+                    // foca 2.0.0 sends `TurnUndead` even when the suspect refuted in time
+                    // (the verdict did not apply), which makes a healthy node renew its
+                    // identity: withhold that message.
+                    self.withhold_sends_to(subject.addr);
+                }
             }
             // Timers scheduled while handling this one are relative to `now`.
             self.after_call(now);
         }
+        if self.timers.stalls() > stalls {
+            tracing::warn!(
+                "this node was stalled: overdue failure-detector timers re-armed, not fired"
+            );
+        }
+    }
+
+    /// Local health (Lifeguard): 0 when healthy, up to [`MAX_HEALTH_SCORE`] after failed
+    /// probes or a stall. Suspicions this node raises last `1 + score` times longer.
+    pub fn health_score(&self, now: Instant) -> u32 {
+        self.timers.health_score(now)
+    }
+
+    /// How many times this node found its timers far overdue (it had been stalled).
+    pub fn stalls(&self) -> u64 {
+        self.timers.stalls()
     }
 
     /// Leaves the cluster gracefully: tells every live peer directly, then lets foca gossip
@@ -411,6 +409,15 @@ where
         self.view.values().map(|e| e.member.clone()).collect()
     }
 
+    /// Moves what foca queued for sending to the outbox, except what goes to `addr`.
+    fn withhold_sends_to(&mut self, addr: SocketAddr) {
+        while let Some((to, data)) = self.runtime.to_send() {
+            if to.addr != addr {
+                self.outbox.push((to.addr, swim_datagram(&data)));
+            }
+        }
+    }
+
     fn remember_left(&mut self, id: NodeId) {
         if !self.left.contains(&id) {
             if self.left.len() >= MAX_LEFT_REMEMBERED {
@@ -423,18 +430,10 @@ where
     /// Collects what foca produced and brings the view up to date.
     fn after_call(&mut self, now: Instant) {
         while let Some((to, data)) = self.runtime.to_send() {
-            let mut datagram = Vec::with_capacity(wire::ENVELOPE_LEN + data.len());
-            wire::begin_datagram(DatagramKind::Swim, &mut datagram);
-            datagram.extend_from_slice(&data);
-            self.outbox.push((to.addr, datagram));
+            self.outbox.push((to.addr, swim_datagram(&data)));
         }
         while let Some((after, timer)) = self.runtime.to_schedule() {
-            self.timer_seq += 1;
-            self.timers.push(Reverse(ScheduledTimer {
-                deadline: now + after,
-                seq: self.timer_seq,
-                timer,
-            }));
+            self.timers.schedule(after, timer, now);
         }
         let mut defunct = false;
         while let Some(notification) = self.runtime.to_notify() {
@@ -591,6 +590,28 @@ where
             }
         }
     }
+}
+
+/// A foca packet in grapevine's datagram envelope.
+fn swim_datagram(packet: &[u8]) -> Vec<u8> {
+    let mut datagram = Vec::with_capacity(wire::ENVELOPE_LEN + packet.len());
+    wire::begin_datagram(DatagramKind::Swim, &mut datagram);
+    datagram.extend_from_slice(packet);
+    datagram
+}
+
+/// The member a suspicion timer would declare down.
+pub fn suspicion_subject(timer: &foca::Timer<NodeId>) -> Option<NodeId> {
+    match timer {
+        foca::Timer::ChangeSuspectToDown { member_id, .. } => Some(member_id.clone()),
+        _ => None,
+    }
+}
+
+/// Whether foca holds `id` as down (a suspicion verdict applied).
+pub fn is_down<B: BroadcastHandler<NodeId>>(foca: &SwimCore<B>, id: &NodeId) -> bool {
+    foca.iter_membership_state()
+        .any(|m| m.id() == id && m.state() == State::Down)
 }
 
 #[cfg(test)]

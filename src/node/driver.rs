@@ -104,6 +104,10 @@ const MAX_WARNED: usize = 1024;
 /// Book-keeping of the driver loop.
 #[derive(Default)]
 struct Progress {
+    /// Push-pull ticks so far.
+    push_pull_ticks: u64,
+    /// Members back from down or left since the last turn: push-pull with them.
+    rejoined: Vec<SocketAddr>,
     members_published: Option<u64>,
     state_published: Option<(u64, u64)>,
     had_peers: bool,
@@ -135,7 +139,11 @@ impl<T: Transport> Driver<T> {
         let mut join_tick = interval(self.profile.join_retry_interval());
         let mut tasks: JoinSet<Result<Outcome>> = JoinSet::new();
         let mut buf = vec![0u8; wire::MAX_DATAGRAM + 1];
-        let mut progress = Progress::default();
+        let mut progress = Progress {
+            // A random phase, so that scaled-down push-pulls do not all fall on one tick.
+            push_pull_ticks: self.rng.random_range(0..1u64 << 32),
+            ..Progress::default()
+        };
         // After joining, a few quick push-pulls (1 s, 2 s, 4 s) fill in members that joined
         // at the same time, instead of waiting for the periodic exchange.
         let mut followup: Option<(Instant, Duration)> = None;
@@ -162,7 +170,9 @@ impl<T: Transport> Driver<T> {
                 },
                 // Timers come before datagrams so that a flood cannot starve the detector.
                 () = tokio::time::sleep_until(deadline) => {
+                    let stalls = self.membership.stalls();
                     self.membership.handle_due_timers(now());
+                    Stats::add(&self.stats.stalls, self.membership.stalls() - stalls);
                 }
                 received = self.udp.recv_from(&mut buf) => match received {
                     Ok((len, from)) => self.handle_datagram(&buf[..len], from, &mut tasks),
@@ -200,7 +210,14 @@ impl<T: Transport> Driver<T> {
                     }
                     self.housekeeping(&mut progress);
                 }
-                _ = push_pull_tick.tick() => self.push_pull_random(&mut tasks),
+                _ = push_pull_tick.tick() => {
+                    // Large clusters push-pull less often (memberlist's scaling).
+                    let size = self.membership.num_active_peers() + 1;
+                    progress.push_pull_ticks = progress.push_pull_ticks.wrapping_add(1);
+                    if progress.push_pull_ticks % u64::from(Profile::push_pull_scale(size)) == 0 {
+                        self.push_pull_random(&mut tasks);
+                    }
+                }
             }
             let has_peers = self.membership.num_active_peers() > 0;
             if has_peers && !progress.had_peers {
@@ -214,6 +231,9 @@ impl<T: Transport> Driver<T> {
             progress.had_peers = has_peers;
             self.follow_identity();
             self.flush(&mut progress).await;
+            for peer in std::mem::take(&mut progress.rejoined) {
+                self.start_push_pull(peer, &mut tasks);
+            }
             self.publish(&mut progress);
         }
     }
@@ -552,7 +572,15 @@ impl<T: Transport> Driver<T> {
                         .entry(m.name.clone())
                         .or_insert_with(Instant::now);
                 }
-                MemberEvent::Joined(m) | MemberEvent::Updated(m) => {
+                MemberEvent::Joined(m) => {
+                    if progress.dead_since.remove(&m.name).is_some() {
+                        // Contact resumed with a member we had given up on (a healed
+                        // partition, a restart): swap member lists at once rather than
+                        // at the next, possibly scaled-down, push-pull.
+                        progress.rejoined.push(m.addr);
+                    }
+                }
+                MemberEvent::Updated(m) => {
                     progress.dead_since.remove(&m.name);
                 }
                 MemberEvent::Suspect(_) => {}

@@ -173,6 +173,7 @@ pub struct SimNode {
     seed_cursor: usize,
     followup: Option<(u64, Nanos)>,
     followup_token: u64,
+    push_pull_ticks: u64,
     outbound: usize,
     exchanges: BTreeMap<u64, Exchange>,
     next_xid: u64,
@@ -421,6 +422,7 @@ impl Sim {
                 seed_cursor: 0,
                 followup: None,
                 followup_token: 0,
+                push_pull_ticks: 0,
                 outbound: 0,
                 exchanges: BTreeMap::new(),
                 next_xid: 0,
@@ -557,6 +559,8 @@ impl Sim {
         node.had_peers = false;
         node.seed_cursor = 0;
         node.followup = None;
+        // The driver's random phase of scaled-down push-pulls.
+        node.push_pull_ticks = node.rng.random_range(0..1u64 << 32);
         node.outbound = 0;
         node.exchanges.clear();
         node.wake_at = None;
@@ -666,6 +670,9 @@ impl Sim {
                         let now = base + Duration::from_nanos(phases[i]);
                         if let Some(core) = node.core.as_mut() {
                             core.apply_push_pull(snapshot, now);
+                            // Every member appeared: nothing the driver acts on, and n²
+                            // of these would not fit at 10,000 nodes.
+                            core.drain_changes(&mut Vec::new());
                         }
                         if let Some(state) = node.state.as_ref() {
                             let mut state = sync::lock(state);
@@ -822,7 +829,15 @@ impl Sim {
                 Some(profile.sync_interval())
             }
             Tick::PushPull => {
-                self.push_pull_random(i);
+                let size = self.core(i).num_active_peers() + 1;
+                let node = &mut self.nodes[i];
+                node.push_pull_ticks = node.push_pull_ticks.wrapping_add(1);
+                if node
+                    .push_pull_ticks
+                    .is_multiple_of(u64::from(Profile::push_pull_scale(size)))
+                {
+                    self.push_pull_random(i);
+                }
                 Some(profile.push_pull_interval())
             }
             Tick::Followup(token) => {
@@ -1033,10 +1048,18 @@ impl Sim {
         for (to, data) in out.drain(..) {
             self.send_udp(i, to, data);
         }
+        let mut rejoined = Vec::new();
         for change in changes.drain(..) {
             let (name, generation, left) = match change {
                 Change::Down { name, generation } => (name, generation, false),
                 Change::Left { name, generation } => (name, generation, true),
+                Change::Up { name } => {
+                    // The driver push-pulls with a member back from down or left.
+                    if self.nodes[i].dead_since.remove(&name).is_some() {
+                        rejoined.extend(name_index(&name));
+                    }
+                    continue;
+                }
             };
             let Some(subject) = name_index(&name) else {
                 continue;
@@ -1063,6 +1086,9 @@ impl Sim {
         }
         self.scratch_out = out;
         self.scratch_changes = changes;
+        for peer in rejoined {
+            self.start_push_pull(i, peer as usize);
+        }
     }
 
     fn arm_wake(&mut self, i: usize) {
@@ -1141,6 +1167,16 @@ impl Sim {
     }
 
     fn send_udp(&mut self, from: usize, to: SocketAddr, data: Vec<u8>) {
+        if let Some(watched) = trace_packets() {
+            let to_index = addr_index(&to).unwrap_or(u32::MAX) as usize;
+            if from == watched || to_index == watched {
+                eprintln!(
+                    "{:.6} n{from} -> n{to_index}: {}",
+                    secs(self.now),
+                    describe_datagram(&data)
+                );
+            }
+        }
         let traffic = &mut self.traffic[from];
         traffic.udp_bytes += data.len() as u64;
         traffic.udp_packets += 1;
@@ -1194,9 +1230,13 @@ impl Sim {
         }
     }
 
-    /// Delay of one TCP message of `bytes` over a lossy path: latency plus retransmission
-    /// timeouts (200 ms, doubling) for each round in which a segment was lost. A new
-    /// connection first pays a handshake whose lost SYNs wait 1 s, doubling.
+    /// Delay of one TCP message of `bytes` over a lossy path. Each segment is lost with the
+    /// path's loss probability; a lost segment followed by at least three others is
+    /// fast-retransmitted after one round trip, a lost tail segment waits for the
+    /// retransmission timeout (200 ms), and a lost retransmission doubles the timeout. The
+    /// message arrives when its slowest segment does. A new connection first pays a
+    /// handshake whose lost SYNs wait 1 s, doubling. Bandwidth is not modelled (a LAN moves
+    /// 100 KB in well under a millisecond).
     fn tcp_delay(&mut self, bytes: usize, connect: bool) -> Nanos {
         let mut delay = 0;
         if connect {
@@ -1210,12 +1250,26 @@ impl Sim {
             }
         }
         delay += self.latency();
-        let segments = bytes.div_ceil(TCP_SEGMENT).max(1) as i32;
-        let p_any = 1.0 - (1.0 - self.loss).powi(segments);
-        let mut rto = 200 * MS;
-        while p_any > 0.0 && self.net_rng.random_bool(p_any.min(1.0)) && rto < 64 * SEC {
-            delay += rto;
-            rto *= 2;
+        if self.loss > 0.0 {
+            let segments = bytes.div_ceil(TCP_SEGMENT).max(1);
+            let mut slowest = 0;
+            for k in 0..segments {
+                if !self.net_rng.random_bool(self.loss) {
+                    continue;
+                }
+                let mut wait = if segments - k > 3 {
+                    self.latency() + self.latency()
+                } else {
+                    200 * MS
+                };
+                let mut rto = 200 * MS;
+                while self.net_rng.random_bool(self.loss) && rto < 64 * SEC {
+                    wait += rto;
+                    rto *= 2;
+                }
+                slowest = slowest.max(wait);
+            }
+            delay += slowest;
         }
         delay
     }
@@ -1616,4 +1670,52 @@ impl Sim {
 fn frame_len<T: serde::Serialize>(message: &T) -> usize {
     // One byte of request/response tag and the u32 length prefix around the payload.
     wire::encode_frame(message).map_or(0, |b| b.len()) + 1 + 4
+}
+
+/// `GRAPEVINE_SIM_PACKETS=<index>`: print every datagram to or from that node (debugging).
+fn trace_packets() -> Option<usize> {
+    static WATCHED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *WATCHED.get_or_init(|| {
+        std::env::var("GRAPEVINE_SIM_PACKETS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
+}
+
+fn describe_datagram(data: &[u8]) -> String {
+    use grapevine::wire::DatagramKind;
+    let Ok((kind, payload)) = wire::open_datagram(data) else {
+        return "junk".into();
+    };
+    if kind == DatagramKind::Leave {
+        return "leave notice".into();
+    }
+    let Ok((header, used)) = wire::decode_datagram_prefix::<foca::Header<NodeId>>(payload) else {
+        return "undecodable".into();
+    };
+    let mut out = format!(
+        "{:?} from {}#{} inc {}",
+        header.message, header.src.name, header.src.generation, header.src_incarnation
+    );
+    let mut rest = &payload[used..];
+    if rest.len() >= 2 && !matches!(header.message, foca::Message::Broadcast) {
+        let count = u16::from_be_bytes([rest[0], rest[1]]);
+        rest = &rest[2..];
+        for _ in 0..count {
+            match wire::decode_datagram_prefix::<foca::Member<NodeId>>(rest) {
+                Ok((m, used)) => {
+                    out.push_str(&format!(
+                        " | {}#{} {:?} inc {}",
+                        m.id().name,
+                        m.id().generation,
+                        m.state(),
+                        m.incarnation()
+                    ));
+                    rest = &rest[used..];
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    out
 }

@@ -13,15 +13,15 @@
 //! Both put the same bytes on the wire in the same order: `tests/scenarios.rs` runs the same
 //! scenarios through both and asserts identical reports.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use foca::{AccumulatingRuntime, Foca, OwnedNotification, State, Timer};
+use foca::{AccumulatingRuntime, Foca, OwnedNotification, State};
+use grapevine::membership::{is_down, suspicion_subject, Profile, TimerQueue, MAX_BROADCAST_ITEM};
 use grapevine::membership::{BincodeCodec, MemberEvent, Membership, NodeId, PushPull};
-use grapevine::membership::{Profile, MAX_BROADCAST_ITEM};
 use grapevine::sync::StateBroadcasts;
 use grapevine::wire::{self, DatagramKind, WireError};
 use rand::rngs::SmallRng;
@@ -43,6 +43,8 @@ pub enum Change {
     Down { name: String, generation: u64 },
     /// Left gracefully.
     Left { name: String, generation: u64 },
+    /// Appeared, or came back after being down or left.
+    Up { name: String },
 }
 
 /// A push-pull state in flight, with its encoded size.
@@ -110,9 +112,11 @@ fn member_len(member: &foca::Member<NodeId>) -> usize {
 /// A 64-bit hash of one member state; summed (wrapping) it hashes a set in any order.
 fn member_hash(member: &foca::Member<NodeId>) -> u64 {
     let id = member.id();
-    let mut h = 0x9e37_79b9_7f4a_7c15u64;
-    for &b in id.name.as_bytes() {
-        h = mix(h ^ u64::from(b));
+    let mut h = 0x9e37_79b9_7f4a_7c15u64 ^ id.name.len() as u64;
+    for chunk in id.name.as_bytes().chunks(8) {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        h = mix(h ^ u64::from_le_bytes(word));
     }
     let addr = match id.addr {
         SocketAddr::V4(a) => (u64::from(u32::from(*a.ip())) << 16) | u64::from(a.port()),
@@ -130,6 +134,31 @@ fn member_hash(member: &foca::Member<NodeId>) -> u64 {
         State::Down => 2,
     };
     mix(h ^ (u64::from(member.incarnation()) << 2 | state))
+}
+
+/// The hasher of sets of [`member_hash`] values, which are well mixed already.
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+fn swim_datagram(packet: &[u8]) -> Vec<u8> {
+    let mut datagram = Vec::with_capacity(wire::ENVELOPE_LEN + packet.len());
+    wire::begin_datagram(DatagramKind::Swim, &mut datagram);
+    datagram.extend_from_slice(packet);
+    datagram
 }
 
 fn mix(mut z: u64) -> u64 {
@@ -161,7 +190,7 @@ impl Core {
             Wrapper::Library => Core::Library(Box::new(Membership::with_broadcasts(
                 identity, profile, seed, now, handler,
             ))),
-            Wrapper::Lean => Core::Lean(Box::new(Lean::new(identity, profile, seed, handler))),
+            Wrapper::Lean => Core::Lean(Box::new(Lean::new(identity, profile, seed, now, handler))),
         }
     }
 
@@ -255,7 +284,7 @@ impl Core {
     pub fn next_deadline(&self) -> Option<Instant> {
         match self {
             Core::Library(m) => m.next_deadline(),
-            Core::Lean(l) => l.timers.peek().map(|Reverse(t)| t.deadline),
+            Core::Lean(l) => l.timers.next_deadline(),
         }
     }
 
@@ -289,9 +318,14 @@ impl Core {
             (Core::Library(m), Snapshot::Library(pp)) => {
                 let _ = m.apply_push_pull(pp, now);
             }
-            (Core::Lean(l), Snapshot::Lean { members, left, .. }) => {
-                l.apply_push_pull(&members, left, now)
-            }
+            (
+                Core::Lean(l),
+                Snapshot::Lean {
+                    members,
+                    left,
+                    hash,
+                },
+            ) => l.apply_push_pull(&members, hash, left, now),
             // Every node of a simulation runs the same wrapper.
             _ => unreachable!("push-pull between different wrappers"),
         }
@@ -319,35 +353,13 @@ impl Core {
                             name: m.name,
                             generation: m.generation,
                         }),
+                        MemberEvent::Joined(m) => out.push(Change::Up { name: m.name }),
                         _ => {}
                     }
                 }
             }
             Core::Lean(l) => out.append(&mut l.changes),
         }
-    }
-}
-
-struct ScheduledTimer {
-    deadline: Instant,
-    seq: u64,
-    timer: Timer<NodeId>,
-}
-
-impl PartialEq for ScheduledTimer {
-    fn eq(&self, other: &Self) -> bool {
-        (self.deadline, self.seq) == (other.deadline, other.seq)
-    }
-}
-impl Eq for ScheduledTimer {}
-impl PartialOrd for ScheduledTimer {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for ScheduledTimer {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.deadline, self.seq).cmp(&(other.deadline, other.seq))
     }
 }
 
@@ -358,8 +370,7 @@ pub struct Lean {
     runtime: AccumulatingRuntime<NodeId>,
     profile: Profile,
     tuned_for: usize,
-    timers: BinaryHeap<Reverse<ScheduledTimer>>,
-    timer_seq: u64,
+    timers: TimerQueue,
     left: VecDeque<NodeId>,
     changes: Vec<Change>,
     outbox: Vec<(SocketAddr, Vec<u8>)>,
@@ -397,7 +408,13 @@ impl SnapshotCache {
 const MAX_LEFT_REMEMBERED: usize = 4096;
 
 impl Lean {
-    fn new(identity: NodeId, profile: Profile, seed: u64, handler: StateBroadcasts) -> Self {
+    fn new(
+        identity: NodeId,
+        profile: Profile,
+        seed: u64,
+        now: Instant,
+        handler: StateBroadcasts,
+    ) -> Self {
         Lean {
             foca: Foca::with_custom_broadcast(
                 identity,
@@ -409,8 +426,7 @@ impl Lean {
             runtime: AccumulatingRuntime::new(),
             profile,
             tuned_for: 1,
-            timers: BinaryHeap::new(),
-            timer_seq: 0,
+            timers: TimerQueue::new(profile, now),
             left: VecDeque::new(),
             changes: Vec::new(),
             outbox: Vec::new(),
@@ -467,14 +483,14 @@ impl Lean {
     }
 
     fn handle_due_timers(&mut self, now: Instant) {
-        while let Some(Reverse(next)) = self.timers.peek() {
-            if next.deadline > now {
-                break;
+        while let Some(timer) = self.timers.pop_due(now) {
+            let verdict_on = suspicion_subject(&timer);
+            let _ = self.foca.handle_timer(timer, &mut self.runtime);
+            if let Some(subject) = verdict_on {
+                if !is_down(&self.foca, &subject) {
+                    self.withhold_sends_to(subject.addr);
+                }
             }
-            let Some(Reverse(due)) = self.timers.pop() else {
-                break;
-            };
-            let _ = self.foca.handle_timer(due.timer, &mut self.runtime);
             self.after_call(now);
         }
     }
@@ -537,13 +553,19 @@ impl Lean {
     fn apply_push_pull(
         &mut self,
         members: &[foca::Member<NodeId>],
+        hash: u64,
         left: Vec<NodeId>,
         now: Instant,
     ) {
         for leaver in left {
             self.remember_left(leaver);
         }
-        let mine: HashSet<u64> = self
+        if hash == self.state_hash() {
+            // The same set as ours: every update would be a no-op.
+            self.after_call(now);
+            return;
+        }
+        let mine: HashSet<u64, BuildHasherDefault<IdentityHasher>> = self
             .foca
             .iter_membership_state()
             .map(member_hash)
@@ -583,20 +605,20 @@ impl Lean {
         }
     }
 
+    fn withhold_sends_to(&mut self, addr: SocketAddr) {
+        while let Some((to, data)) = self.runtime.to_send() {
+            if to.addr != addr {
+                self.outbox.push((to.addr, swim_datagram(&data)));
+            }
+        }
+    }
+
     fn after_call(&mut self, now: Instant) {
         while let Some((to, data)) = self.runtime.to_send() {
-            let mut datagram = Vec::with_capacity(wire::ENVELOPE_LEN + data.len());
-            wire::begin_datagram(DatagramKind::Swim, &mut datagram);
-            datagram.extend_from_slice(&data);
-            self.outbox.push((to.addr, datagram));
+            self.outbox.push((to.addr, swim_datagram(&data)));
         }
         while let Some((after, timer)) = self.runtime.to_schedule() {
-            self.timer_seq += 1;
-            self.timers.push(Reverse(ScheduledTimer {
-                deadline: now + after,
-                seq: self.timer_seq,
-                timer,
-            }));
+            self.timers.schedule(after, timer, now);
         }
         let mut defunct = false;
         while let Some(notification) = self.runtime.to_notify() {
@@ -616,6 +638,7 @@ impl Lean {
                     };
                     self.changes.push(change);
                 }
+                OwnedNotification::MemberUp(id) => self.changes.push(Change::Up { name: id.name }),
                 _ => {}
             }
         }

@@ -135,7 +135,11 @@ pub fn run(options: &Options, core: &CoreOptions) -> Result<Report, String> {
         "lean_membership".into(),
         f64::from(u8::from(wrapper == Wrapper::Lean)),
     );
-    let dissemination_curve = run.sim.watches.first().map(curve).unwrap_or_default();
+    // Without a write to follow (crash, leave), the curve shows the detection spreading.
+    let dissemination_curve = match run.sim.watches.first() {
+        Some(watch) => curve(watch),
+        None => std::mem::take(&mut run.detection_curve),
+    };
     Ok(Report {
         scenario: scenario.to_string(),
         engine: Engine::Core,
@@ -187,6 +191,18 @@ fn curve(watch: &Watch) -> Vec<(f64, f64)> {
     points
 }
 
+/// Fraction of `total` reached by sorted `times`.
+fn cumulative(times: &[f64], total: usize) -> Vec<(f64, f64)> {
+    let step = (times.len() / 2000).max(1);
+    let mut points = vec![(0.0, 0.0)];
+    for (k, t) in times.iter().enumerate() {
+        if (k + 1) % step == 0 || k + 1 == times.len() {
+            points.push((*t, (k + 1) as f64 / total.max(1) as f64));
+        }
+    }
+    points
+}
+
 struct Run {
     sim: Sim,
     formed: bool,
@@ -196,6 +212,8 @@ struct Run {
     traffic_at_ready: Traffic,
     idle_from: Option<(Nanos, Traffic)>,
     detection_times: Vec<f64>,
+    /// Fraction of observers that saw the crash (or leave) over time.
+    detection_curve: Vec<(f64, f64)>,
 }
 
 impl Run {
@@ -221,6 +239,7 @@ impl Run {
             traffic_at_ready: Traffic::default(),
             idle_from: None,
             detection_times: Vec::new(),
+            detection_curve: Vec::new(),
         }
     }
 
@@ -399,6 +418,7 @@ impl Run {
             "false_positives".into(),
             self.false_positives(self.ready) as f64,
         );
+        self.detection_curve = cumulative(&times, observers.len());
         self.detection_times = times;
     }
 
@@ -443,6 +463,7 @@ impl Run {
             "false_positives".into(),
             self.false_positives(self.ready) as f64,
         );
+        self.detection_curve = cumulative(&times, observers.len());
         self.detection_times = times;
     }
 

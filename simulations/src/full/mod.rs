@@ -12,7 +12,8 @@
 //! * One host per node, `node-000`, `node-001`, …, each listening on port 7946 (UDP and TCP).
 //!   Every node seeds from the first three nodes (itself excluded), so any restarted node can
 //!   rejoin.
-//! * Profile [`Profile::Lan`] (probe every 1 s, suspicion `4·max(1, log10 n)` s).
+//! * Profile [`Profile::Lan`] (probe every 1 s, suspicion `max(3, 1.5·log10 n)` s, lengthened by
+//!   local health).
 //! * Links: latency 1–20 ms (turmoil's exponential distribution, mean ≈ 5 ms); receive buffers
 //!   of 1,024 datagrams and TCP segments. Time advances in ticks of 10 ms: messages are
 //!   delivered at tick boundaries, so a measured time is precise to about one tick.
