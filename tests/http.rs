@@ -674,6 +674,7 @@ async fn two_nodes_metrics_and_status() {
     value("grapevine_anti_entropy_rounds_total{result=\"ok\"}");
     value("grapevine_tcp_sync_bytes_total");
     value("grapevine_rpc_in_flight");
+    assert_eq!(value("grapevine_failure_detector_stalls_total"), 0.0);
     value("grapevine_http_watchers");
     // Request latency, per route, from the requests above.
     assert!(
