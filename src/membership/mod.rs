@@ -37,6 +37,37 @@ const DEAD_MEMBER_RETENTION: Duration = Duration::from_secs(3600);
 pub const MAX_BROADCAST_ITEM: usize = 1024;
 /// Most members accepted in one push-pull exchange.
 pub const MAX_PUSH_PULL_MEMBERS: usize = 65_536;
+/// Most custom broadcasts (state deltas) queued for gossip at once. Beyond it, a change is
+/// still applied but not queued: anti-entropy carries it. A bulk write of thousands of config
+/// keys thus never queues megabytes in foca.
+pub const MAX_BROADCAST_BACKLOG: usize = 2048;
+
+/// How many custom broadcasts foca holds, shared between [`Membership`] (which sets it after
+/// every call into foca) and the broadcast handler (which stops passing news on at
+/// [`MAX_BROADCAST_BACKLOG`]).
+#[derive(Debug, Clone, Default)]
+pub struct BroadcastBacklog(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl BroadcastBacklog {
+    /// Custom broadcasts queued after the last call into foca.
+    pub fn len(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the queue is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the queue takes no more items.
+    pub fn is_full(&self) -> bool {
+        self.len() >= MAX_BROADCAST_BACKLOG
+    }
+
+    pub(crate) fn set(&self, len: usize) {
+        self.0.store(len, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// Liveness of a member as this node sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -132,6 +163,9 @@ pub enum MembershipError {
     /// A push-pull exchange larger than allowed.
     #[error("push-pull of {0} members exceeds the limit of {MAX_PUSH_PULL_MEMBERS}")]
     TooManyMembers(usize),
+    /// The broadcast queue is full; the change spreads by anti-entropy instead.
+    #[error("the broadcast queue holds {MAX_BROADCAST_BACKLOG} items already")]
+    BacklogFull,
 }
 
 struct ViewEntry {
@@ -151,6 +185,7 @@ pub struct Membership<B: BroadcastHandler<NodeId> = NoCustomBroadcast> {
     /// Cluster size foca's configuration was last tuned for.
     tuned_for: usize,
     timers: TimerQueue,
+    backlog: BroadcastBacklog,
     view: BTreeMap<String, ViewEntry>,
     left: VecDeque<NodeId>,
     events: Vec<MemberEvent>,
@@ -205,6 +240,7 @@ where
             profile,
             tuned_for: 1,
             timers: TimerQueue::new(profile, now),
+            backlog: BroadcastBacklog::default(),
             view,
             left: VecDeque::new(),
             events: Vec::new(),
@@ -282,6 +318,9 @@ where
             }
             .into());
         }
+        if self.backlog.is_full() {
+            return Err(MembershipError::BacklogFull);
+        }
         let added = self.foca.add_broadcast(item)?;
         if added {
             let result = self.foca.broadcast(&mut self.runtime);
@@ -289,6 +328,13 @@ where
             result?;
         }
         Ok(added)
+    }
+
+    /// Keeps the count of queued custom broadcasts in `backlog`, which the broadcast
+    /// handler shares so that it stops passing news on when the queue is full.
+    pub fn share_backlog(&mut self, backlog: BroadcastBacklog) {
+        backlog.set(self.foca.custom_broadcast_backlog());
+        self.backlog = backlog;
     }
 
     /// Items waiting in the broadcast queues (member updates and custom broadcasts).
@@ -429,6 +475,7 @@ where
 
     /// Collects what foca produced and brings the view up to date.
     fn after_call(&mut self, now: Instant) {
+        self.backlog.set(self.foca.custom_broadcast_backlog());
         while let Some((to, data)) = self.runtime.to_send() {
             self.outbox.push((to.addr, swim_datagram(&data)));
         }

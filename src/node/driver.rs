@@ -18,7 +18,9 @@ use super::seeds::Seeds;
 use super::stats::Stats;
 use super::View;
 use crate::error::{Error, Result};
-use crate::membership::{MemberEvent, Membership, Profile, PushPull};
+use crate::membership::{
+    BroadcastBacklog, MemberEvent, Membership, MembershipError, Profile, PushPull,
+};
 use crate::net::{Transport, UdpSocket};
 use crate::state::catalog::{CatalogError, Delta, Health, ServiceRecord};
 use crate::state::config::{Change, ConfigError, ConfigStoreOptions};
@@ -125,11 +127,12 @@ impl<T: Transport> Driver<T> {
         epoch: u64,
         config: ConfigStoreOptions,
         clock: WallClock,
+        backlog: BroadcastBacklog,
     ) -> (SharedState, StateBroadcasts) {
         let state: SharedState = Arc::new(std::sync::Mutex::new(Replicated::new(
             name, epoch, config, clock,
         )));
-        let handler = StateBroadcasts::new(state.clone());
+        let handler = StateBroadcasts::with_backlog(state.clone(), backlog);
         (state, handler)
     }
 
@@ -284,12 +287,21 @@ impl<T: Transport> Driver<T> {
     fn announce(&mut self, delta: &Delta) {
         sync::lock(&self.state).touch();
         match Replicated::broadcast_item(delta) {
-            Ok(item) => {
-                if let Err(error) = self.membership.add_broadcast(&item, now()) {
-                    tracing::warn!(%error, "could not broadcast a catalog change");
-                }
-            }
+            Ok(item) => self.gossip(&item, "catalog"),
             Err(error) => tracing::warn!(%error, "could not encode a catalog change"),
+        }
+    }
+
+    /// Queues a local change for gossip. A full queue is no failure: anti-entropy carries
+    /// the change within a sync interval or two.
+    fn gossip(&mut self, item: &[u8], what: &str) {
+        match self.membership.add_broadcast(item, now()) {
+            Ok(_) => {}
+            Err(MembershipError::BacklogFull) => {
+                Stats::add(&self.stats.broadcasts_deferred, 1);
+                tracing::debug!("broadcast queue full: a {what} change spreads by anti-entropy");
+            }
+            Err(error) => tracing::warn!(%error, "could not broadcast a {what} change"),
         }
     }
 
@@ -297,11 +309,7 @@ impl<T: Transport> Driver<T> {
     fn announce_config(&mut self, change: &Change) {
         let origin = self.membership.identity().name.clone();
         match Replicated::config_broadcast_item(change, &origin) {
-            Ok(item) => {
-                if let Err(error) = self.membership.add_broadcast(&item, now()) {
-                    tracing::warn!(%error, "could not broadcast a config change");
-                }
-            }
+            Ok(item) => self.gossip(&item, "config"),
             Err(error) => tracing::warn!(%error, "could not encode a config change"),
         }
     }

@@ -39,7 +39,9 @@ pub fn rpc_preface() -> bytes::Bytes {
 }
 
 use crate::error::{Error, Result};
-use crate::membership::{validate_name, Member, MemberEvent, Membership, NodeId, Profile};
+use crate::membership::{
+    validate_name, BroadcastBacklog, Member, MemberEvent, Membership, NodeId, Profile,
+};
 use crate::net::sealed::{Keyring, SecureTransport, Security};
 use crate::net::{Listener, TokioTransport, Transport, UdpSocket};
 
@@ -297,10 +299,17 @@ impl NodeBuilder {
             .wall_clock
             .clone()
             .unwrap_or_else(crate::sync::system_clock);
-        let (state, handler) =
-            Driver::<T>::state_for(&identity.name, generation, config_options, clock);
-        let membership =
+        let backlog = BroadcastBacklog::default();
+        let (state, handler) = Driver::<T>::state_for(
+            &identity.name,
+            generation,
+            config_options,
+            clock,
+            backlog.clone(),
+        );
+        let mut membership =
             Membership::with_broadcasts(identity.clone(), self.profile, rng_seed, now, handler);
+        membership.share_backlog(backlog);
 
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
         let (view_tx, view_rx) = watch::channel(Arc::new(View {

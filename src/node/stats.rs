@@ -53,6 +53,9 @@ counters! {
     sealed_refused,
     /// Items waiting in the gossip broadcast queues (a gauge, set after every driver step).
     broadcast_queue,
+    /// Local changes not queued for gossip because the broadcast queue was full (they
+    /// spread by anti-entropy).
+    broadcasts_deferred,
     /// Times the failure detector found its timers far overdue (this node had been
     /// stalled) and re-armed them instead of judging peers on stale evidence.
     stalls,

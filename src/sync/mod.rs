@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use crate::membership::{NodeId, MAX_BROADCAST_ITEM};
+use crate::membership::{BroadcastBacklog, NodeId, MAX_BROADCAST_ITEM};
 use crate::state::catalog::{Catalog, Delta, Digest, SyncPayload};
 use crate::state::config::{self, Change, ConfigStore, ConfigStoreOptions, Entry, Version};
 use crate::wire::{self, WireError};
@@ -402,12 +402,23 @@ impl foca::Invalidates for GossipKey {
 #[derive(Debug, Clone)]
 pub struct StateBroadcasts {
     state: SharedState,
+    backlog: BroadcastBacklog,
 }
 
 impl StateBroadcasts {
     /// A handler applying broadcasts to `state`.
     pub fn new(state: SharedState) -> Self {
-        StateBroadcasts { state }
+        StateBroadcasts {
+            state,
+            backlog: BroadcastBacklog::default(),
+        }
+    }
+
+    /// A handler that stops passing news on while `backlog` is full (the news is applied
+    /// still; anti-entropy spreads it). Give the same `backlog` to
+    /// [`Membership::share_backlog`](crate::membership::Membership::share_backlog).
+    pub fn with_backlog(state: SharedState, backlog: BroadcastBacklog) -> Self {
+        StateBroadcasts { state, backlog }
     }
 }
 
@@ -506,6 +517,85 @@ impl foca::BroadcastHandler<NodeId> for StateBroadcasts {
                 (gossip_key, news)
             }
         };
+        // Our own items are refused earlier, by `Membership::add_broadcast`.
+        if news && !local && self.backlog.is_full() {
+            return Ok(None);
+        }
         Ok(news.then_some(key))
+    }
+}
+
+#[cfg(test)]
+mod backlog_tests {
+    use super::*;
+    use crate::membership::{Membership, MembershipError, Profile, MAX_BROADCAST_BACKLOG};
+    use std::time::Instant;
+
+    /// A node's replicated state and membership sharing one backlog count, as the driver
+    /// sets them up.
+    fn node(name: &str, port: u16) -> (SharedState, Membership<StateBroadcasts>) {
+        let clock: WallClock = Arc::new(|| 1_800_000_000_000);
+        let state: SharedState = Arc::new(Mutex::new(Replicated::new(
+            name,
+            1,
+            ConfigStoreOptions::default(),
+            clock,
+        )));
+        let backlog = BroadcastBacklog::default();
+        let id = NodeId {
+            name: name.into(),
+            addr: ([127, 0, 0, 1], port).into(),
+            generation: 1,
+        };
+        let handler = StateBroadcasts::with_backlog(state.clone(), backlog.clone());
+        let mut membership =
+            Membership::with_broadcasts(id, Profile::Local, 7, Instant::now(), handler);
+        membership.share_backlog(backlog);
+        (state, membership)
+    }
+
+    fn write(state: &SharedState, key: &str) -> Vec<u8> {
+        let change = lock(state).config.set(key, "v", 1_800_000_000_000).unwrap();
+        Replicated::config_broadcast_item(&change, "a").unwrap()
+    }
+
+    #[test]
+    fn a_full_broadcast_queue_refuses_local_items_and_stops_relaying_news() {
+        // Alone, a node never sends its broadcasts: they stay queued.
+        let (state, mut alone) = node("a", 1);
+        for i in 0..MAX_BROADCAST_BACKLOG {
+            let item = write(&state, &format!("k/{i}"));
+            assert!(alone.add_broadcast(&item, Instant::now()).unwrap());
+        }
+        let item = write(&state, "k/over");
+        assert!(matches!(
+            alone.add_broadcast(&item, Instant::now()),
+            Err(MembershipError::BacklogFull)
+        ));
+
+        // Received news is applied but not queued for relaying while the queue is full.
+        let (other_state, _) = node("b", 2);
+        let backlog = BroadcastBacklog::default();
+        let mut relay = StateBroadcasts::with_backlog(other_state.clone(), backlog.clone());
+        let sender = alone.identity().clone();
+        let first = write(&state, "relay/first");
+        assert!(
+            foca::BroadcastHandler::receive_item(&mut relay, &first, Some(&sender))
+                .unwrap()
+                .is_some(),
+            "news is relayed while there is room"
+        );
+        backlog.set(MAX_BROADCAST_BACKLOG);
+        let second = write(&state, "relay/second");
+        assert!(
+            foca::BroadcastHandler::receive_item(&mut relay, &second, Some(&sender))
+                .unwrap()
+                .is_none(),
+            "a full queue relays nothing"
+        );
+        assert!(
+            lock(&other_state).config.entry("relay/second").is_some(),
+            "but applies it"
+        );
     }
 }
