@@ -9,22 +9,15 @@ use std::time::Duration;
 use grapevine::node::SeedName;
 use grapevine::{Member, MemberStatus, Node, Profile};
 
-const WAIT: Duration = Duration::from_secs(20);
+mod common;
+
+use common::alive as wait_alive;
 
 fn alive(members: &[Member]) -> usize {
     members
         .iter()
         .filter(|m| m.status == MemberStatus::Alive)
         .count()
-}
-
-async fn wait_alive(node: &Node, count: usize) {
-    if tokio::time::timeout(WAIT, node.wait_for_members(|m| alive(m) == count))
-        .await
-        .is_err()
-    {
-        panic!("{} sees {:?}", node.identity(), node.members());
-    }
 }
 
 fn name(text: &str) -> SeedName {
