@@ -478,30 +478,10 @@ impl<T: Transport> Driver<T> {
         let stats = self.stats.clone();
         tasks.spawn(async move {
             let result = async {
-                if let Some(fingerprint) = fingerprint {
-                    match checked_push_pull(&transport, peer, fingerprint, &request, timeout)
-                        .await
-                    {
-                        Ok((outcome, bytes)) => {
-                            Stats::add(&stats.tcp_bytes, bytes);
-                            return Ok(outcome);
-                        }
-                        // An unreachable peer stays so: no second try.
-                        Err(error @ Error::Timeout { .. }) => return Err(error),
-                        // Perhaps a node of the previous version, which closes the
-                        // connection on a request it does not know.
-                        Err(error) => {
-                            tracing::debug!(%peer, %error, "push-pull check failed; full push-pull");
-                        }
-                    }
-                }
-                let (response, bytes) = exchange(&transport, peer, &request, timeout).await?;
+                let (outcome, bytes) =
+                    push_pull(&transport, peer, fingerprint, &request, timeout).await?;
                 Stats::add(&stats.tcp_bytes, bytes);
-                match response {
-                    Response::PushPull(state) => Ok(Outcome::Members(state)),
-                    Response::Error(message) => Err(Error::Remote(message)),
-                    other => Err(Error::Protocol(format!("{other:?} answered a push-pull"))),
-                }
+                Ok(outcome)
             }
             .await;
             match result {
@@ -712,6 +692,33 @@ enum PushPullKind {
     Periodic,
 }
 
+/// A push-pull with `peer`, fingerprint first when one is given: `(outcome, bytes sent and
+/// received)`. If the check fails other than by a timeout (perhaps a node of the previous
+/// version, which closes the connection on a request it does not know), a plain push-pull
+/// follows; an unreachable peer is not tried twice.
+async fn push_pull<T: Transport>(
+    transport: &T,
+    peer: SocketAddr,
+    fingerprint: Option<u64>,
+    request: &Request,
+    timeout: Duration,
+) -> Result<(Outcome, u64)> {
+    if let Some(fingerprint) = fingerprint {
+        match checked_push_pull(transport, peer, fingerprint, request, timeout).await {
+            Err(error @ Error::Timeout { .. }) => return Err(error),
+            Err(error) => {
+                tracing::debug!(%peer, %error, "push-pull check failed; plain push-pull");
+            }
+            done => return done,
+        }
+    }
+    let (response, bytes) = exchange(transport, peer, request, timeout).await?;
+    match response {
+        Response::PushPull(state) => Ok((Outcome::Members(state), bytes)),
+        other => Err(Error::Protocol(format!("{other:?} answered a push-pull"))),
+    }
+}
+
 /// A push-pull that first compares member-list fingerprints, on one connection within
 /// `timeout`: `(outcome, bytes sent and received)`.
 async fn checked_push_pull<T: Transport>(
@@ -741,4 +748,116 @@ async fn checked_push_pull<T: Transport>(
         Ok((outcome, connection.bytes))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::membership::NodeId;
+    use futures_util::{SinkExt, StreamExt};
+
+    use crate::net::TokioTransport;
+
+    /// A peer on loopback answering each connection's requests with `answer` (`None`
+    /// closes the connection, as a node of the previous version does on a request it
+    /// cannot decode). Returns its address and the count of connections it accepted.
+    async fn peer(answer: fn(&Request) -> Option<Response>) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TokioTransport
+            .bind_tcp("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            // Bounded: the test makes at most a few connections.
+            for _ in 0..4 {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                let mut framed = wire::framed(stream);
+                while let Some(Ok(frame)) = framed.next().await {
+                    let request: Request = wire::decode_frame(&frame).unwrap();
+                    let Some(response) = answer(&request) else {
+                        break;
+                    };
+                    let bytes = wire::encode_frame(&response).unwrap();
+                    if framed.send(bytes::Bytes::from(bytes)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn members() -> PushPull {
+        PushPull {
+            members: vec![foca::Member::alive(NodeId {
+                name: "peer".into(),
+                addr: "127.0.0.1:1".parse().unwrap(),
+                generation: 1,
+            })],
+            left: Vec::new(),
+        }
+    }
+
+    fn our_state() -> Request {
+        Request::PushPull(PushPull {
+            members: Vec::new(),
+            left: Vec::new(),
+        })
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn equal_fingerprints_exchange_no_member_list() {
+        let (addr, accepted) = peer(|request| match request {
+            Request::PushPullCheck(7) => Some(Response::InSync),
+            _ => None,
+        })
+        .await;
+        let (outcome, bytes) = push_pull(&TokioTransport, addr, Some(7), &our_state(), TIMEOUT)
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::MembersInSync));
+        assert!(bytes < 32, "{bytes} bytes for a fingerprint and its answer");
+        assert_eq!(accepted.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn different_fingerprints_ship_the_lists_on_the_same_connection() {
+        let (addr, accepted) = peer(|request| match request {
+            Request::PushPullCheck(_) => Some(Response::OutOfSync),
+            Request::PushPull(_) => Some(Response::PushPull(members())),
+            _ => None,
+        })
+        .await;
+        let (outcome, _) = push_pull(&TokioTransport, addr, Some(7), &our_state(), TIMEOUT)
+            .await
+            .unwrap();
+        let Outcome::Members(state) = outcome else {
+            panic!("no member list");
+        };
+        assert_eq!(state.members.len(), 1);
+        assert_eq!(accepted.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_does_not_know_the_check_gets_a_plain_push_pull() {
+        let (addr, accepted) = peer(|request| match request {
+            Request::PushPull(_) => Some(Response::PushPull(members())),
+            _ => None,
+        })
+        .await;
+        let (outcome, _) = push_pull(&TokioTransport, addr, Some(7), &our_state(), TIMEOUT)
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Members(_)));
+        assert_eq!(accepted.load(Ordering::Relaxed), 2);
+    }
 }

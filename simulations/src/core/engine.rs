@@ -251,6 +251,8 @@ pub struct Traffic {
     pub push_pull_skipped: u64,
     /// Push-pulls that shipped member lists (initiator side).
     pub push_pull_full: u64,
+    /// Of `push_pull_full`, periodic ones whose fingerprints differed.
+    pub push_pull_mismatched: u64,
 }
 
 impl Traffic {
@@ -262,6 +264,7 @@ impl Traffic {
         self.push_pull_bytes += other.push_pull_bytes;
         self.push_pull_skipped += other.push_pull_skipped;
         self.push_pull_full += other.push_pull_full;
+        self.push_pull_mismatched += other.push_pull_mismatched;
     }
 }
 
@@ -1503,6 +1506,7 @@ impl Sim {
                 // As with the digest below: the driver builds this state when the exchange
                 // starts; a round trip later it differs only if the view changed meanwhile.
                 self.traffic[i].push_pull_full += 1;
+                self.traffic[i].push_pull_mismatched += 1;
                 let snapshot = self.nodes[i]
                     .core
                     .as_mut()

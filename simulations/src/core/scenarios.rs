@@ -311,6 +311,10 @@ impl Run {
             "push_pull_full".into(),
             (now.push_pull_full - from.push_pull_full) as f64,
         );
+        figures.insert(
+            "push_pull_mismatched".into(),
+            (now.push_pull_mismatched - from.push_pull_mismatched) as f64,
+        );
         if let Some((since, from)) = &self.idle_from {
             let (udp, packets, tcp, _) = per(from, *since);
             figures.insert("idle_bytes_per_node_per_s".into(), round(udp + tcp));
