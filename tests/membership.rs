@@ -209,3 +209,25 @@ async fn invalid_configuration_is_refused_with_a_clear_error() {
         .unwrap_err();
     assert!(error.to_string().starts_with("cannot bind"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_converged_cluster_skips_member_lists_in_periodic_push_pulls() {
+    let nodes = cluster(3).await;
+    // Local profile: a periodic push-pull every 3 s per node, first after 0-3 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let skipped: u64 = nodes.iter().map(|n| n.stats().push_pull_skipped).sum();
+        if skipped >= 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no periodic push-pull found the views equal: {:?}",
+            nodes.iter().map(|n| n.stats()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for node in &nodes {
+        assert_eq!(count(&node.members(), MemberStatus::Alive), 3);
+    }
+}

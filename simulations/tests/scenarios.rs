@@ -174,8 +174,31 @@ fn churn_and_rolling_restarts_end_converged() {
 }
 
 #[test]
+fn an_idle_cluster_skips_member_lists_and_a_changed_one_ships_them() {
+    for seed in 1..=2 {
+        // Idle and converged: every periodic push-pull finds equal fingerprints.
+        let report = run(&options("converge", 40, seed), &lean());
+        assert!(
+            figure(&report, "idle_push_pull_skipped") > 0.0,
+            "{report:?}"
+        );
+        assert_eq!(figure(&report, "idle_push_pull_full"), 0.0, "{report:?}");
+        // Views apart: periodic checks see the difference, ship the lists, and the cluster
+        // ends converged.
+        let report = run(&options("partition", 16, seed), &lean());
+        assert!(figure(&report, "push_pull_mismatched") > 0.0, "{report:?}");
+        assert_eq!(figure(&report, "converged"), 1.0, "{report:?}");
+    }
+}
+
+#[test]
 fn the_lean_wrapper_behaves_exactly_like_the_library() {
-    for (scenario, nodes, seed) in [("crash", 16, 5), ("leave", 12, 6), ("churn", 10, 7)] {
+    for (scenario, nodes, seed) in [
+        ("crash", 16, 5),
+        ("leave", 12, 6),
+        ("churn", 10, 7),
+        ("converge", 10, 8),
+    ] {
         let mut options = options(scenario, nodes, seed);
         options.duration_s = Some(40.0);
         let mut a = run(&options, &library());

@@ -415,6 +415,16 @@ where
         }
     }
 
+    /// A fingerprint of the member list that converged views share: see
+    /// [`members_fingerprint`]. Equal fingerprints mean a push-pull would teach neither side
+    /// anything about who is live.
+    pub fn members_fingerprint(&self) -> u64 {
+        members_fingerprint(
+            self.foca.iter_membership_state(),
+            (!self.leaving).then(|| self.identity()),
+        )
+    }
+
     /// Merges a peer's push-pull state.
     pub fn apply_push_pull(
         &mut self,
@@ -637,6 +647,49 @@ where
             }
         }
     }
+}
+
+/// Fingerprint of a member list for the push-pull check: an order-independent hash of
+/// `(name, generation, alive or suspect)` of every live member, `me` (this node, `None` once
+/// it leaves) included.
+///
+/// Only what converging views agree on is covered. foca's incarnation numbers are left out
+/// (a member that refuted a suspicion bumps it, and peers that never heard the suspicion
+/// keep the old one; a push-pull would not change their view). Down and left members are
+/// left out too: each node forgets them after a local timeout, so views disagree on them
+/// for long after they agree on who is live; a node that still holds such a member live
+/// differs in its live set anyway.
+pub fn members_fingerprint<'a>(
+    members: impl IntoIterator<Item = &'a foca::Member<NodeId>>,
+    me: Option<&NodeId>,
+) -> u64 {
+    // The newest generation of each name counts, as in the member view.
+    let mut latest: BTreeMap<&str, (u64, State)> = BTreeMap::new();
+    for member in members {
+        let id = member.id();
+        match latest.get(id.name.as_str()) {
+            Some((generation, _)) if *generation >= id.generation => {}
+            _ => {
+                latest.insert(id.name.as_str(), (id.generation, member.state()));
+            }
+        }
+    }
+    if let Some(me) = me {
+        latest.insert(me.name.as_str(), (me.generation, State::Alive));
+    }
+    let mut hasher = wire::StableHasher::new();
+    for (name, (generation, state)) in latest {
+        let live = match state {
+            State::Alive => 1u8,
+            State::Suspect => 2,
+            State::Down => continue,
+        };
+        hasher.write(&(name.len() as u64).to_le_bytes());
+        hasher.write(name.as_bytes());
+        hasher.write(&generation.to_le_bytes());
+        hasher.write(&[live]);
+    }
+    hasher.finish()
 }
 
 /// A foca packet in grapevine's datagram envelope.

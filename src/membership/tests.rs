@@ -303,3 +303,134 @@ fn a_suspect_that_refutes_in_time_keeps_its_identity() {
         }
     }
 }
+
+fn fingerprints(net: &SimNet, live: impl Iterator<Item = u16>) -> BTreeSet<u64> {
+    live.map(|i| net.nodes[&SimNet::addr(i)].members_fingerprint())
+        .collect()
+}
+
+#[test]
+fn converged_views_share_one_members_fingerprint() {
+    let mut net = SimNet::new(8, 5);
+    join_all(&mut net, 8);
+    net.run_for(Duration::from_secs(10));
+    assert_eq!(fingerprints(&net, 0..8).len(), 1);
+    // A crash and a leave: once every view agrees again, so do the fingerprints, although
+    // the dead members' records (and incarnations) differ from view to view.
+    net.crashed.insert(SimNet::addr(7));
+    let now = net.now;
+    net.nodes
+        .get_mut(&SimNet::addr(6))
+        .unwrap()
+        .leave(now)
+        .unwrap();
+    net.collect();
+    net.crashed.insert(SimNet::addr(6));
+    net.run_for(Duration::from_secs(15));
+    for i in 0..6 {
+        assert_eq!(net.statuses(SimNet::addr(i))["n7"], MemberStatus::Down);
+    }
+    assert_eq!(fingerprints(&net, 0..6).len(), 1);
+    let before = net.nodes[&SimNet::addr(0)].members_fingerprint();
+    let lone = Membership::new(
+        NodeId {
+            name: "n0".into(),
+            addr: SimNet::addr(0),
+            generation: 1,
+        },
+        Profile::Local,
+        1,
+        net.now,
+    );
+    assert_ne!(lone.members_fingerprint(), before);
+}
+
+#[test]
+fn members_fingerprint_covers_live_names_generations_and_suspicion_only() {
+    let id = |name: &str, generation: u64| NodeId {
+        name: name.into(),
+        addr: SimNet::addr(9),
+        generation,
+    };
+    let me = id("me", 1);
+    let view = vec![
+        foca::Member::new(id("a", 1), 0, State::Alive),
+        foca::Member::new(id("b", 2), 3, State::Alive),
+    ];
+    let base = members_fingerprint(&view, Some(&me));
+    // Order and incarnation do not count.
+    let other = vec![
+        foca::Member::new(id("b", 2), 7, State::Alive),
+        foca::Member::new(id("a", 1), 1, State::Alive),
+    ];
+    assert_eq!(members_fingerprint(&other, Some(&me)), base);
+    // A down member counts as unknown; an older generation under a newer one is ignored.
+    let mut with_dead = view.clone();
+    with_dead.push(foca::Member::new(id("c", 1), 0, State::Down));
+    with_dead.push(foca::Member::new(id("a", 0), 0, State::Alive));
+    assert_eq!(members_fingerprint(&with_dead, Some(&me)), base);
+    // What a push-pull would change: a generation, a suspicion, a member, this node leaving.
+    let renewed = vec![
+        view[0].clone(),
+        foca::Member::new(id("b", 3), 0, State::Alive),
+    ];
+    let suspect = vec![
+        view[0].clone(),
+        foca::Member::new(id("b", 2), 3, State::Suspect),
+    ];
+    let downed = vec![
+        view[0].clone(),
+        foca::Member::new(id("b", 2), 3, State::Down),
+    ];
+    for changed in [
+        members_fingerprint(&renewed, Some(&me)),
+        members_fingerprint(&suspect, Some(&me)),
+        members_fingerprint(&downed, Some(&me)),
+        members_fingerprint(&view[..1], Some(&me)),
+        members_fingerprint(&view, None),
+        members_fingerprint(&view, Some(&id("me", 2))),
+    ] {
+        assert_ne!(changed, base);
+    }
+}
+
+#[test]
+fn a_node_that_missed_an_update_differs_until_a_push_pull_repairs_it() {
+    let mut net = SimNet::new(4, 9);
+    join_all(&mut net, 4);
+    net.run_for(Duration::from_secs(10));
+    assert_eq!(fingerprints(&net, 0..4).len(), 1);
+    // n3 restarts with a new generation; n0 hears of it, n1 does not (its peers' gossip
+    // is lost on the way to it).
+    let now = net.now;
+    let renewed = NodeId {
+        name: "n3".into(),
+        addr: SimNet::addr(3),
+        generation: 2,
+    };
+    let restarted = Membership::new(renewed.clone(), Profile::Local, 99, now);
+    let state = restarted.push_pull_state();
+    let n0 = net.nodes.get_mut(&SimNet::addr(0)).unwrap();
+    n0.apply_push_pull(state, now).unwrap();
+    n0.drain_outbox().for_each(drop);
+    let informed = net.nodes[&SimNet::addr(0)].members_fingerprint();
+    let missed = net.nodes[&SimNet::addr(1)].members_fingerprint();
+    assert_ne!(informed, missed, "the check must see the difference");
+    // The fingerprint mismatch leads to the full exchange, both ways.
+    let from_n0 = net.nodes[&SimNet::addr(0)].push_pull_state();
+    let n1 = net.nodes.get_mut(&SimNet::addr(1)).unwrap();
+    n1.apply_push_pull(from_n0, now).unwrap();
+    let back = n1.push_pull_state();
+    net.nodes
+        .get_mut(&SimNet::addr(0))
+        .unwrap()
+        .apply_push_pull(back, now)
+        .unwrap();
+    let n1_view: Vec<Member> = net.nodes[&SimNet::addr(1)].members();
+    let n3 = n1_view.iter().find(|m| m.name == "n3").unwrap();
+    assert_eq!((n3.generation, n3.status), (2, MemberStatus::Alive));
+    assert_eq!(
+        net.nodes[&SimNet::addr(1)].members_fingerprint(),
+        net.nodes[&SimNet::addr(0)].members_fingerprint()
+    );
+}

@@ -42,6 +42,11 @@ pub(crate) enum Command {
         state: PushPull,
         reply: oneshot::Sender<PushPull>,
     },
+    /// A peer's member-list fingerprint arrived over TCP; answer whether ours is equal.
+    PushPullCheck {
+        fingerprint: u64,
+        reply: oneshot::Sender<bool>,
+    },
     /// Register (or replace) a local service.
     Register {
         record: ServiceRecord,
@@ -74,6 +79,8 @@ pub(crate) enum Command {
 /// What a finished outbound TCP exchange brought back.
 enum Outcome {
     Members(PushPull),
+    /// A periodic push-pull found both member lists alike and exchanged none.
+    MembersInSync,
     Synced,
     /// A join attempt through a seed failed.
     JoinFailed(SocketAddr, Error),
@@ -183,6 +190,9 @@ impl<T: Transport> Driver<T> {
                 },
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => match joined {
                     Ok(Ok(Outcome::Members(state))) => self.apply_push_pull(state),
+                    Ok(Ok(Outcome::MembersInSync)) => {
+                        Stats::add(&self.stats.push_pull_skipped, 1);
+                    }
                     Ok(Ok(Outcome::Synced)) => {}
                     Ok(Ok(Outcome::JoinFailed(seed, error))) => {
                         Stats::add(&self.stats.sync_failed, 1);
@@ -218,7 +228,9 @@ impl<T: Transport> Driver<T> {
                     let size = self.membership.num_active_peers() + 1;
                     progress.push_pull_ticks = progress.push_pull_ticks.wrapping_add(1);
                     if progress.push_pull_ticks % u64::from(Profile::push_pull_scale(size)) == 0 {
-                        self.push_pull_random(&mut tasks);
+                        if let Some(peer) = self.random_peer() {
+                            self.start_push_pull_with(peer, &mut tasks, PushPullKind::Periodic);
+                        }
                     }
                 }
             }
@@ -246,6 +258,13 @@ impl<T: Transport> Driver<T> {
             Command::PushPullIn { state, reply } => {
                 self.apply_push_pull(state);
                 let _ = reply.send(self.membership.push_pull_state());
+            }
+            Command::PushPullCheck { fingerprint, reply } => {
+                let in_sync = self.membership.members_fingerprint() == fingerprint;
+                if in_sync {
+                    Stats::add(&self.stats.push_pull_skipped, 1);
+                }
+                let _ = reply.send(in_sync);
             }
             Command::Register { record, reply } => {
                 let result = sync::lock(&self.state).catalog.register(record);
@@ -417,7 +436,7 @@ impl<T: Transport> Driver<T> {
         let seed = seeds[progress.seed_cursor % seeds.len()];
         progress.seed_cursor = progress.seed_cursor.wrapping_add(1);
         tracing::debug!(%seed, "joining through seed");
-        self.start_push_pull_with(seed, tasks, true);
+        self.start_push_pull_with(seed, tasks, PushPullKind::Join);
     }
 
     fn random_peer(&mut self) -> Option<SocketAddr> {
@@ -435,33 +454,34 @@ impl<T: Transport> Driver<T> {
     }
 
     fn start_push_pull(&mut self, peer: SocketAddr, tasks: &mut JoinSet<Result<Outcome>>) {
-        self.start_push_pull_with(peer, tasks, false);
+        self.start_push_pull_with(peer, tasks, PushPullKind::Full);
     }
 
     /// A push-pull with `peer`; for a seed we are joining through, a failure is reported
-    /// as such so that its reason is logged.
+    /// as such so that its reason is logged. A periodic one sends the member-list
+    /// fingerprint first and ships the lists only if the peer's differs.
     fn start_push_pull_with(
         &mut self,
         peer: SocketAddr,
         tasks: &mut JoinSet<Result<Outcome>>,
-        joining: bool,
+        kind: PushPullKind,
     ) {
         if tasks.len() >= MAX_OUTBOUND {
             return;
         }
         let request = Request::PushPull(self.membership.push_pull_state());
+        let fingerprint =
+            (kind == PushPullKind::Periodic).then(|| self.membership.members_fingerprint());
+        let joining = kind == PushPullKind::Join;
         let transport = self.transport.clone();
         let timeout = self.profile.tcp_timeout();
         let stats = self.stats.clone();
         tasks.spawn(async move {
             let result = async {
-                let (response, bytes) = exchange(&transport, peer, &request, timeout).await?;
+                let (outcome, bytes) =
+                    push_pull(&transport, peer, fingerprint, &request, timeout).await?;
                 Stats::add(&stats.tcp_bytes, bytes);
-                match response {
-                    Response::PushPull(state) => Ok(Outcome::Members(state)),
-                    Response::Error(message) => Err(Error::Remote(message)),
-                    other => Err(Error::Protocol(format!("{other:?} answered a push-pull"))),
-                }
+                Ok(outcome)
             }
             .await;
             match result {
@@ -659,4 +679,185 @@ async fn sleep_until_opt(at: Option<Instant>) {
 
 fn now() -> std::time::Instant {
     Instant::now().into_std()
+}
+
+/// Why a push-pull runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PushPullKind {
+    /// Joining through a seed: member lists always, failures reported.
+    Join,
+    /// First contact, its follow-ups, a member back from down: member lists always.
+    Full,
+    /// The periodic repair round: fingerprint first.
+    Periodic,
+}
+
+/// A push-pull with `peer`, fingerprint first when one is given: `(outcome, bytes sent and
+/// received)`. If the check fails other than by a timeout (perhaps a node of the previous
+/// version, which closes the connection on a request it does not know), a plain push-pull
+/// follows; an unreachable peer is not tried twice.
+async fn push_pull<T: Transport>(
+    transport: &T,
+    peer: SocketAddr,
+    fingerprint: Option<u64>,
+    request: &Request,
+    timeout: Duration,
+) -> Result<(Outcome, u64)> {
+    if let Some(fingerprint) = fingerprint {
+        match checked_push_pull(transport, peer, fingerprint, request, timeout).await {
+            Err(error @ Error::Timeout { .. }) => return Err(error),
+            Err(error) => {
+                tracing::debug!(%peer, %error, "push-pull check failed; plain push-pull");
+            }
+            done => return done,
+        }
+    }
+    let (response, bytes) = exchange(transport, peer, request, timeout).await?;
+    match response {
+        Response::PushPull(state) => Ok((Outcome::Members(state), bytes)),
+        other => Err(Error::Protocol(format!("{other:?} answered a push-pull"))),
+    }
+}
+
+/// A push-pull that first compares member-list fingerprints, on one connection within
+/// `timeout`: `(outcome, bytes sent and received)`.
+async fn checked_push_pull<T: Transport>(
+    transport: &T,
+    peer: SocketAddr,
+    fingerprint: u64,
+    push_pull: &Request,
+    timeout: Duration,
+) -> Result<(Outcome, u64)> {
+    within(timeout, "push-pull", async {
+        let mut connection = connect(transport, peer).await?;
+        let outcome = match connection
+            .call(&Request::PushPullCheck(fingerprint))
+            .await?
+        {
+            Response::InSync => Outcome::MembersInSync,
+            Response::OutOfSync => match connection.call(push_pull).await? {
+                Response::PushPull(state) => Outcome::Members(state),
+                other => return Err(Error::Protocol(format!("{other:?} answered a push-pull"))),
+            },
+            other => {
+                return Err(Error::Protocol(format!(
+                    "{other:?} answered a push-pull check"
+                )))
+            }
+        };
+        Ok((outcome, connection.bytes))
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::membership::NodeId;
+    use futures_util::{SinkExt, StreamExt};
+
+    use crate::net::TokioTransport;
+
+    /// A peer on loopback answering each connection's requests with `answer` (`None`
+    /// closes the connection, as a node of the previous version does on a request it
+    /// cannot decode). Returns its address and the count of connections it accepted.
+    async fn peer(answer: fn(&Request) -> Option<Response>) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TokioTransport
+            .bind_tcp("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            // Bounded: the test makes at most a few connections.
+            for _ in 0..4 {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                let mut framed = wire::framed(stream);
+                while let Some(Ok(frame)) = framed.next().await {
+                    let request: Request = wire::decode_frame(&frame).unwrap();
+                    let Some(response) = answer(&request) else {
+                        break;
+                    };
+                    let bytes = wire::encode_frame(&response).unwrap();
+                    if framed.send(bytes::Bytes::from(bytes)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn members() -> PushPull {
+        PushPull {
+            members: vec![foca::Member::alive(NodeId {
+                name: "peer".into(),
+                addr: "127.0.0.1:1".parse().unwrap(),
+                generation: 1,
+            })],
+            left: Vec::new(),
+        }
+    }
+
+    fn our_state() -> Request {
+        Request::PushPull(PushPull {
+            members: Vec::new(),
+            left: Vec::new(),
+        })
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn equal_fingerprints_exchange_no_member_list() {
+        let (addr, accepted) = peer(|request| match request {
+            Request::PushPullCheck(7) => Some(Response::InSync),
+            _ => None,
+        })
+        .await;
+        let (outcome, bytes) = push_pull(&TokioTransport, addr, Some(7), &our_state(), TIMEOUT)
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::MembersInSync));
+        assert!(bytes < 32, "{bytes} bytes for a fingerprint and its answer");
+        assert_eq!(accepted.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn different_fingerprints_ship_the_lists_on_the_same_connection() {
+        let (addr, accepted) = peer(|request| match request {
+            Request::PushPullCheck(_) => Some(Response::OutOfSync),
+            Request::PushPull(_) => Some(Response::PushPull(members())),
+            _ => None,
+        })
+        .await;
+        let (outcome, _) = push_pull(&TokioTransport, addr, Some(7), &our_state(), TIMEOUT)
+            .await
+            .unwrap();
+        let Outcome::Members(state) = outcome else {
+            panic!("no member list");
+        };
+        assert_eq!(state.members.len(), 1);
+        assert_eq!(accepted.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_does_not_know_the_check_gets_a_plain_push_pull() {
+        let (addr, accepted) = peer(|request| match request {
+            Request::PushPull(_) => Some(Response::PushPull(members())),
+            _ => None,
+        })
+        .await;
+        let (outcome, _) = push_pull(&TokioTransport, addr, Some(7), &our_state(), TIMEOUT)
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Members(_)));
+        assert_eq!(accepted.load(Ordering::Relaxed), 2);
+    }
 }

@@ -36,6 +36,13 @@ pub(crate) enum Request {
         /// RPC protocol version.
         version: u8,
     },
+    /// Push-pull, round zero: the fingerprint of the sender's member list
+    /// (`membership::members_fingerprint`). Answered [`Response::InSync`] or
+    /// [`Response::OutOfSync`]; after the latter the sender goes on with
+    /// [`Request::PushPull`] on the same connection. Last variant, so that the tags of the
+    /// older ones stay as they were: a node of the previous version closes the connection
+    /// on it, and the sender falls back to a plain push-pull.
+    PushPullCheck(u64),
 }
 
 /// Version of the RPC protocol spoken after [`Request::Rpc`].
@@ -62,7 +69,8 @@ pub(crate) enum Response {
     SyncPushed(SyncPushReply),
     /// The fingerprints match: nothing to exchange.
     InSync,
-    /// The fingerprints differ: send the digest.
+    /// The fingerprints differ: send the digest (anti-entropy) or the member list
+    /// (push-pull).
     OutOfSync,
     /// The answer to a control request.
     Control(ControlResponse),

@@ -224,6 +224,19 @@ async fn answer<T: Transport>(
                 Err(_) => Response::Error("node is stopping".into()),
             }
         }
+        Request::PushPullCheck(fingerprint) => {
+            let (reply, answer) = oneshot::channel();
+            shared
+                .commands
+                .send(Command::PushPullCheck { fingerprint, reply })
+                .await
+                .map_err(|_| Error::Stopped)?;
+            match answer.await {
+                Ok(true) => Response::InSync,
+                Ok(false) => Response::OutOfSync,
+                Err(_) => Response::Error("node is stopping".into()),
+            }
+        }
         Request::SyncCheck(fingerprint) => {
             if sync::lock(&shared.state).digest().fingerprint() == fingerprint {
                 Response::InSync

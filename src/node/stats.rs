@@ -43,6 +43,9 @@ counters! {
     tcp_bytes,
     /// Push-pull exchanges that completed (either side).
     push_pull_ok,
+    /// Periodic push-pulls that found equal member-list fingerprints and so exchanged no
+    /// member lists (either side).
+    push_pull_skipped,
     /// Anti-entropy exchanges this node started that completed.
     sync_ok,
     /// Outbound TCP exchanges (push-pull, anti-entropy) that failed.

@@ -97,6 +97,9 @@ enum Tick {
 enum TcpMsg {
     PushPullRequest(Snapshot),
     PushPullResponse(Snapshot),
+    /// A periodic push-pull's member-list fingerprint, and whether the responder's is equal.
+    MembersCheck(u64),
+    MembersCheckAnswer(bool),
     Check(u64),
     CheckAnswer(bool),
     Sync(SyncDigest),
@@ -242,8 +245,14 @@ pub struct Traffic {
     pub tcp_bytes: u64,
     /// TCP frames.
     pub tcp_frames: u64,
-    /// Of `tcp_bytes`, those of push-pull exchanges (member lists).
+    /// Of `tcp_bytes`, those of push-pull exchanges (fingerprints and member lists).
     pub push_pull_bytes: u64,
+    /// Periodic push-pulls whose fingerprints matched: no member list sent (initiator side).
+    pub push_pull_skipped: u64,
+    /// Push-pulls that shipped member lists (initiator side).
+    pub push_pull_full: u64,
+    /// Of `push_pull_full`, periodic ones whose fingerprints differed.
+    pub push_pull_mismatched: u64,
 }
 
 impl Traffic {
@@ -253,6 +262,9 @@ impl Traffic {
         self.tcp_bytes += other.tcp_bytes;
         self.tcp_frames += other.tcp_frames;
         self.push_pull_bytes += other.push_pull_bytes;
+        self.push_pull_skipped += other.push_pull_skipped;
+        self.push_pull_full += other.push_pull_full;
+        self.push_pull_mismatched += other.push_pull_mismatched;
     }
 }
 
@@ -836,7 +848,9 @@ impl Sim {
                     .push_pull_ticks
                     .is_multiple_of(u64::from(Profile::push_pull_scale(size)))
                 {
-                    self.push_pull_random(i);
+                    if let Some(peer) = self.random_peer(i) {
+                        self.start_checked_push_pull(i, peer);
+                    }
                 }
                 Some(profile.push_pull_interval())
             }
@@ -1285,7 +1299,10 @@ impl Sim {
         traffic.tcp_frames += 1;
         if matches!(
             event.msg,
-            TcpMsg::PushPullRequest(_) | TcpMsg::PushPullResponse(_)
+            TcpMsg::PushPullRequest(_)
+                | TcpMsg::PushPullResponse(_)
+                | TcpMsg::MembersCheck(_)
+                | TcpMsg::MembersCheckAnswer(_)
         ) {
             traffic.push_pull_bytes += bytes as u64;
         }
@@ -1327,10 +1344,32 @@ impl Sim {
         }
     }
 
+    /// The driver's periodic push-pull: member-list fingerprint first.
+    fn start_checked_push_pull(&mut self, i: usize, peer: usize) {
+        if self.nodes[i].outbound >= MAX_OUTBOUND {
+            return;
+        }
+        let fingerprint = self.core(i).members_fingerprint();
+        let Some(xid) = self.begin_exchange(i, Exchange::PushPull) else {
+            return;
+        };
+        let event = TcpEvent {
+            initiator: i as u32,
+            initiator_life: self.nodes[i].life,
+            responder: peer as u32,
+            responder_life: None,
+            xid,
+            to_initiator: false,
+            msg: TcpMsg::MembersCheck(fingerprint),
+        };
+        self.send_tcp(event, 1 + varint_len(fingerprint) + 4, true);
+    }
+
     fn start_push_pull(&mut self, i: usize, peer: usize) {
         if self.nodes[i].outbound >= MAX_OUTBOUND {
             return;
         }
+        self.traffic[i].push_pull_full += 1;
         let snapshot = self.nodes[i]
             .core
             .as_mut()
@@ -1422,6 +1461,10 @@ impl Sim {
                 self.post_turn(r);
                 (TcpMsg::PushPullResponse(reply), bytes)
             }
+            TcpMsg::MembersCheck(fingerprint) => {
+                let in_sync = self.core(r).members_fingerprint() == fingerprint;
+                (TcpMsg::MembersCheckAnswer(in_sync), 1 + 4)
+            }
             TcpMsg::Check(fingerprint) => {
                 let in_sync = self.nodes[r].fingerprint() == Some(fingerprint);
                 (TcpMsg::CheckAnswer(in_sync), 1 + 4)
@@ -1454,6 +1497,25 @@ impl Sim {
                 self.end_exchange(i, event.xid);
                 self.core(i).apply_push_pull(snapshot, now);
                 self.post_turn(i);
+            }
+            TcpMsg::MembersCheckAnswer(true) => {
+                self.traffic[i].push_pull_skipped += 1;
+                self.end_exchange(i, event.xid);
+            }
+            TcpMsg::MembersCheckAnswer(false) => {
+                // As with the digest below: the driver builds this state when the exchange
+                // starts; a round trip later it differs only if the view changed meanwhile.
+                self.traffic[i].push_pull_full += 1;
+                self.traffic[i].push_pull_mismatched += 1;
+                let snapshot = self.nodes[i]
+                    .core
+                    .as_mut()
+                    .expect("a running node has a core")
+                    .push_pull_state(&mut self.snapshots);
+                let bytes = snapshot.frame_len();
+                event.to_initiator = false;
+                event.msg = TcpMsg::PushPullRequest(snapshot);
+                self.send_tcp(event, bytes, false);
             }
             TcpMsg::CheckAnswer(true) => self.end_exchange(i, event.xid),
             TcpMsg::CheckAnswer(false) => {

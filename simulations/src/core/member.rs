@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use foca::{AccumulatingRuntime, Foca, OwnedNotification, State};
-use grapevine::membership::{is_down, suspicion_subject, Profile, TimerQueue, MAX_BROADCAST_ITEM};
+use grapevine::membership::{
+    is_down, members_fingerprint, suspicion_subject, Profile, TimerQueue, MAX_BROADCAST_ITEM,
+};
 use grapevine::membership::{BincodeCodec, MemberEvent, Membership, NodeId, PushPull};
 use grapevine::sync::StateBroadcasts;
 use grapevine::wire::{self, DatagramKind, WireError};
@@ -309,6 +311,17 @@ impl Core {
         match self {
             Core::Library(m) => Snapshot::Library(m.push_pull_state()),
             Core::Lean(l) => l.push_pull_state(cache),
+        }
+    }
+
+    /// Fingerprint of the live member list, what a periodic push-pull sends first.
+    pub fn members_fingerprint(&self) -> u64 {
+        match self {
+            Core::Library(m) => m.members_fingerprint(),
+            Core::Lean(l) => members_fingerprint(
+                l.foca.iter_membership_state(),
+                (!l.leaving).then(|| l.foca.identity()),
+            ),
         }
     }
 

@@ -301,9 +301,31 @@ impl Run {
         figures.insert("tcp_bytes_per_node_per_s".into(), round(tcp));
         figures.insert("push_pull_bytes_per_node_per_s".into(), round(pp));
         figures.insert("packets_per_node_per_s".into(), round(packets));
+        let now = self.sim.total_traffic();
+        let from = &self.traffic_at_ready;
+        figures.insert(
+            "push_pull_skipped".into(),
+            (now.push_pull_skipped - from.push_pull_skipped) as f64,
+        );
+        figures.insert(
+            "push_pull_full".into(),
+            (now.push_pull_full - from.push_pull_full) as f64,
+        );
+        figures.insert(
+            "push_pull_mismatched".into(),
+            (now.push_pull_mismatched - from.push_pull_mismatched) as f64,
+        );
         if let Some((since, from)) = &self.idle_from {
             let (udp, packets, tcp, _) = per(from, *since);
             figures.insert("idle_bytes_per_node_per_s".into(), round(udp + tcp));
+            figures.insert(
+                "idle_push_pull_skipped".into(),
+                (now.push_pull_skipped - from.push_pull_skipped) as f64,
+            );
+            figures.insert(
+                "idle_push_pull_full".into(),
+                (now.push_pull_full - from.push_pull_full) as f64,
+            );
             figures.insert("idle_packets_per_node_per_s".into(), round(packets));
         }
     }
