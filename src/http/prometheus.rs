@@ -58,6 +58,10 @@ fn describe() {
         "Member-list push-pulls completed."
     );
     describe_counter!(
+        "grapevine_push_pull_skipped_total",
+        "Periodic push-pulls that found equal member-list fingerprints and shipped no lists."
+    );
+    describe_counter!(
         "grapevine_tcp_sync_bytes_total",
         Unit::Bytes,
         "Bytes of TCP push-pull and anti-entropy exchanges."
@@ -176,6 +180,7 @@ impl Metrics {
             counter!("grapevine_anti_entropy_rounds_total", "result" => "failed")
                 .absolute(stats.sync_failed);
             counter!("grapevine_push_pull_total").absolute(stats.push_pull_ok);
+            counter!("grapevine_push_pull_skipped_total").absolute(stats.push_pull_skipped);
             counter!("grapevine_tcp_sync_bytes_total").absolute(stats.tcp_bytes);
             counter!("grapevine_tcp_connections_total", "result" => "accepted")
                 .absolute(stats.tcp_accepted);
