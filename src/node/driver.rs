@@ -337,37 +337,10 @@ impl<T: Transport> Driver<T> {
     /// identity (declared down, then back) re-announces its records under the new epoch.
     fn follow_identity(&mut self) {
         let generation = self.membership.identity().generation;
-        let rebased = {
-            let mut state = sync::lock(&self.state);
-            let target = match state.catalog.newer_local_epoch() {
-                Some(newer) if newer >= generation => newer + 1,
-                _ => generation,
-            };
-            let rebased = state.catalog.rebase(target);
-            if rebased {
-                state.touch();
-            }
-            rebased.then(|| {
-                (
-                    state.catalog.local_owner().to_string(),
-                    state.catalog.epoch(),
-                    state.catalog.local_max_version(),
-                )
-            })
-        };
-        if let Some((owner, epoch, version)) = rebased {
-            tracing::info!(epoch, "catalog records re-announced under a new epoch");
-            let hint = sync::GossipItem::CatalogHint {
-                owner,
-                epoch,
-                version,
-            };
-            let mut item = Vec::new();
-            if wire::encode_datagram_into(&hint, &mut item, crate::membership::MAX_BROADCAST_ITEM)
-                .is_ok()
-            {
-                let _ = self.membership.add_broadcast(&item, now());
-            }
+        let hint = sync::lock(&self.state).follow_generation(generation);
+        if let Some(item) = hint {
+            tracing::info!(generation, "catalog records re-announced under a new epoch");
+            let _ = self.membership.add_broadcast(&item, now());
         }
     }
 

@@ -80,6 +80,29 @@ impl Replicated {
         self.version
     }
 
+    /// Keeps the catalog's epoch at the identity's `generation` (above any newer epoch of
+    /// ours seen in the cluster). When the epoch moves, returns the broadcast item (a
+    /// catalog hint) that re-announces this node's records under it.
+    pub fn follow_generation(&mut self, generation: u64) -> Option<Vec<u8>> {
+        let target = match self.catalog.newer_local_epoch() {
+            Some(newer) if newer >= generation => newer + 1,
+            _ => generation,
+        };
+        if !self.catalog.rebase(target) {
+            return None;
+        }
+        self.touch();
+        let hint = GossipItem::CatalogHint {
+            owner: self.catalog.local_owner().to_string(),
+            epoch: self.catalog.epoch(),
+            version: self.catalog.local_max_version(),
+        };
+        let mut item = Vec::new();
+        // A hint is a name and three integers: it always fits.
+        wire::encode_datagram_into(&hint, &mut item, MAX_BROADCAST_ITEM).ok()?;
+        Some(item)
+    }
+
     /// Records that the state changed.
     pub fn touch(&mut self) {
         self.version += 1;

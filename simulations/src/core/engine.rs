@@ -21,8 +21,8 @@ use grapevine::state::catalog::{
 };
 use grapevine::state::config::{ConfigStoreOptions, Version};
 use grapevine::sync::{
-    self, GossipItem, Replicated, SharedState, StateBroadcasts, SyncDigest, SyncPush,
-    SyncPushReply, SyncReply, WallClock,
+    self, Replicated, SharedState, StateBroadcasts, SyncDigest, SyncPush, SyncPushReply, SyncReply,
+    WallClock,
 };
 use grapevine::wire;
 use indicatif::ProgressBar;
@@ -1014,41 +1014,10 @@ impl Sim {
             return;
         };
         let generation = core.identity().generation;
-        let rebased = {
-            let mut state = sync::lock(state);
-            let target = match state.catalog.newer_local_epoch() {
-                Some(newer) if newer >= generation => newer + 1,
-                _ => generation,
-            };
-            let rebased = state.catalog.rebase(target);
-            if rebased {
-                state.touch();
-            }
-            rebased.then(|| {
-                (
-                    state.catalog.local_owner().to_string(),
-                    state.catalog.epoch(),
-                    state.catalog.local_max_version(),
-                )
-            })
-        };
-        if let Some((owner, epoch, version)) = rebased {
-            let hint = GossipItem::CatalogHint {
-                owner,
-                epoch,
-                version,
-            };
-            let mut item = Vec::new();
-            if wire::encode_datagram_into(
-                &hint,
-                &mut item,
-                grapevine::membership::MAX_BROADCAST_ITEM,
-            )
-            .is_ok()
-            {
-                let now = self.base + Duration::from_nanos(self.now);
-                core.add_broadcast(&item, now);
-            }
+        let hint = sync::lock(state).follow_generation(generation);
+        if let Some(item) = hint {
+            let now = self.base + Duration::from_nanos(self.now);
+            core.add_broadcast(&item, now);
         }
     }
 
