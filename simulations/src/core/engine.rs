@@ -685,6 +685,7 @@ impl Sim {
                             // Every member appeared: nothing the driver acts on, and n²
                             // of these would not fit at 10,000 nodes.
                             core.drain_changes(&mut Vec::new());
+                            core.release_spare_capacity();
                         }
                         if let Some(state) = node.state.as_ref() {
                             let mut state = sync::lock(state);
