@@ -3,7 +3,6 @@
 use bytes::{Buf, BufMut};
 use foca::{Header, Member};
 
-use super::NodeId;
 use crate::wire::{self, WireError};
 
 /// Encodes foca headers and members with bincode. Encoding goes through a scratch buffer so
@@ -33,12 +32,17 @@ impl BincodeCodec {
     }
 }
 
-impl foca::Codec<NodeId> for BincodeCodec {
+/// Generic over the identity so that simulations can store a compact identity type with
+/// the same encoding as [`NodeId`](super::NodeId).
+impl<T> foca::Codec<T> for BincodeCodec
+where
+    T: foca::Identity + serde::Serialize + serde::de::DeserializeOwned,
+{
     type Error = WireError;
 
     fn encode_header(
         &mut self,
-        header: &Header<NodeId>,
+        header: &Header<T>,
         buf: impl BufMut,
     ) -> Result<(), WireError> {
         self.scratch.clear();
@@ -46,13 +50,13 @@ impl foca::Codec<NodeId> for BincodeCodec {
         self.put(buf)
     }
 
-    fn decode_header(&mut self, buf: impl Buf) -> Result<Header<NodeId>, WireError> {
+    fn decode_header(&mut self, buf: impl Buf) -> Result<Header<T>, WireError> {
         Self::take(buf)
     }
 
     fn encode_member(
         &mut self,
-        member: &Member<NodeId>,
+        member: &Member<T>,
         buf: impl BufMut,
     ) -> Result<(), WireError> {
         self.scratch.clear();
@@ -60,7 +64,7 @@ impl foca::Codec<NodeId> for BincodeCodec {
         self.put(buf)
     }
 
-    fn decode_member(&mut self, buf: impl Buf) -> Result<Member<NodeId>, WireError> {
+    fn decode_member(&mut self, buf: impl Buf) -> Result<Member<T>, WireError> {
         Self::take(buf)
     }
 }

@@ -663,19 +663,32 @@ pub fn members_fingerprint<'a>(
     members: impl IntoIterator<Item = &'a foca::Member<NodeId>>,
     me: Option<&NodeId>,
 ) -> u64 {
+    fingerprint_of(
+        members
+            .into_iter()
+            .map(|m| (m.id().name.as_str(), m.id().generation, m.state())),
+        me.map(|me| (me.name.as_str(), me.generation)),
+    )
+}
+
+/// [`members_fingerprint`] over `(name, generation, state)` triples, for member lists held
+/// with another identity type (the simulator's compact one).
+pub fn fingerprint_of<'a>(
+    members: impl IntoIterator<Item = (&'a str, u64, State)>,
+    me: Option<(&'a str, u64)>,
+) -> u64 {
     // The newest generation of each name counts, as in the member view.
     let mut latest: BTreeMap<&str, (u64, State)> = BTreeMap::new();
-    for member in members {
-        let id = member.id();
-        match latest.get(id.name.as_str()) {
-            Some((generation, _)) if *generation >= id.generation => {}
+    for (name, generation, state) in members {
+        match latest.get(name) {
+            Some((known, _)) if *known >= generation => {}
             _ => {
-                latest.insert(id.name.as_str(), (id.generation, member.state()));
+                latest.insert(name, (generation, state));
             }
         }
     }
-    if let Some(me) = me {
-        latest.insert(me.name.as_str(), (me.generation, State::Alive));
+    if let Some((name, generation)) = me {
+        latest.insert(name, (generation, State::Alive));
     }
     let mut hasher = wire::StableHasher::new();
     for (name, (generation, state)) in latest {
@@ -701,7 +714,7 @@ fn swim_datagram(packet: &[u8]) -> Vec<u8> {
 }
 
 /// The member a suspicion timer would declare down.
-pub fn suspicion_subject(timer: &foca::Timer<NodeId>) -> Option<NodeId> {
+pub fn suspicion_subject<T: Clone>(timer: &foca::Timer<T>) -> Option<T> {
     match timer {
         foca::Timer::ChangeSuspectToDown { member_id, .. } => Some(member_id.clone()),
         _ => None,

@@ -38,7 +38,7 @@ pub const MAX_HEALTH_SCORE: u32 = 3;
 /// Probe periods without a new failure that heal one step of the health score.
 const HEALTH_DECAY_PERIODS: u128 = 3;
 
-struct ScheduledTimer {
+struct ScheduledTimer<T> {
     deadline: Instant,
     seq: u64,
     /// When the timer was (re-)armed, and the delay foca asked for.
@@ -46,30 +46,31 @@ struct ScheduledTimer {
     delay: Duration,
     /// The factor `1 + health score` the delay was stretched by.
     factor: u32,
-    timer: Timer<NodeId>,
+    timer: Timer<T>,
 }
 
-impl PartialEq for ScheduledTimer {
+impl<T> PartialEq for ScheduledTimer<T> {
     fn eq(&self, other: &Self) -> bool {
         (self.deadline, self.seq) == (other.deadline, other.seq)
     }
 }
-impl Eq for ScheduledTimer {}
-impl PartialOrd for ScheduledTimer {
+impl<T> Eq for ScheduledTimer<T> {}
+impl<T> PartialOrd for ScheduledTimer<T> {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for ScheduledTimer {
+impl<T> Ord for ScheduledTimer<T> {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         (self.deadline, self.seq).cmp(&(other.deadline, other.seq))
     }
 }
 
 /// foca's pending timers in deadline order (ties in scheduling order), stall-aware and
-/// scaled by local health. Sans-IO: every call takes the current instant.
-pub struct TimerQueue {
-    heap: BinaryHeap<Reverse<ScheduledTimer>>,
+/// scaled by local health. Sans-IO: every call takes the current instant. Generic over the
+/// identity for simulations that store a compact one.
+pub struct TimerQueue<T = NodeId> {
+    heap: BinaryHeap<Reverse<ScheduledTimer<T>>>,
     seq: u64,
     /// Lateness beyond which the node is considered to have been stalled; also the unit of
     /// the health score's decay.
@@ -81,7 +82,7 @@ pub struct TimerQueue {
     stalls: u64,
 }
 
-impl TimerQueue {
+impl<T: PartialEq> TimerQueue<T> {
     /// An empty queue for nodes of `profile`.
     pub fn new(profile: Profile, now: Instant) -> Self {
         let config = profile.foca_config(1);
@@ -99,7 +100,7 @@ impl TimerQueue {
     /// Schedules `timer` `delay` after `now`. A suspicion this node raises (foca's
     /// `ChangeSuspectToDown`, scheduled when one of its probes failed) lasts
     /// `delay × (1 + health score)`, and the failed probe raises the score.
-    pub fn schedule(&mut self, delay: Duration, timer: Timer<NodeId>, now: Instant) {
+    pub fn schedule(&mut self, delay: Duration, timer: Timer<T>, now: Instant) {
         if let Timer::ChangeSuspectToDown { member_id, .. } = &timer {
             let factor = 1 + self.health_score(now);
             // Probing a member this node suspects already is no new evidence about itself.
@@ -123,7 +124,7 @@ impl TimerQueue {
     /// Takes the earliest timer due at `now`, if any. When that timer is overdue by more
     /// than a probe period the node was stalled: every overdue timer is re-armed instead
     /// (see the module docs) and nothing is due.
-    pub fn pop_due(&mut self, now: Instant) -> Option<Timer<NodeId>> {
+    pub fn pop_due(&mut self, now: Instant) -> Option<Timer<T>> {
         loop {
             let deadline = self.next_deadline()?;
             if deadline > now {
@@ -174,7 +175,7 @@ impl TimerQueue {
         self.score_since = now;
     }
 
-    fn push(&mut self, armed: Instant, delay: Duration, factor: u32, timer: Timer<NodeId>) {
+    fn push(&mut self, armed: Instant, delay: Duration, factor: u32, timer: Timer<T>) {
         self.seq += 1;
         self.heap.push(Reverse(ScheduledTimer {
             deadline: armed + delay * factor,

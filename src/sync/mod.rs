@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use crate::membership::{BroadcastBacklog, NodeId, MAX_BROADCAST_ITEM};
+use crate::membership::{BroadcastBacklog, MAX_BROADCAST_ITEM};
 use crate::state::catalog::{Catalog, Delta, Digest, SyncPayload};
 use crate::state::config::{self, Change, ConfigStore, ConfigStoreOptions, Entry, Version};
 use crate::wire::{self, WireError};
@@ -445,14 +445,15 @@ impl StateBroadcasts {
     }
 }
 
-impl foca::BroadcastHandler<NodeId> for StateBroadcasts {
+/// Generic over the identity: only whether an item is this node's own matters here.
+impl<T: foca::Identity> foca::BroadcastHandler<T> for StateBroadcasts {
     type Key = GossipKey;
     type Error = WireError;
 
     fn receive_item(
         &mut self,
         data: &[u8],
-        sender: Option<&NodeId>,
+        sender: Option<&T>,
     ) -> Result<Option<GossipKey>, WireError> {
         let (item, used): (GossipItem, usize) = wire::decode_datagram_prefix(data)?;
         if used != data.len() {

@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use grapevine::membership::{NodeId, Profile, PushPull};
+
+use super::ident::SimId;
 use grapevine::state::catalog::{
     Delta, Health, OwnerUpdate, Service, ServiceRecord, SyncPayload, UpdateKind, MAX_FORGOTTEN,
 };
@@ -588,7 +590,7 @@ impl Sim {
         let previous = self.nodes[i]
             .core
             .as_ref()
-            .map_or(self.nodes[i].start_generation, |c| c.identity().generation);
+            .map_or(self.nodes[i].start_generation, |c| c.generation());
         fresh.max(previous + 1)
     }
 
@@ -639,6 +641,17 @@ impl Sim {
             })
             .collect();
         let shared = Arc::new(members);
+        let shared_lean: Arc<Vec<foca::Member<SimId>>> = Arc::new(
+            shared
+                .iter()
+                .map(|m| {
+                    let id = m.id();
+                    let id = SimId::new(&id.name, id.addr, id.generation)
+                        .expect("simulated nodes have IPv4 addresses");
+                    foca::Member::alive(id)
+                })
+                .collect(),
+        );
         let owners = SyncPayload {
             owners: self
                 .nodes
@@ -664,6 +677,7 @@ impl Sim {
         std::thread::scope(|scope| {
             for (c, nodes) in self.nodes.chunks_mut(chunk).enumerate() {
                 let shared = shared.clone();
+                let shared_lean = shared_lean.clone();
                 let phases = &phases;
                 scope.spawn(move || {
                     for (k, node) in nodes.iter_mut().enumerate() {
@@ -674,7 +688,7 @@ impl Sim {
                                 left: Vec::new(),
                             }),
                             Wrapper::Lean => Snapshot::Lean {
-                                members: shared.clone(),
+                                members: shared_lean.clone(),
                                 left: Vec::new(),
                                 hash: 0,
                             },
@@ -698,6 +712,7 @@ impl Sim {
             }
         });
         drop(shared);
+        drop(shared_lean);
         let pp = self.params.profile.push_pull_interval().as_nanos() as Nanos;
         let sync = self.params.profile.sync_interval().as_nanos() as Nanos;
         let join = self.params.profile.join_retry_interval().as_nanos() as Nanos;
@@ -998,7 +1013,7 @@ impl Sim {
             self.set_followup(i, SEC);
         }
         self.nodes[i].had_peers = has_peers;
-        let generation = self.core(i).identity().generation;
+        let generation = self.core(i).generation();
         if generation != self.nodes[i].generation_seen {
             self.nodes[i].generation_seen = generation;
             self.renewals.push((self.now, i as u32));
@@ -1014,7 +1029,7 @@ impl Sim {
         let (Some(core), Some(state)) = (node.core.as_mut(), node.state.as_ref()) else {
             return;
         };
-        let generation = core.identity().generation;
+        let generation = core.generation();
         let hint = sync::lock(state).follow_generation(generation);
         if let Some(item) = hint {
             let now = self.base + Duration::from_nanos(self.now);
@@ -1057,7 +1072,7 @@ impl Sim {
                 && generation >= s.start_generation
                 && s.core
                     .as_ref()
-                    .is_some_and(|c| generation <= c.identity().generation);
+                    .is_some_and(|c| generation <= c.generation());
             self.observations.push(Observation {
                 at: self.now,
                 observer: i as u32,
@@ -1617,7 +1632,7 @@ impl Sim {
     pub fn config_set(&mut self, i: usize, key: &str, value: &[u8]) -> Option<Target> {
         let state = self.nodes[i].state.clone()?;
         let change = sync::lock(&state).config_set(key, value.to_vec()).ok()?;
-        let origin = self.core(i).identity().name.clone();
+        let origin = self.core(i).name().to_owned();
         let item = Replicated::config_broadcast_item(&change, &origin).ok()?;
         let now = self.instant(self.now);
         self.core(i).add_broadcast(&item, now);
@@ -1681,7 +1696,7 @@ impl Sim {
                         s.is_up()
                             && s.core
                                 .as_ref()
-                                .is_some_and(|c| c.identity().generation == generation)
+                                .is_some_and(|c| c.generation() == generation)
                     });
                 });
                 if !ok {

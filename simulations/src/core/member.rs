@@ -21,13 +21,15 @@ use std::time::Instant;
 
 use foca::{AccumulatingRuntime, Foca, OwnedNotification, State};
 use grapevine::membership::{
-    is_down, members_fingerprint, suspicion_subject, Profile, TimerQueue, MAX_BROADCAST_ITEM,
+    fingerprint_of, suspicion_subject, Profile, TimerQueue, MAX_BROADCAST_ITEM,
 };
 use grapevine::membership::{BincodeCodec, MemberEvent, Membership, NodeId, PushPull};
 use grapevine::sync::StateBroadcasts;
 use grapevine::wire::{self, DatagramKind, WireError};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
+
+use super::ident::SimId;
 
 /// Which implementation of the membership a simulation runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,8 +57,8 @@ pub enum Snapshot {
     Library(PushPull),
     /// The lean wrapper's state, shared while it does not change.
     Lean {
-        members: Arc<Vec<foca::Member<NodeId>>>,
-        left: Vec<NodeId>,
+        members: Arc<Vec<foca::Member<SimId>>>,
+        left: Vec<SimId>,
         hash: u64,
     },
 }
@@ -65,20 +67,17 @@ impl Snapshot {
     /// Bytes of the TCP frame carrying it: bincode of `PushPull`, one byte of request or
     /// response tag, four bytes of length prefix.
     pub fn frame_len(&self) -> usize {
-        let (members, left): (Box<dyn Iterator<Item = &foca::Member<NodeId>>>, &[NodeId]) =
-            match self {
-                Snapshot::Library(pp) => (Box::new(pp.members.iter()), &pp.left),
-                Snapshot::Lean { members, left, .. } => (Box::new(members.iter()), left),
-            };
-        let mut len = 0;
-        let mut count = 0;
-        for member in members {
-            len += member_len(member);
-            count += 1;
-        }
-        len += varint_len(count as u64) + varint_len(left.len() as u64);
-        len += left.iter().map(node_id_len).sum::<usize>();
-        len + 1 + 4
+        let (members, left) = match self {
+            Snapshot::Library(pp) => (
+                pp.members.iter().map(member_len).sum::<usize>() + varint_len(pp.members.len() as u64),
+                pp.left.iter().map(node_id_len).sum::<usize>() + varint_len(pp.left.len() as u64),
+            ),
+            Snapshot::Lean { members, left, .. } => (
+                members.iter().map(sim_member_len).sum::<usize>() + varint_len(members.len() as u64),
+                left.iter().map(sim_id_len).sum::<usize>() + varint_len(left.len() as u64),
+            ),
+        };
+        members + left + 1 + 4
     }
 }
 
@@ -100,36 +99,35 @@ fn socket_addr_len(addr: &SocketAddr) -> usize {
     }
 }
 
+fn id_len(name: &str, addr: &SocketAddr, generation: u64) -> usize {
+    varint_len(name.len() as u64) + name.len() + socket_addr_len(addr) + varint_len(generation)
+}
+
 fn node_id_len(id: &NodeId) -> usize {
-    varint_len(id.name.len() as u64)
-        + id.name.len()
-        + socket_addr_len(&id.addr)
-        + varint_len(id.generation)
+    id_len(&id.name, &id.addr, id.generation)
+}
+
+fn sim_id_len(id: &SimId) -> usize {
+    id_len(id.name(), &id.addr(), id.generation())
 }
 
 fn member_len(member: &foca::Member<NodeId>) -> usize {
     node_id_len(member.id()) + varint_len(u64::from(member.incarnation())) + 1
 }
 
+fn sim_member_len(member: &foca::Member<SimId>) -> usize {
+    sim_id_len(member.id()) + varint_len(u64::from(member.incarnation())) + 1
+}
+
 /// A 64-bit hash of one member state; summed (wrapping) it hashes a set in any order.
-fn member_hash(member: &foca::Member<NodeId>) -> u64 {
+/// Interned name indexes stand for the names: equal within the process, which is all the
+/// set comparisons need.
+fn member_hash(member: &foca::Member<SimId>) -> u64 {
     let id = member.id();
-    let mut h = 0x9e37_79b9_7f4a_7c15u64 ^ id.name.len() as u64;
-    for chunk in id.name.as_bytes().chunks(8) {
-        let mut word = [0u8; 8];
-        word[..chunk.len()].copy_from_slice(chunk);
-        h = mix(h ^ u64::from_le_bytes(word));
-    }
-    let addr = match id.addr {
-        SocketAddr::V4(a) => (u64::from(u32::from(*a.ip())) << 16) | u64::from(a.port()),
-        SocketAddr::V6(a) => {
-            (u128::from(*a.ip()) as u64)
-                ^ ((u128::from(*a.ip()) >> 64) as u64)
-                ^ u64::from(a.port())
-        }
-    };
-    h = mix(h ^ addr);
-    h = mix(h ^ id.generation);
+    let (ip, port) = foca::Identity::addr(id);
+    let mut h = mix(0x9e37_79b9_7f4a_7c15u64 ^ u64::from(id.name_index()));
+    h = mix(h ^ (u64::from(ip) << 16 | u64::from(port)));
+    h = mix(h ^ id.generation());
     let state = match member.state() {
         State::Alive => 0u64,
         State::Suspect => 1,
@@ -196,11 +194,19 @@ impl Core {
         }
     }
 
-    /// Current identity.
-    pub fn identity(&self) -> &NodeId {
+    /// Current generation of this node's identity.
+    pub fn generation(&self) -> u64 {
         match self {
-            Core::Library(m) => m.identity(),
-            Core::Lean(l) => l.foca.identity(),
+            Core::Library(m) => m.identity().generation,
+            Core::Lean(l) => l.foca.identity().generation(),
+        }
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Core::Library(m) => &m.identity().name,
+            Core::Lean(l) => l.foca.identity().name(),
         }
     }
 
@@ -224,14 +230,18 @@ impl Core {
                 Some(peers[pick(peers.len())])
             }
             Core::Lean(l) => {
-                let mut peers: Vec<SocketAddr> =
-                    l.foca.iter_members().map(|m| m.id().addr).collect();
+                // (IPv4 as a number, port) sorts like the socket address.
+                let mut peers: Vec<(u32, u16)> = l
+                    .foca
+                    .iter_members()
+                    .map(|m| foca::Identity::addr(m.id()))
+                    .collect();
                 if peers.is_empty() {
                     return None;
                 }
                 let k = pick(peers.len());
-                let (_, nth, _) = peers.select_nth_unstable(k);
-                Some(*nth)
+                let (_, &mut (ip, port), _) = peers.select_nth_unstable(k);
+                Some(SocketAddr::from((std::net::Ipv4Addr::from(ip), port)))
             }
         }
     }
@@ -249,7 +259,7 @@ impl Core {
             }
             Core::Lean(l) => {
                 for member in l.foca.iter_members() {
-                    f(&member.id().name, member.id().generation);
+                    f(member.id().name(), member.id().generation());
                 }
             }
         }
@@ -318,10 +328,15 @@ impl Core {
     pub fn members_fingerprint(&self) -> u64 {
         match self {
             Core::Library(m) => m.members_fingerprint(),
-            Core::Lean(l) => members_fingerprint(
-                l.foca.iter_membership_state(),
-                (!l.leaving).then(|| l.foca.identity()),
-            ),
+            Core::Lean(l) => {
+                let me = l.foca.identity();
+                fingerprint_of(
+                    l.foca
+                        .iter_membership_state()
+                        .map(|m| (m.id().name(), m.id().generation(), m.state())),
+                    (!l.leaving).then(|| (me.name(), me.generation())),
+                )
+            }
         }
     }
 
@@ -390,12 +405,12 @@ impl Core {
 /// foca with `Membership`'s protocol logic and no member view. Every method mirrors the
 /// method of the same name in `grapevine::membership::Membership`.
 pub struct Lean {
-    foca: Foca<NodeId, BincodeCodec, SmallRng, StateBroadcasts>,
-    runtime: AccumulatingRuntime<NodeId>,
+    foca: Foca<SimId, BincodeCodec, SmallRng, StateBroadcasts>,
+    runtime: AccumulatingRuntime<SimId>,
     profile: Profile,
     tuned_for: usize,
-    timers: TimerQueue,
-    left: VecDeque<NodeId>,
+    timers: TimerQueue<SimId>,
+    left: VecDeque<SimId>,
     changes: Vec<Change>,
     outbox: Vec<(SocketAddr, Vec<u8>)>,
     leaving: bool,
@@ -405,7 +420,7 @@ pub struct Lean {
 /// member set, so one copy serves them all. Keyed by the set hash; a few entries kept.
 #[derive(Default)]
 pub struct SnapshotCache {
-    entries: VecDeque<(u64, Arc<Vec<foca::Member<NodeId>>>)>,
+    entries: VecDeque<(u64, Arc<Vec<foca::Member<SimId>>>)>,
 }
 
 impl SnapshotCache {
@@ -414,8 +429,8 @@ impl SnapshotCache {
     fn get_or_make(
         &mut self,
         hash: u64,
-        make: impl FnOnce() -> Vec<foca::Member<NodeId>>,
-    ) -> Arc<Vec<foca::Member<NodeId>>> {
+        make: impl FnOnce() -> Vec<foca::Member<SimId>>,
+    ) -> Arc<Vec<foca::Member<SimId>>> {
         if let Some((_, members)) = self.entries.iter().find(|(h, _)| *h == hash) {
             return members.clone();
         }
@@ -439,6 +454,8 @@ impl Lean {
         now: Instant,
         handler: StateBroadcasts,
     ) -> Self {
+        let identity = SimId::new(&identity.name, identity.addr, identity.generation)
+            .expect("simulated nodes have IPv4 addresses");
         Lean {
             foca: Foca::with_custom_broadcast(
                 identity,
@@ -459,11 +476,7 @@ impl Lean {
     }
 
     fn announce_to(&mut self, addr: SocketAddr, now: Instant) -> Result<(), String> {
-        let seed = NodeId {
-            name: String::new(),
-            addr,
-            generation: 0,
-        };
+        let seed = SimId::new("", addr, 0).ok_or("the simulator has IPv4 addresses only")?;
         let result = self.foca.announce(seed, &mut self.runtime);
         self.after_call(now);
         result.map_err(|e| e.to_string())
@@ -482,7 +495,7 @@ impl Lean {
                 result.map_err(|e| e.to_string())?;
             }
             DatagramKind::Leave => {
-                let (leaver, used): (NodeId, usize) =
+                let (leaver, used): (SimId, usize) =
                     wire::decode_datagram_prefix(payload).map_err(|e| e.to_string())?;
                 if used != payload.len() {
                     return Err(WireError::Trailing(payload.len() - used).to_string());
@@ -511,8 +524,12 @@ impl Lean {
             let verdict_on = suspicion_subject(&timer);
             let _ = self.foca.handle_timer(timer, &mut self.runtime);
             if let Some(subject) = verdict_on {
-                if !is_down(&self.foca, &subject) {
-                    self.withhold_sends_to(subject.addr);
+                let down = self
+                    .foca
+                    .iter_membership_state()
+                    .any(|m| m.id() == &subject && m.state() == State::Down);
+                if !down {
+                    self.withhold_sends_to(subject);
                 }
             }
             self.after_call(now);
@@ -520,13 +537,13 @@ impl Lean {
     }
 
     fn active_peer_addrs(&self) -> Vec<SocketAddr> {
-        let mut addrs: Vec<_> = self.foca.iter_members().map(|m| m.id().addr).collect();
+        let mut addrs: Vec<_> = self.foca.iter_members().map(|m| m.id().addr()).collect();
         addrs.sort();
         addrs
     }
 
     fn leave(&mut self, now: Instant) -> Result<(), String> {
-        let me = self.foca.identity().clone();
+        let me = *self.foca.identity();
         let mut notice = Vec::with_capacity(wire::MAX_DATAGRAM);
         wire::begin_datagram(DatagramKind::Leave, &mut notice);
         wire::encode_datagram_into(&me, &mut notice, wire::MAX_DATAGRAM)
@@ -549,7 +566,7 @@ impl Lean {
         }
         if !self.leaving {
             hash = hash.wrapping_add(member_hash(&foca::Member::alive(
-                self.foca.identity().clone(),
+                *self.foca.identity(),
             )));
         }
         hash
@@ -560,7 +577,7 @@ impl Lean {
         let members = cache.get_or_make(hash, || {
             let mut members: Vec<_> = self.foca.iter_membership_state().cloned().collect();
             if !self.leaving {
-                members.push(foca::Member::alive(self.foca.identity().clone()));
+                members.push(foca::Member::alive(*self.foca.identity()));
             }
             members
         });
@@ -576,9 +593,9 @@ impl Lean {
     /// randomness), and skipping them turns an O(n²) merge into O(n).
     fn apply_push_pull(
         &mut self,
-        members: &[foca::Member<NodeId>],
+        members: &[foca::Member<SimId>],
         hash: u64,
-        left: Vec<NodeId>,
+        left: Vec<SimId>,
         now: Instant,
     ) {
         for leaver in left {
@@ -595,10 +612,10 @@ impl Lean {
             .map(member_hash)
             .chain(
                 (!self.leaving)
-                    .then(|| member_hash(&foca::Member::alive(self.foca.identity().clone()))),
+                    .then(|| member_hash(&foca::Member::alive(*self.foca.identity()))),
             )
             .collect();
-        let news: Vec<foca::Member<NodeId>> = members
+        let news: Vec<foca::Member<SimId>> = members
             .iter()
             .filter(|m| !mine.contains(&member_hash(m)))
             .cloned()
@@ -609,7 +626,7 @@ impl Lean {
         self.after_call(now);
     }
 
-    fn remember_left(&mut self, id: NodeId) {
+    fn remember_left(&mut self, id: SimId) {
         if !self.left.contains(&id) {
             if self.left.len() >= MAX_LEFT_REMEMBERED {
                 self.left.pop_front();
@@ -621,25 +638,26 @@ impl Lean {
                 .any(|m| m.id() == &id && m.state() == State::Down);
             if down_already {
                 self.changes.push(Change::Left {
-                    name: id.name.clone(),
-                    generation: id.generation,
+                    name: id.name().to_owned(),
+                    generation: id.generation(),
                 });
             }
             self.left.push_back(id);
         }
     }
 
-    fn withhold_sends_to(&mut self, addr: SocketAddr) {
+    fn withhold_sends_to(&mut self, subject: SimId) {
+        let addr = foca::Identity::addr(&subject);
         while let Some((to, data)) = self.runtime.to_send() {
-            if to.addr != addr {
-                self.outbox.push((to.addr, swim_datagram(&data)));
+            if foca::Identity::addr(&to) != addr {
+                self.outbox.push((to.addr(), swim_datagram(&data)));
             }
         }
     }
 
     fn after_call(&mut self, now: Instant) {
         while let Some((to, data)) = self.runtime.to_send() {
-            self.outbox.push((to.addr, swim_datagram(&data)));
+            self.outbox.push((to.addr(), swim_datagram(&data)));
         }
         while let Some((after, timer)) = self.runtime.to_schedule() {
             self.timers.schedule(after, timer, now);
@@ -651,18 +669,20 @@ impl Lean {
                 OwnedNotification::MemberDown(id) => {
                     let change = if self.left.contains(&id) {
                         Change::Left {
-                            name: id.name,
-                            generation: id.generation,
+                            name: id.name().to_owned(),
+                            generation: id.generation(),
                         }
                     } else {
                         Change::Down {
-                            name: id.name,
-                            generation: id.generation,
+                            name: id.name().to_owned(),
+                            generation: id.generation(),
                         }
                     };
                     self.changes.push(change);
                 }
-                OwnedNotification::MemberUp(id) => self.changes.push(Change::Up { name: id.name }),
+                OwnedNotification::MemberUp(id) => self.changes.push(Change::Up {
+                    name: id.name().to_owned(),
+                }),
                 _ => {}
             }
         }

@@ -9,6 +9,7 @@
 //! - [`scenarios`]: the named scenarios and the figures they report.
 
 pub mod engine;
+pub mod ident;
 pub mod member;
 pub mod scenarios;
 
