@@ -40,11 +40,7 @@ where
 {
     type Error = WireError;
 
-    fn encode_header(
-        &mut self,
-        header: &Header<T>,
-        buf: impl BufMut,
-    ) -> Result<(), WireError> {
+    fn encode_header(&mut self, header: &Header<T>, buf: impl BufMut) -> Result<(), WireError> {
         self.scratch.clear();
         wire::encode_datagram_into(header, &mut self.scratch, wire::MAX_DATAGRAM)?;
         self.put(buf)
@@ -54,11 +50,7 @@ where
         Self::take(buf)
     }
 
-    fn encode_member(
-        &mut self,
-        member: &Member<T>,
-        buf: impl BufMut,
-    ) -> Result<(), WireError> {
+    fn encode_member(&mut self, member: &Member<T>, buf: impl BufMut) -> Result<(), WireError> {
         self.scratch.clear();
         wire::encode_datagram_into(member, &mut self.scratch, wire::MAX_DATAGRAM)?;
         self.put(buf)

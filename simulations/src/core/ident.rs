@@ -173,12 +173,16 @@ mod tests {
             generation: 1_767_225_600_123,
         };
         let sim = SimId::new(&node.name, node.addr, node.generation).unwrap();
-        let member = foca::Member::suspect(sim);
+        let member = foca::Member::new(sim, 7, foca::State::Suspect);
         let mut ours = Vec::new();
         wire::encode_datagram_into(&member, &mut ours, wire::MAX_DATAGRAM).unwrap();
         let mut theirs = Vec::new();
-        wire::encode_datagram_into(&foca::Member::suspect(node.clone()), &mut theirs, 1500)
-            .unwrap();
+        wire::encode_datagram_into(
+            &foca::Member::new(node.clone(), 7, foca::State::Suspect),
+            &mut theirs,
+            1500,
+        )
+        .unwrap();
         assert_eq!(ours, theirs);
         let (back, used): (foca::Member<SimId>, usize) =
             wire::decode_datagram_prefix(&theirs).unwrap();
@@ -191,7 +195,11 @@ mod tests {
     #[test]
     fn conflicts_resolve_like_node_id() {
         let addr: SocketAddr = "10.0.0.1:1".parse().unwrap();
-        for (a, b) in [(("a", 2), ("b", 1)), (("a", 1), ("b", 1)), (("b", 1), ("a", 1))] {
+        for (a, b) in [
+            (("a", 2), ("b", 1)),
+            (("a", 1), ("b", 1)),
+            (("b", 1), ("a", 1)),
+        ] {
             let (x, y) = (
                 SimId::new(a.0, addr, a.1).unwrap(),
                 SimId::new(b.0, addr, b.1).unwrap(),

@@ -69,11 +69,13 @@ impl Snapshot {
     pub fn frame_len(&self) -> usize {
         let (members, left) = match self {
             Snapshot::Library(pp) => (
-                pp.members.iter().map(member_len).sum::<usize>() + varint_len(pp.members.len() as u64),
+                pp.members.iter().map(member_len).sum::<usize>()
+                    + varint_len(pp.members.len() as u64),
                 pp.left.iter().map(node_id_len).sum::<usize>() + varint_len(pp.left.len() as u64),
             ),
             Snapshot::Lean { members, left, .. } => (
-                members.iter().map(sim_member_len).sum::<usize>() + varint_len(members.len() as u64),
+                members.iter().map(sim_member_len).sum::<usize>()
+                    + varint_len(members.len() as u64),
                 left.iter().map(sim_id_len).sum::<usize>() + varint_len(left.len() as u64),
             ),
         };
@@ -565,9 +567,7 @@ impl Lean {
             hash = hash.wrapping_add(member_hash(member));
         }
         if !self.leaving {
-            hash = hash.wrapping_add(member_hash(&foca::Member::alive(
-                *self.foca.identity(),
-            )));
+            hash = hash.wrapping_add(member_hash(&foca::Member::alive(*self.foca.identity())));
         }
         hash
     }
@@ -611,8 +611,7 @@ impl Lean {
             .iter_membership_state()
             .map(member_hash)
             .chain(
-                (!self.leaving)
-                    .then(|| member_hash(&foca::Member::alive(*self.foca.identity()))),
+                (!self.leaving).then(|| member_hash(&foca::Member::alive(*self.foca.identity()))),
             )
             .collect();
         let news: Vec<foca::Member<SimId>> = members
