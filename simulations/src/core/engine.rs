@@ -1334,7 +1334,11 @@ impl Sim {
         if self.nodes[i].outbound >= MAX_OUTBOUND {
             return;
         }
-        let fingerprint = self.core(i).members_fingerprint();
+        let fingerprint = self.nodes[i]
+            .core
+            .as_ref()
+            .expect("a running node has a core")
+            .members_fingerprint(&mut self.snapshots);
         let Some(xid) = self.begin_exchange(i, Exchange::PushPull) else {
             return;
         };
@@ -1447,7 +1451,12 @@ impl Sim {
                 (TcpMsg::PushPullResponse(reply), bytes)
             }
             TcpMsg::MembersCheck(fingerprint) => {
-                let in_sync = self.core(r).members_fingerprint() == fingerprint;
+                let ours = self.nodes[r]
+                    .core
+                    .as_ref()
+                    .expect("a running node has a core")
+                    .members_fingerprint(&mut self.snapshots);
+                let in_sync = ours == fingerprint;
                 (TcpMsg::MembersCheckAnswer(in_sync), 1 + 4)
             }
             TcpMsg::Check(fingerprint) => {

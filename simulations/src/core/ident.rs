@@ -51,8 +51,8 @@ fn name_of(index: u32) -> &'static str {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SimId {
     name: u32,
-    ip: u32,
-    port: u16,
+    /// IPv4 address and port packed as foca's `Addr`, ready for its comparisons.
+    addr: u64,
     generation: u64,
 }
 
@@ -64,8 +64,7 @@ impl SimId {
         };
         Some(SimId {
             name: intern(name),
-            ip: u32::from(*v4.ip()),
-            port: v4.port(),
+            addr: u64::from(u32::from(*v4.ip())) << 16 | u64::from(v4.port()),
             generation,
         })
     }
@@ -82,7 +81,8 @@ impl SimId {
 
     /// The node's address.
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(self.ip), self.port))
+        let ip = Ipv4Addr::from((self.addr >> 16) as u32);
+        SocketAddr::V4(SocketAddrV4::new(ip, self.addr as u16))
     }
 
     /// The node's generation.
@@ -107,7 +107,9 @@ impl fmt::Debug for SimId {
 }
 
 impl foca::Identity for SimId {
-    type Addr = (u32, u16);
+    /// IPv4 address and port in one word: foca compares it with every member it holds on
+    /// each update, so one comparison instead of two matters at 10,000 nodes.
+    type Addr = u64;
 
     fn renew(&self) -> Option<Self> {
         Some(SimId {
@@ -116,8 +118,8 @@ impl foca::Identity for SimId {
         })
     }
 
-    fn addr(&self) -> (u32, u16) {
-        (self.ip, self.port)
+    fn addr(&self) -> u64 {
+        self.addr
     }
 
     fn win_addr_conflict(&self, adversary: &Self) -> bool {

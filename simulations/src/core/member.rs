@@ -126,9 +126,8 @@ fn sim_member_len(member: &foca::Member<SimId>) -> usize {
 /// set comparisons need.
 fn member_hash(member: &foca::Member<SimId>) -> u64 {
     let id = member.id();
-    let (ip, port) = foca::Identity::addr(id);
     let mut h = mix(0x9e37_79b9_7f4a_7c15u64 ^ u64::from(id.name_index()));
-    h = mix(h ^ (u64::from(ip) << 16 | u64::from(port)));
+    h = mix(h ^ foca::Identity::addr(id));
     h = mix(h ^ id.generation());
     let state = match member.state() {
         State::Alive => 0u64,
@@ -232,8 +231,8 @@ impl Core {
                 Some(peers[pick(peers.len())])
             }
             Core::Lean(l) => {
-                // (IPv4 as a number, port) sorts like the socket address.
-                let mut peers: Vec<(u32, u16)> = l
+                // IPv4 as a number, then the port: sorts like the socket address.
+                let mut peers: Vec<u64> = l
                     .foca
                     .iter_members()
                     .map(|m| foca::Identity::addr(m.id()))
@@ -242,8 +241,11 @@ impl Core {
                     return None;
                 }
                 let k = pick(peers.len());
-                let (_, &mut (ip, port), _) = peers.select_nth_unstable(k);
-                Some(SocketAddr::from((std::net::Ipv4Addr::from(ip), port)))
+                let (_, &mut nth, _) = peers.select_nth_unstable(k);
+                Some(SocketAddr::from((
+                    std::net::Ipv4Addr::from((nth >> 16) as u32),
+                    nth as u16,
+                )))
             }
         }
     }
@@ -326,18 +328,22 @@ impl Core {
         }
     }
 
-    /// Fingerprint of the live member list, what a periodic push-pull sends first.
-    pub fn members_fingerprint(&self) -> u64 {
+    /// Fingerprint of the live member list, what a periodic push-pull sends first (`cache`
+    /// shares it between nodes holding the same member set).
+    pub fn members_fingerprint(&self, cache: &mut SnapshotCache) -> u64 {
         match self {
             Core::Library(m) => m.members_fingerprint(),
             Core::Lean(l) => {
-                let me = l.foca.identity();
-                fingerprint_of(
-                    l.foca
-                        .iter_membership_state()
-                        .map(|m| (m.id().name(), m.id().generation(), m.state())),
-                    (!l.leaving).then(|| (me.name(), me.generation())),
-                )
+                // The set hash covers everything the fingerprint reads (and incarnations).
+                cache.fingerprint_or_make(l.state_hash(), || {
+                    let me = l.foca.identity();
+                    fingerprint_of(
+                        l.foca
+                            .iter_membership_state()
+                            .map(|m| (m.id().name(), m.id().generation(), m.state())),
+                        (!l.leaving).then(|| (me.name(), me.generation())),
+                    )
+                })
             }
         }
     }
@@ -423,10 +429,24 @@ pub struct Lean {
 #[derive(Default)]
 pub struct SnapshotCache {
     entries: VecDeque<(u64, Arc<Vec<foca::Member<SimId>>>)>,
+    fingerprints: VecDeque<(u64, u64)>,
 }
 
 impl SnapshotCache {
     const KEEP: usize = 8;
+
+    /// The members fingerprint of the set whose hash is `hash`.
+    fn fingerprint_or_make(&mut self, hash: u64, make: impl FnOnce() -> u64) -> u64 {
+        if let Some(&(_, fingerprint)) = self.fingerprints.iter().find(|(h, _)| *h == hash) {
+            return fingerprint;
+        }
+        let fingerprint = make();
+        self.fingerprints.push_back((hash, fingerprint));
+        if self.fingerprints.len() > Self::KEEP {
+            self.fingerprints.pop_front();
+        }
+        fingerprint
+    }
 
     fn get_or_make(
         &mut self,
