@@ -552,7 +552,7 @@ impl<T: foca::Identity> foca::BroadcastHandler<T> for StateBroadcasts {
 #[cfg(test)]
 mod backlog_tests {
     use super::*;
-    use crate::membership::{Membership, MembershipError, Profile, MAX_BROADCAST_BACKLOG};
+    use crate::membership::{Membership, MembershipError, NodeId, Profile, MAX_BROADCAST_BACKLOG};
     use std::time::Instant;
 
     /// A node's replicated state and membership sharing one backlog count, as the driver
