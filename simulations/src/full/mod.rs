@@ -31,6 +31,8 @@
 //! simulated seconds from turmoil's clock, rounded to the millisecond; byte and packet rates
 //! are sums of the nodes' `stats()` (`udp_sent_bytes + tcp_bytes / 2`, and `udp_sent`) over
 //! every incarnation, divided by the cluster size and the simulated seconds of the whole run.
+//! `push_pull_full` and `push_pull_skipped` are the halved sums of `push_pull_ok` and
+//! `push_pull_skipped` (both sides of an exchange count it), over the whole run.
 //!
 //! # Scenarios
 //!
@@ -220,6 +222,9 @@ fn converge(options: &Options) -> Result<Report, String> {
         "idle_bytes_per_node_per_s",
         idle.bytes() as f64 / n as f64 / window,
     );
+    let (full, skipped) = idle.push_pulls();
+    out.set("idle_push_pull_full", full);
+    out.set("idle_push_pull_skipped", skipped);
     Ok(c.finish(out))
 }
 
@@ -822,12 +827,16 @@ struct CallRecord {
     ok: bool,
 }
 
-/// Traffic a node sent.
+/// Traffic a node sent, and how its push-pulls went.
 #[derive(Debug, Clone, Copy, Default)]
 struct Traffic {
     udp_bytes: u64,
     udp_packets: u64,
     tcp_bytes: u64,
+    /// Member lists applied: both sides of a push-pull that shipped them count one each.
+    push_pull_applied: u64,
+    /// Fingerprint checks that found the views equal: both sides count one each.
+    push_pull_skipped: u64,
 }
 
 impl Traffic {
@@ -836,6 +845,8 @@ impl Traffic {
             udp_bytes: stats.udp_sent_bytes,
             udp_packets: stats.udp_sent,
             tcp_bytes: stats.tcp_bytes,
+            push_pull_applied: stats.push_pull_ok,
+            push_pull_skipped: stats.push_pull_skipped,
         }
     }
 
@@ -843,6 +854,8 @@ impl Traffic {
         self.udp_bytes += other.udp_bytes;
         self.udp_packets += other.udp_packets;
         self.tcp_bytes += other.tcp_bytes;
+        self.push_pull_applied += other.push_pull_applied;
+        self.push_pull_skipped += other.push_pull_skipped;
     }
 
     fn minus(self, other: Traffic) -> Traffic {
@@ -850,7 +863,18 @@ impl Traffic {
             udp_bytes: self.udp_bytes.saturating_sub(other.udp_bytes),
             udp_packets: self.udp_packets.saturating_sub(other.udp_packets),
             tcp_bytes: self.tcp_bytes.saturating_sub(other.tcp_bytes),
+            push_pull_applied: self.push_pull_applied.saturating_sub(other.push_pull_applied),
+            push_pull_skipped: self.push_pull_skipped.saturating_sub(other.push_pull_skipped),
         }
+    }
+
+    /// Push-pull exchanges that shipped member lists, and those the fingerprints skipped
+    /// (each exchange once, as the core tier counts them).
+    fn push_pulls(self) -> (f64, f64) {
+        (
+            (self.push_pull_applied / 2) as f64,
+            (self.push_pull_skipped / 2) as f64,
+        )
     }
 
     /// Bytes sent: datagrams, plus half the TCP bytes (each node counts both directions).
@@ -1291,6 +1315,9 @@ impl Cluster {
             "packets_per_node_per_s",
             traffic.udp_packets as f64 / n / elapsed,
         );
+        let (full, skipped) = traffic.push_pulls();
+        out.set("push_pull_full", full);
+        out.set("push_pull_skipped", skipped);
         let lagged = self.lagged();
         if lagged > 0 {
             out.set("events_lagged", lagged as f64);
