@@ -140,7 +140,8 @@ pub struct NodeInfo {
     pub generation: u64,
     /// Timing profile.
     pub profile: Profile,
-    /// Traffic counters.
+    /// Traffic counters, by name on the wire (see `stats::by_name`).
+    #[serde(with = "super::stats::by_name")]
     pub stats: StatsSnapshot,
 }
 

@@ -19,6 +19,22 @@ macro_rules! counters {
                 StatsSnapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
             }
         }
+
+        impl StatsSnapshot {
+            /// Every counter with its name, in declaration order.
+            pub fn named(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name),)*]
+            }
+
+            /// Sets the counter called `name`; `false` if this build has no such counter.
+            pub fn set_named(&mut self, name: &str, value: u64) -> bool {
+                match name {
+                    $(stringify!($name) => self.$name = value,)*
+                    _ => return false,
+                }
+                true
+            }
+        }
     };
 }
 
@@ -67,5 +83,80 @@ counters! {
 impl Stats {
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Counters as a map from name to value, for the control protocol: a CLI and an agent of
+/// different builds still understand each other (counters one side lacks read as 0 or are
+/// skipped), and `grapevine info --json` prints an object.
+pub(crate) mod by_name {
+    use std::collections::BTreeMap;
+
+    use serde::ser::SerializeMap;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::StatsSnapshot;
+
+    pub(crate) fn serialize<S: Serializer>(
+        stats: &StatsSnapshot,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        let named = stats.named();
+        let mut map = serializer.serialize_map(Some(named.len()))?;
+        for (name, value) in named {
+            map.serialize_entry(name, &value)?;
+        }
+        map.end()
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<StatsSnapshot, D::Error> {
+        let map = BTreeMap::<String, u64>::deserialize(deserializer)?;
+        let mut stats = StatsSnapshot::default();
+        for (name, value) in map {
+            // A newer agent's counter this build does not know: skipped.
+            stats.set_named(&name, value);
+        }
+        Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Carrier {
+        #[serde(with = "by_name")]
+        stats: StatsSnapshot,
+    }
+
+    #[test]
+    fn counters_travel_by_name_between_builds() {
+        let stats = StatsSnapshot {
+            udp_received: 7,
+            stalls: 3,
+            ..StatsSnapshot::default()
+        };
+        let carrier = Carrier { stats };
+        let mut bytes = Vec::new();
+        wire::encode_datagram_into(&carrier, &mut bytes, wire::MAX_DATAGRAM).unwrap();
+        let (back, _): (Carrier, usize) = wire::decode_datagram_prefix(&bytes).unwrap();
+        assert_eq!(back, carrier);
+
+        // An agent of another build: one counter this build lacks, most of ours missing.
+        let mut other: std::collections::BTreeMap<String, u64> = Default::default();
+        other.insert("udp_received".into(), 11);
+        other.insert("counter_of_a_newer_build".into(), 5);
+        let mut bytes = Vec::new();
+        wire::encode_datagram_into(&(other,), &mut bytes, wire::MAX_DATAGRAM).unwrap();
+        let (back, _): (Carrier, usize) = wire::decode_datagram_prefix(&bytes).unwrap();
+        assert_eq!(back.stats.udp_received, 11);
+        assert_eq!(back.stats.stalls, 0);
+
+        let json = serde_json::to_value(&carrier).unwrap();
+        assert_eq!(json["stats"]["stalls"], 3);
     }
 }

@@ -863,8 +863,12 @@ impl Traffic {
             udp_bytes: self.udp_bytes.saturating_sub(other.udp_bytes),
             udp_packets: self.udp_packets.saturating_sub(other.udp_packets),
             tcp_bytes: self.tcp_bytes.saturating_sub(other.tcp_bytes),
-            push_pull_applied: self.push_pull_applied.saturating_sub(other.push_pull_applied),
-            push_pull_skipped: self.push_pull_skipped.saturating_sub(other.push_pull_skipped),
+            push_pull_applied: self
+                .push_pull_applied
+                .saturating_sub(other.push_pull_applied),
+            push_pull_skipped: self
+                .push_pull_skipped
+                .saturating_sub(other.push_pull_skipped),
         }
     }
 
