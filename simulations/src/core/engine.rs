@@ -1299,6 +1299,31 @@ impl Sim {
         self.push(at, Ev::Tcp(Box::new(event)));
     }
 
+    /// Opens an outbound exchange from `i` to `peer` with its first message (`bytes` long);
+    /// nothing if `i` has too many open already.
+    fn open_exchange(
+        &mut self,
+        i: usize,
+        peer: usize,
+        exchange: Exchange,
+        msg: TcpMsg,
+        bytes: usize,
+    ) {
+        let Some(xid) = self.begin_exchange(i, exchange) else {
+            return;
+        };
+        let event = TcpEvent {
+            initiator: i as u32,
+            initiator_life: self.nodes[i].life,
+            responder: peer as u32,
+            responder_life: None,
+            xid,
+            to_initiator: false,
+            msg,
+        };
+        self.send_tcp(event, bytes, true);
+    }
+
     fn begin_exchange(&mut self, i: usize, exchange: Exchange) -> Option<u64> {
         let timeout = self.params.profile.tcp_timeout().as_nanos() as Nanos;
         let node = &mut self.nodes[i];
@@ -1339,19 +1364,14 @@ impl Sim {
             .as_ref()
             .expect("a running node has a core")
             .members_fingerprint(&mut self.snapshots);
-        let Some(xid) = self.begin_exchange(i, Exchange::PushPull) else {
-            return;
-        };
-        let event = TcpEvent {
-            initiator: i as u32,
-            initiator_life: self.nodes[i].life,
-            responder: peer as u32,
-            responder_life: None,
-            xid,
-            to_initiator: false,
-            msg: TcpMsg::MembersCheck(fingerprint),
-        };
-        self.send_tcp(event, 1 + varint_len(fingerprint) + 4, true);
+        let bytes = 1 + varint_len(fingerprint) + 4;
+        self.open_exchange(
+            i,
+            peer,
+            Exchange::PushPull,
+            TcpMsg::MembersCheck(fingerprint),
+            bytes,
+        );
     }
 
     fn start_push_pull(&mut self, i: usize, peer: usize) {
@@ -1364,20 +1384,14 @@ impl Sim {
             .as_mut()
             .expect("a running node has a core")
             .push_pull_state(&mut self.snapshots);
-        let Some(xid) = self.begin_exchange(i, Exchange::PushPull) else {
-            return;
-        };
         let bytes = snapshot.frame_len();
-        let event = TcpEvent {
-            initiator: i as u32,
-            initiator_life: self.nodes[i].life,
-            responder: peer as u32,
-            responder_life: None,
-            xid,
-            to_initiator: false,
-            msg: TcpMsg::PushPullRequest(snapshot),
-        };
-        self.send_tcp(event, bytes, true);
+        self.open_exchange(
+            i,
+            peer,
+            Exchange::PushPull,
+            TcpMsg::PushPullRequest(snapshot),
+            bytes,
+        );
     }
 
     fn start_sync(&mut self, i: usize, peer: usize) {
@@ -1387,19 +1401,8 @@ impl Sim {
         let Some(fingerprint) = self.nodes[i].fingerprint() else {
             return;
         };
-        let Some(xid) = self.begin_exchange(i, Exchange::Sync) else {
-            return;
-        };
-        let event = TcpEvent {
-            initiator: i as u32,
-            initiator_life: self.nodes[i].life,
-            responder: peer as u32,
-            responder_life: None,
-            xid,
-            to_initiator: false,
-            msg: TcpMsg::Check(fingerprint),
-        };
-        self.send_tcp(event, 1 + varint_len(fingerprint) + 4, true);
+        let bytes = 1 + varint_len(fingerprint) + 4;
+        self.open_exchange(i, peer, Exchange::Sync, TcpMsg::Check(fingerprint), bytes);
     }
 
     fn deliver_tcp(&mut self, mut event: TcpEvent) {
