@@ -359,11 +359,7 @@ async fn run(cli: Cli) -> grapevine::Result<ExitCode> {
                 println!("addr:       {}", info.addr);
                 println!("generation: {}", info.generation);
                 println!("profile:    {:?}", info.profile);
-                for (key, value) in serde_json::to_value(&info.stats)
-                    .ok()
-                    .and_then(|v| v.as_object().cloned())
-                    .unwrap_or_default()
-                {
+                for (key, value) in info.stats.named() {
                     println!("{key:<20} {value}");
                 }
             }
