@@ -426,6 +426,7 @@ pub struct Lean {
 
 /// Push-pull states shared between nodes: in a settled cluster most nodes hold the same
 /// member set, so one copy serves them all. Keyed by the set hash; a few entries kept.
+/// Also the members fingerprints, by the same key.
 #[derive(Default)]
 pub struct SnapshotCache {
     entries: VecDeque<(u64, Arc<Vec<foca::Member<SimId>>>)>,
@@ -546,11 +547,7 @@ impl Lean {
             let verdict_on = suspicion_subject(&timer);
             let _ = self.foca.handle_timer(timer, &mut self.runtime);
             if let Some(subject) = verdict_on {
-                let down = self
-                    .foca
-                    .iter_membership_state()
-                    .any(|m| m.id() == &subject && m.state() == State::Down);
-                if !down {
+                if !self.holds_down(&subject) {
                     self.withhold_sends_to(subject);
                 }
             }
@@ -645,17 +642,20 @@ impl Lean {
         self.after_call(now);
     }
 
+    /// Whether foca holds `id` as down (`grapevine::membership::is_down`).
+    fn holds_down(&self, id: &SimId) -> bool {
+        self.foca
+            .iter_membership_state()
+            .any(|m| m.id() == id && m.state() == State::Down)
+    }
+
     fn remember_left(&mut self, id: SimId) {
         if !self.left.contains(&id) {
             if self.left.len() >= MAX_LEFT_REMEMBERED {
                 self.left.pop_front();
             }
             // The view turns a member already down into a left one.
-            let down_already = self
-                .foca
-                .iter_membership_state()
-                .any(|m| m.id() == &id && m.state() == State::Down);
-            if down_already {
+            if self.holds_down(&id) {
                 self.changes.push(Change::Left {
                     name: id.name().to_owned(),
                     generation: id.generation(),
