@@ -10,8 +10,11 @@
 //!   O(n log n) with allocations per call and a second copy of the member list per node,
 //!   which is what keeps 10,000 library instances out of reach (see the README).
 //!
-//! Both put the same bytes on the wire in the same order: `tests/scenarios.rs` runs the same
-//! scenarios through both and asserts identical reports.
+//! Both put the same datagrams on the wire; `tests/scenarios.rs` runs the same scenarios
+//! through both and asserts identical reports. One known difference: a shared push-pull list
+//! ([`SnapshotCache`]) may carry another node's member order, which makes some joined runs
+//! drift apart (see the README). The lean wrapper stores a compact identity ([`SimId`])
+//! with `NodeId`'s encoding.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
