@@ -10,11 +10,9 @@
 //!   O(n log n) with allocations per call and a second copy of the member list per node,
 //!   which is what keeps 10,000 library instances out of reach (see the README).
 //!
-//! Both put the same datagrams on the wire; `tests/scenarios.rs` runs the same scenarios
-//! through both and asserts identical reports. One known difference: a shared push-pull list
-//! ([`SnapshotCache`]) may carry another node's member order, which makes some joined runs
-//! drift apart (see the README). The lean wrapper stores a compact identity ([`SimId`])
-//! with `NodeId`'s encoding.
+//! Both put the same bytes on the wire in the same order: `tests/scenarios.rs` runs the same
+//! scenarios through both and asserts identical reports. The lean wrapper stores a compact
+//! identity ([`SimId`]) with `NodeId`'s encoding.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -52,6 +50,15 @@ pub enum Change {
     Left { name: String, generation: u64 },
     /// Appeared, or came back after being down or left.
     Up { name: String },
+}
+
+impl Change {
+    /// The member it is about.
+    pub fn name(&self) -> &str {
+        match self {
+            Change::Down { name, .. } | Change::Left { name, .. } | Change::Up { name } => name,
+        }
+    }
 }
 
 /// A push-pull state in flight, with its encoded size.
@@ -427,9 +434,9 @@ pub struct Lean {
     leaving: bool,
 }
 
-/// Push-pull states shared between nodes: in a settled cluster most nodes hold the same
-/// member set, so one copy serves them all. Keyed by the set hash; a few entries kept.
-/// Also the members fingerprints, by the same key.
+/// Push-pull states shared between nodes holding the same member list in the same order
+/// (formed clusters), keyed by a hash of the list in order; and members fingerprints,
+/// keyed by the set hash (they ignore order). A few entries of each are kept.
 #[derive(Default)]
 pub struct SnapshotCache {
     entries: VecDeque<(u64, Arc<Vec<foca::Member<SimId>>>)>,
@@ -526,7 +533,15 @@ impl Lean {
                 if used != payload.len() {
                     return Err(WireError::Trailing(payload.len() - used).to_string());
                 }
+                // As `Membership`: down at once in foca too, and passed on.
+                let live = self.foca.iter_members().any(|m| *m.id() == leaver);
                 self.remember_left(leaver);
+                if live {
+                    let down = std::iter::once(foca::Member::down(leaver));
+                    let result = self.foca.apply_many(down, true, &mut self.runtime);
+                    self.after_call(now);
+                    result.map_err(|e| e.to_string())?;
+                }
             }
         }
         Ok(())
@@ -594,7 +609,15 @@ impl Lean {
 
     fn push_pull_state(&mut self, cache: &mut SnapshotCache) -> Snapshot {
         let hash = self.state_hash();
-        let members = cache.get_or_make(hash, || {
+        // Shared only between nodes holding the members in the same order: the receiver
+        // inserts new members in list order, one random swap each, as the library's would.
+        let me = (!self.leaving).then(|| foca::Member::alive(*self.foca.identity()));
+        let order = self
+            .foca
+            .iter_membership_state()
+            .chain(me.as_ref())
+            .fold(0u64, |h, m| mix(h.wrapping_add(member_hash(m))));
+        let members = cache.get_or_make(order, || {
             let mut members: Vec<_> = self.foca.iter_membership_state().cloned().collect();
             if !self.leaving {
                 members.push(foca::Member::alive(*self.foca.identity()));
@@ -678,6 +701,14 @@ impl Lean {
     }
 
     fn after_call(&mut self, now: Instant) {
+        let start = self.changes.len();
+        self.collect(now);
+        // The library reports one refresh of its view in name order; the driver acts on
+        // changes in turn (a push-pull for each member back, while connections last).
+        self.changes[start..].sort_by(|a, b| a.name().cmp(b.name()));
+    }
+
+    fn collect(&mut self, now: Instant) {
         while let Some((to, data)) = self.runtime.to_send() {
             self.outbox.push((to.addr(), swim_datagram(&data)));
         }
@@ -711,7 +742,7 @@ impl Lean {
         if defunct && !self.leaving {
             if let Some(renewed) = foca::Identity::renew(self.foca.identity()) {
                 let _ = self.foca.change_identity(renewed, &mut self.runtime);
-                return self.after_call(now);
+                return self.collect(now);
             }
         }
         let size = self.foca.num_members() + 1;
