@@ -912,6 +912,20 @@ impl Sim {
         );
     }
 
+    /// Node `i`'s push-pull state (shared with nodes that hold the same list).
+    fn push_pull_state(&mut self, i: usize) -> Snapshot {
+        let core = self.nodes[i].core.as_mut();
+        core.expect("a running node has a core")
+            .push_pull_state(&mut self.snapshots)
+    }
+
+    /// Node `i`'s member-list fingerprint (shared with nodes that hold the same set).
+    fn members_fingerprint(&mut self, i: usize) -> u64 {
+        let core = self.nodes[i].core.as_ref();
+        core.expect("a running node has a core")
+            .members_fingerprint(&mut self.snapshots)
+    }
+
     fn core(&mut self, i: usize) -> &mut Core {
         self.nodes[i]
             .core
@@ -1359,11 +1373,7 @@ impl Sim {
         if self.nodes[i].outbound >= MAX_OUTBOUND {
             return;
         }
-        let fingerprint = self.nodes[i]
-            .core
-            .as_ref()
-            .expect("a running node has a core")
-            .members_fingerprint(&mut self.snapshots);
+        let fingerprint = self.members_fingerprint(i);
         let bytes = 1 + varint_len(fingerprint) + 4;
         self.open_exchange(
             i,
@@ -1379,11 +1389,7 @@ impl Sim {
             return;
         }
         self.traffic[i].push_pull_full += 1;
-        let snapshot = self.nodes[i]
-            .core
-            .as_mut()
-            .expect("a running node has a core")
-            .push_pull_state(&mut self.snapshots);
+        let snapshot = self.push_pull_state(i);
         let bytes = snapshot.frame_len();
         self.open_exchange(
             i,
@@ -1444,21 +1450,13 @@ impl Sim {
         let (reply, bytes) = match msg {
             TcpMsg::PushPullRequest(snapshot) => {
                 self.core(r).apply_push_pull(snapshot, now);
-                let reply = self.nodes[r]
-                    .core
-                    .as_mut()
-                    .expect("a running node has a core")
-                    .push_pull_state(&mut self.snapshots);
+                let reply = self.push_pull_state(r);
                 let bytes = reply.frame_len();
                 self.post_turn(r);
                 (TcpMsg::PushPullResponse(reply), bytes)
             }
             TcpMsg::MembersCheck(fingerprint) => {
-                let ours = self.nodes[r]
-                    .core
-                    .as_ref()
-                    .expect("a running node has a core")
-                    .members_fingerprint(&mut self.snapshots);
+                let ours = self.members_fingerprint(r);
                 let in_sync = ours == fingerprint;
                 (TcpMsg::MembersCheckAnswer(in_sync), 1 + 4)
             }
@@ -1504,11 +1502,7 @@ impl Sim {
                 // starts; a round trip later it differs only if the view changed meanwhile.
                 self.traffic[i].push_pull_full += 1;
                 self.traffic[i].push_pull_mismatched += 1;
-                let snapshot = self.nodes[i]
-                    .core
-                    .as_mut()
-                    .expect("a running node has a core")
-                    .push_pull_state(&mut self.snapshots);
+                let snapshot = self.push_pull_state(i);
                 let bytes = snapshot.frame_len();
                 event.to_initiator = false;
                 event.msg = TcpMsg::PushPullRequest(snapshot);
