@@ -28,6 +28,7 @@ pub mod net;
 pub mod node;
 pub mod rpc;
 pub mod state;
+pub mod store;
 pub mod sync;
 pub mod wire;
 

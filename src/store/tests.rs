@@ -1,0 +1,163 @@
+use super::*;
+use crate::state::config::Version;
+
+fn entry(value: Option<&str>, wall_ms: u64, writer: &str) -> Entry {
+    Entry {
+        value: value.map(|v| v.as_bytes().to_vec()),
+        version: Version {
+            hlc: Timestamp::new(wall_ms, 0),
+            writer: writer.to_string(),
+        },
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("grapevine-store-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn what_is_committed_comes_back() {
+    let dir = temp_dir("roundtrip");
+    {
+        let (store, loaded) = DataDir::open(&dir, "n1", "prod").unwrap();
+        assert_eq!(loaded.generation, 0);
+        assert!(loaded.config.is_empty() && loaded.services.is_empty());
+        store.set_generation(42).unwrap();
+        let mut marks = vec![0; DIGEST_BUCKETS];
+        marks[3] = 7;
+        store
+            .commit_config(&ConfigBatch {
+                upserts: vec![
+                    ("a/x".into(), entry(Some("1"), 10, "n1#1")),
+                    ("a/y".into(), entry(None, 11, "n2#1")),
+                    ("a/z".into(), entry(Some("3"), 12, "n1#1")),
+                ],
+                removed: vec![],
+                hlc: Timestamp::new(12, 4),
+                gc_watermarks: marks.clone(),
+            })
+            .unwrap();
+        store
+            .commit_config(&ConfigBatch {
+                upserts: vec![("a/x".into(), entry(Some("2"), 13, "n1#1"))],
+                removed: vec!["a/z".into()],
+                hlc: Timestamp::new(13, 0),
+                gc_watermarks: marks,
+            })
+            .unwrap();
+        let web = Service::new("web", "web-1", 80);
+        store
+            .put_service(&StoredService {
+                service: web,
+                check: Some(StoredCheck::Ttl { ttl_ms: 500 }),
+            })
+            .unwrap();
+        store
+            .put_service(&StoredService {
+                service: Service::new("db", "db-1", 5432),
+                check: None,
+            })
+            .unwrap();
+        store.remove_service("db-1").unwrap();
+        let member = |name: &str, port| RememberedMember {
+            name: name.into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        store.put_members(&[member("n2", 1), member("n3", 2)]).unwrap();
+        store.put_members(&[member("n3", 3)]).unwrap();
+    }
+    let (_store, loaded) = DataDir::open(&dir, "n1", "prod").unwrap();
+    assert_eq!(loaded.generation, 42);
+    assert_eq!(loaded.hlc, Timestamp::new(13, 0));
+    assert_eq!(loaded.gc_watermarks[3], 7);
+    assert_eq!(
+        loaded.config,
+        vec![
+            ("a/x".to_string(), entry(Some("2"), 13, "n1#1")),
+            ("a/y".to_string(), entry(None, 11, "n2#1")),
+        ]
+    );
+    assert_eq!(loaded.services.len(), 1);
+    assert_eq!(loaded.services[0].service.id, "web-1");
+    assert_eq!(loaded.services[0].check, Some(StoredCheck::Ttl { ttl_ms: 500 }));
+    assert_eq!(loaded.members.len(), 1);
+    assert_eq!(loaded.members[0].addr.port(), 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_held_directory_is_refused_with_the_holders_pid() {
+    let dir = temp_dir("locked");
+    let (_held, _) = DataDir::open(&dir, "n1", "prod").unwrap();
+    let error = DataDir::open(&dir, "n1", "prod").unwrap_err();
+    assert!(matches!(error, StoreError::Locked { holder: Some(pid), .. } if pid == std::process::id()));
+    let text = error.to_string();
+    assert!(text.contains("in use by another grapevine process"), "{text}");
+    drop(_held);
+    DataDir::open(&dir, "n1", "prod").unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn another_nodes_directory_is_refused() {
+    let dir = temp_dir("foreign");
+    drop(DataDir::open(&dir, "n1", "prod").unwrap());
+    let error = DataDir::open(&dir, "n2", "prod").unwrap_err();
+    assert!(matches!(&error, StoreError::Foreign { found_name, .. } if found_name == "n1"));
+    assert!(error.to_string().contains("belongs to node \"n1\""), "{error}");
+    let error = DataDir::open(&dir, "n1", "staging").unwrap_err();
+    assert!(matches!(&error, StoreError::Foreign { found_label, .. } if found_label == "prod"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn filled(dir: &Path) -> u64 {
+    let (store, _) = DataDir::open(dir, "n1", "prod").unwrap();
+    let upserts = (0..2000)
+        .map(|i| (format!("k/{i:05}"), entry(Some(&"v".repeat(100)), i, "n1#1")))
+        .collect();
+    store
+        .commit_config(&ConfigBatch {
+            upserts,
+            hlc: Timestamp::new(2000, 0),
+            ..ConfigBatch::default()
+        })
+        .unwrap();
+    drop(store);
+    std::fs::metadata(dir.join(STORE_FILE)).unwrap().len()
+}
+
+#[test]
+fn a_truncated_store_is_refused_with_the_recovery() {
+    let dir = temp_dir("truncated");
+    let len = filled(&dir);
+    let file = OpenOptions::new()
+        .write(true)
+        .open(dir.join(STORE_FILE))
+        .unwrap();
+    file.set_len(len / 2).unwrap();
+    drop(file);
+    let error = DataDir::open(&dir, "n1", "prod").unwrap_err();
+    assert!(matches!(error, StoreError::Corrupt { .. }), "{error}");
+    let text = error.to_string();
+    assert!(text.contains(STORE_FILE) && text.contains("move it aside"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_garbled_store_is_refused_with_the_recovery() {
+    let dir = temp_dir("garbled");
+    let len = filled(&dir);
+    let path = dir.join(STORE_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert_eq!(bytes.len() as u64, len);
+    // Overwrite everything past the header pages with a pattern.
+    for (i, byte) in bytes.iter_mut().enumerate().skip(4096) {
+        *byte = (i as u8).wrapping_mul(31) ^ 0x5a;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let error = DataDir::open(&dir, "n1", "prod").unwrap_err();
+    assert!(matches!(error, StoreError::Corrupt { .. }), "{error}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
