@@ -62,7 +62,7 @@
 //! much: keep the horizon far above clock skew.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound;
 
 use crate::wire::StableHasher;
@@ -380,6 +380,9 @@ pub struct ConfigStore {
     compacted_through: u64,
     options: ConfigStoreOptions,
     stats: ConfigStats,
+    /// Keys changed since the last [`ConfigStore::take_dirty`], when tracking is on (a data
+    /// dir saves them): a set, so it is bounded by the number of keys, never a queue.
+    dirty: Option<BTreeSet<String>>,
 }
 
 impl ConfigStore {
@@ -406,6 +409,7 @@ impl ConfigStore {
             compacted_through: 0,
             options,
             stats: ConfigStats::default(),
+            dirty: None,
         }
     }
 
@@ -650,6 +654,9 @@ impl ConfigStore {
             value: entry.value.clone(),
             version: entry.version.clone(),
         };
+        if let Some(dirty) = &mut self.dirty {
+            dirty.insert(key.clone());
+        }
         let old = self.entries.insert(key, Slot { entry, hash });
         let b = &mut self.bucket_hashes[bucket];
         *b = b.wrapping_add(hash);
@@ -719,6 +726,7 @@ impl ConfigStore {
         let cutoff = now_ms.saturating_sub(horizon_ms);
         let buckets = &mut self.bucket_hashes;
         let watermarks = &mut self.gc_watermarks;
+        let dirty = &mut self.dirty;
         let before = self.entries.len();
         self.entries.retain(|key, slot| {
             let wall = slot.entry.version.hlc.wall_ms;
@@ -728,6 +736,9 @@ impl ConfigStore {
             let b = bucket_of(key);
             buckets[b] = buckets[b].wrapping_sub(slot.hash);
             watermarks[b] = watermarks[b].max(wall.saturating_add(1));
+            if let Some(dirty) = dirty.as_mut() {
+                dirty.insert(key.clone());
+            }
             false
         });
         let removed = before - self.entries.len();
@@ -740,6 +751,70 @@ impl ConfigStore {
     /// more than the wall time of the newest tombstone collected in it (0: none collected).
     pub fn gc_watermark(&self) -> u64 {
         self.gc_watermarks.iter().copied().max().unwrap_or(0)
+    }
+
+    /// The GC watermark of every bucket, for saving (see [`Self::gc_watermark`]).
+    pub fn gc_watermarks(&self) -> &[u64] {
+        &self.gc_watermarks
+    }
+
+    /// Starts recording which keys change (written, replaced, or collected), for
+    /// [`Self::take_dirty`].
+    pub fn track_changes(&mut self) {
+        self.dirty.get_or_insert_with(BTreeSet::new);
+    }
+
+    /// The keys changed since the last call, with their current entries (`None`: the key is
+    /// gone, its tombstone collected), and the seq they reflect. Empty when tracking is off.
+    pub fn take_dirty(&mut self) -> (u64, Vec<(String, Option<Entry>)>) {
+        let keys = match &mut self.dirty {
+            Some(dirty) => std::mem::take(dirty),
+            None => BTreeSet::new(),
+        };
+        let changed = keys
+            .into_iter()
+            .map(|key| {
+                let entry = self.entries.get(&key).map(|slot| slot.entry.clone());
+                (key, entry)
+            })
+            .collect();
+        (self.seq, changed)
+    }
+
+    /// Marks keys changed again (their save failed and must be retried).
+    pub fn mark_dirty(&mut self, keys: impl IntoIterator<Item = String>) {
+        if let Some(dirty) = &mut self.dirty {
+            dirty.extend(keys);
+        }
+    }
+
+    /// Loads saved state into an empty store: entries and tombstones as they were, the clock
+    /// raised to `hlc` (and to every entry's timestamp) so that it never runs backwards, and
+    /// the GC watermarks (ignored unless one per bucket). Nothing is recorded in the history:
+    /// the seq moves past the loaded entries, so a watch from 0 starts with a snapshot.
+    pub fn restore(
+        &mut self,
+        entries: impl IntoIterator<Item = (String, Entry)>,
+        hlc: Timestamp,
+        gc_watermarks: &[u64],
+    ) {
+        self.clock.restore(hlc);
+        if gc_watermarks.len() == DIGEST_BUCKETS {
+            for (mark, saved) in self.gc_watermarks.iter_mut().zip(gc_watermarks) {
+                *mark = (*mark).max(*saved);
+            }
+        }
+        for (key, entry) in entries {
+            self.clock.restore(entry.version.hlc);
+            let hash = entry_hash(&key, &entry);
+            let b = &mut self.bucket_hashes[bucket_of(&key)];
+            *b = b.wrapping_add(hash);
+            if let Some(old) = self.entries.insert(key, Slot { entry, hash }) {
+                *b = b.wrapping_sub(old.hash);
+            }
+            self.seq += 1;
+        }
+        self.compacted_through = self.seq;
     }
 
     /// The anti-entropy digest: [`DIGEST_BUCKETS`] bucket hashes, O(1) to maintain per
@@ -968,6 +1043,46 @@ mod tests {
             long_writer.set("prod/a", "x", NOW),
             Err(ConfigError::WriterTooLong { .. })
         ));
+    }
+
+    #[test]
+    fn tracked_changes_and_restore_rebuild_the_same_store() {
+        let mut s = ConfigStore::new("n1#1".into());
+        s.set("a/x", "1", NOW - 200_000).unwrap();
+        s.track_changes();
+        s.set("a/old", "x", NOW - 100_000).unwrap();
+        s.delete("a/old", NOW - 90_000).unwrap();
+        s.set("a/y", "2", NOW).unwrap();
+        s.delete("a/y", NOW + 1).unwrap();
+        s.apply("a/z", entry(Some(b"3"), NOW + 5, 0, "n2#1"), NOW);
+        let (seq, dirty) = s.take_dirty();
+        assert_eq!(seq, s.current_seq());
+        let keys: Vec<_> = dirty.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["a/old", "a/y", "a/z"], "a/x was written before tracking");
+        assert!(dirty.iter().all(|(_, e)| e.is_some()));
+        assert!(s.take_dirty().1.is_empty(), "taking clears");
+        // Collecting a tombstone reports the key as gone.
+        assert_eq!(s.collect_tombstones(NOW + 10, 50_000), 1);
+        assert_eq!(s.take_dirty().1, vec![("a/old".to_string(), None)]);
+        s.mark_dirty(["a/x".to_string()]);
+        assert_eq!(s.take_dirty().1.len(), 1);
+
+        let mut restored = ConfigStore::new("n1#2".into());
+        restored.restore(s.snapshot("").1, s.clock().last(), s.gc_watermarks());
+        assert_eq!(state(&restored), state(&s));
+        assert_eq!(restored.digest(), s.digest());
+        assert_eq!(restored.digest(), digest_from_scratch(&restored));
+        assert_eq!(restored.gc_watermark(), s.gc_watermark());
+        assert!(restored.clock().last() >= s.clock().last());
+        // A watch from the start gets a snapshot, not an empty history.
+        assert!(restored.changes_since(0, "").is_err());
+        // A write after the restart wins even if the wall clock went backwards.
+        let change = restored.set("a/z", "after", NOW - 1_000).unwrap();
+        assert!(change.version.hlc > entry(None, NOW + 5, 0, "").version.hlc);
+        // A collected tombstone stays collected: its old write is refused below the mark.
+        assert!(restored
+            .apply("a/old", entry(Some(b"x"), NOW - 100_000, 0, "n1#1"), NOW)
+            .is_none());
     }
 
     #[test]

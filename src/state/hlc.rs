@@ -119,6 +119,13 @@ impl HybridClock {
         self.max_drift_ms
     }
 
+    /// Raises the clock to `high_water` (a reading saved before a restart), so that it never
+    /// runs backwards across restarts: every later timestamp is greater. A lower value is
+    /// ignored.
+    pub fn restore(&mut self, high_water: Timestamp) {
+        self.last = self.last.max(high_water);
+    }
+
     /// Timestamp for a local event (a write) at local physical time `physical_ms`.
     /// Strictly greater than every timestamp returned or observed before.
     pub fn now(&mut self, physical_ms: u64) -> Timestamp {
