@@ -53,6 +53,12 @@ pub enum Error {
     /// A service registration was refused.
     #[error(transparent)]
     Catalog(#[from] crate::state::catalog::CatalogError),
+    /// The data directory cannot be used (held, foreign, corrupt, unreadable).
+    #[error(transparent)]
+    DataDir(#[from] crate::store::StoreError),
+    /// A change could not be saved to the data directory.
+    #[error("data dir: {0}")]
+    Store(String),
     /// The remote side answered with an error.
     #[error("remote error: {0}")]
     Remote(String),

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use super::driver::Command;
 use crate::error::{Error, Result};
 use crate::state::catalog::Health;
+use crate::store::StoredCheck;
 
 type CheckFuture = Pin<Box<dyn Future<Output = Health> + Send>>;
 type CheckFn = Arc<dyn Fn() -> CheckFuture + Send + Sync>;
@@ -85,6 +86,38 @@ impl Check {
         let check: CheckFn = Arc::new(move || Box::pin(check()));
         Check {
             kind: CheckKind::Custom { interval, check },
+        }
+    }
+
+    /// The check as plain data for the data dir; `None` for a custom check (a closure
+    /// cannot be saved).
+    pub(crate) fn to_stored(&self) -> Option<StoredCheck> {
+        let ms = |d: &Duration| d.as_millis().min(u128::from(u64::MAX)) as u64;
+        match &self.kind {
+            CheckKind::Tcp { interval, timeout } => Some(StoredCheck::Tcp {
+                interval_ms: ms(interval),
+                timeout_ms: ms(timeout),
+            }),
+            CheckKind::Ttl(ttl) => Some(StoredCheck::Ttl { ttl_ms: ms(ttl) }),
+            CheckKind::Custom { .. } => None,
+        }
+    }
+
+    /// The check saved as `stored`.
+    pub(crate) fn from_stored(stored: &StoredCheck) -> Self {
+        // A zero interval would spin: a damaged record gets the smallest sane one.
+        let ms = |ms: u64| Duration::from_millis(ms.max(10));
+        match stored {
+            StoredCheck::Tcp {
+                interval_ms,
+                timeout_ms,
+            } => Check {
+                kind: CheckKind::Tcp {
+                    interval: ms(*interval_ms),
+                    timeout: ms(*timeout_ms),
+                },
+            },
+            StoredCheck::Ttl { ttl_ms } => Check::ttl(ms(*ttl_ms)),
         }
     }
 

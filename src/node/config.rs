@@ -24,6 +24,8 @@ pub struct ConfigHandle {
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) state: SharedState,
     pub(crate) seq: watch::Receiver<u64>,
+    /// How far the data dir has saved the store; `None` without a data dir.
+    pub(crate) saved: Option<watch::Receiver<super::persist::Saved>>,
 }
 
 impl std::fmt::Debug for ConfigHandle {
@@ -50,7 +52,8 @@ pub enum ConfigEvent {
 }
 
 impl ConfigHandle {
-    /// Writes `key` (e.g. `prod/orders/max_conn`) on every node.
+    /// Writes `key` (e.g. `prod/orders/max_conn`) on every node. With a data dir, returns
+    /// once the write is committed to disk.
     pub async fn set(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<Change> {
         let key = key.to_string();
         let value = value.into();
@@ -60,7 +63,16 @@ impl ConfigHandle {
             reply,
         })
         .await??;
+        self.saved(change.seq).await?;
         Ok(change)
+    }
+
+    /// Waits until the change numbered `seq` is on disk (at once without a data dir).
+    async fn saved(&self, seq: u64) -> Result<()> {
+        match &self.saved {
+            Some(saved) => super::persist::wait_committed(saved.clone(), seq).await,
+            None => Ok(()),
+        }
     }
 
     /// Writes a UTF-8 string.
@@ -77,10 +89,14 @@ impl ConfigHandle {
         self.set(key, bytes).await
     }
 
-    /// Deletes `key` everywhere; `false` if this node did not hold it.
+    /// Deletes `key` everywhere; `false` if this node did not hold it. With a data dir,
+    /// returns once the deletion is committed to disk.
     pub async fn delete(&self, key: &str) -> Result<bool> {
         let key = key.to_string();
         let change = ask(&self.commands, |reply| Command::ConfigDelete { key, reply }).await??;
+        if let Some(change) = &change {
+            self.saved(change.seq).await?;
+        }
         Ok(change.is_some())
     }
 

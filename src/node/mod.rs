@@ -5,6 +5,7 @@ mod checks;
 pub mod config;
 pub mod control;
 mod driver;
+mod persist;
 mod protocol;
 pub mod rpc;
 mod seeds;
@@ -49,13 +50,17 @@ use crate::net::{Listener, TokioTransport, Transport, UdpSocket};
 pub const DEFAULT_CLUSTER_LABEL: &str = "grapevine";
 use crate::state::catalog::{Health, Service, ServiceRecord};
 use crate::state::config::ConfigStoreOptions;
-use crate::sync::{SharedState, WallClock};
+use crate::store::{DataDir, Loaded, StoredService};
+use std::path::PathBuf;
+use crate::sync::{self, SharedState, WallClock};
 use catalog::CatalogView;
 use checks::{ask, Connector};
 use driver::{Command, Driver, COMMAND_QUEUE};
 
 /// Capacity of the member-event channel; a subscriber further behind skips ahead.
 const EVENT_CHANNEL: usize = 1024;
+/// How long a clean stop waits for the last config changes to reach the disk.
+const FLUSH_ON_STOP: Duration = Duration::from_secs(2);
 /// How many times a free port is looked for when UDP's port is taken on TCP.
 const PORT_ATTEMPTS: usize = 16;
 
@@ -79,6 +84,11 @@ pub(crate) struct Shared {
     pub(crate) rpc: Arc<crate::rpc::Registry>,
     /// Encryption state, when the node seals its traffic.
     pub(crate) security: Option<Arc<Security>>,
+    /// The data dir, when the node keeps its state on disk; taken out when the node stops,
+    /// so that the lock is released even while stray connection tasks finish.
+    pub(crate) store: Mutex<Option<Arc<DataDir>>>,
+    /// How far the config store is saved in it.
+    pub(crate) saved: Option<watch::Receiver<persist::Saved>>,
 }
 
 impl Shared {
@@ -111,6 +121,7 @@ impl Shared {
             commands: self.commands.clone(),
             state: self.state.clone(),
             seq: self.config_seq.clone(),
+            saved: self.saved.clone(),
         }
     }
 }
@@ -131,7 +142,9 @@ pub struct NodeBuilder {
     config_history: usize,
     tombstone_horizon: Option<Duration>,
     keyring: Option<Keyring>,
+    keyring_file: Option<PathBuf>,
     cluster_label: String,
+    data_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -223,20 +236,102 @@ impl NodeBuilder {
         self
     }
 
+    /// Keeps the node's state in `dir` across restarts: every config entry and tombstone
+    /// (local writes and what it learned from peers), the service registrations made at run
+    /// time with their checks, its identity generation, the members to rejoin through, and
+    /// the keyring (`keyring.json`, unless [`Self::keyring_file`] names another file).
+    /// Local config writes then return once committed to disk. The directory is locked
+    /// until the [`Node`] is dropped, and refused if it belongs to another node name or
+    /// cluster label.
+    /// Without a data dir, everything lives in memory and a restart starts empty.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Reads the keyring from `path` at start and saves it there after every change (a
+    /// rotation from the CLI). Takes precedence over [`Self::keyring`] and over the data
+    /// dir's keyring.
+    pub fn keyring_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.keyring_file = Some(path.into());
+        self
+    }
+
     /// Binds real sockets and starts the node.
     pub async fn start(self) -> Result<Node> {
         self.start_on(TokioTransport).await
     }
 
     /// Starts the node on the given transport.
-    pub async fn start_on<T: Transport>(self, transport: T) -> Result<Node> {
-        match self.keyring.clone() {
+    pub async fn start_on<T: Transport>(mut self, transport: T) -> Result<Node> {
+        let durable = match self.data_dir.clone() {
+            Some(dir) => {
+                let (name, label) = (self.name.clone(), self.cluster_label.clone());
+                let opened =
+                    tokio::task::spawn_blocking(move || DataDir::open(&dir, &name, &label))
+                        .await
+                        .map_err(|error| Error::Store(error.to_string()))??;
+                Some(opened)
+            }
+            None => None,
+        };
+        let keyring_path = self.choose_keyring(durable.as_ref().map(|(dir, _)| dir))?;
+        let (durable, services) = match durable {
+            Some((dir, mut loaded)) => {
+                let services = std::mem::take(&mut loaded.services);
+                (Some((Arc::new(dir), loaded)), services)
+            }
+            None => (None, Vec::new()),
+        };
+        let node = match self.keyring.clone() {
             Some(keyring) => {
                 let security = Security::new(keyring, self.cluster_label.clone());
-                self.start_with(SecureTransport::new(transport, security))
-                    .await
+                self.start_with(SecureTransport::new(transport, security), durable)
+                    .await?
             }
-            None => self.start_with(transport).await,
+            None => self.start_with(transport, durable).await?,
+        };
+        if let Some(path) = keyring_path {
+            node.persist_keys_to(path);
+        }
+        node.restore_services(services).await;
+        Ok(node)
+    }
+
+    /// Settles which keyring the node uses and where its changes are saved: the keyring
+    /// file if given; else the data dir's `keyring.json` once it exists (written from
+    /// [`Self::keyring`] on the first start, as Consul does with its `encrypt` key).
+    fn choose_keyring(&mut self, data_dir: Option<&DataDir>) -> Result<Option<PathBuf>> {
+        let load = |path: &std::path::Path| {
+            Keyring::load(path).map_err(|error| Error::Config(error.to_string()))
+        };
+        if let Some(path) = &self.keyring_file {
+            self.keyring = Some(load(path)?);
+            return Ok(Some(path.clone()));
+        }
+        let Some(data_dir) = data_dir else {
+            return Ok(None);
+        };
+        let path = data_dir.keyring_path();
+        if path.exists() {
+            let saved = load(&path)?;
+            if self.keyring.as_ref().is_some_and(|given| *given != saved) {
+                tracing::info!(
+                    path = %path.display(),
+                    "using the keyring saved in the data dir, not the key given at start"
+                );
+            }
+            self.keyring = Some(saved);
+            return Ok(Some(path));
+        }
+        match &self.keyring {
+            Some(keyring) => {
+                keyring.save(&path).map_err(|source| {
+                    Error::Store(format!("cannot write {}: {source}", path.display()))
+                })?;
+                Ok(Some(path))
+            }
+            None => Ok(None),
         }
     }
 
@@ -254,7 +349,11 @@ impl NodeBuilder {
         self
     }
 
-    async fn start_with<T: Transport>(self, transport: T) -> Result<Node> {
+    async fn start_with<T: Transport>(
+        mut self,
+        transport: T,
+        durable: Option<(Arc<DataDir>, Loaded)>,
+    ) -> Result<Node> {
         validate_name(&self.name).map_err(Error::Config)?;
         let (udp, listener) = bind_pair(&transport, self.bind).await?;
         let bound = udp.local_addr().map_err(|source| Error::Bind {
@@ -276,12 +375,28 @@ impl NodeBuilder {
             }
             None => bound,
         };
-        let generation = self.generation.unwrap_or_else(|| {
+        let mut generation = self.generation.unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(1)
         });
+        if let Some((store, loaded)) = &durable {
+            // Above every earlier life, whatever the clock says, so peers take this
+            // incarnation as the newer one; saved before anyone can see it.
+            generation = generation.max(loaded.generation.saturating_add(1));
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.set_generation(generation))
+                .await
+                .map_err(|error| Error::Store(error.to_string()))??;
+            let own = advertise;
+            let remembered = loaded.members.iter().map(|m| m.addr).filter(|a| *a != own);
+            for addr in remembered {
+                if !self.seeds.contains(&addr) {
+                    self.seeds.push(addr);
+                }
+            }
+        }
         let identity = NodeId {
             name: self.name.clone(),
             addr: advertise,
@@ -307,6 +422,26 @@ impl NodeBuilder {
             clock,
             backlog.clone(),
         );
+        let (store, saved) = match durable {
+            Some((store, loaded)) => {
+                let mut replicated = sync::lock(&state);
+                replicated.config.restore(
+                    loaded.config,
+                    loaded.hlc,
+                    &loaded.gc_watermarks,
+                );
+                replicated.config.track_changes();
+                replicated.touch();
+                let saved = persist::Saved {
+                    through: replicated.config.current_seq(),
+                    failed: None,
+                };
+                drop(replicated);
+                let (saved_tx, saved_rx) = watch::channel(saved);
+                (Some((store, saved_tx)), Some(saved_rx))
+            }
+            None => (None, None),
+        };
         let mut membership =
             Membership::with_broadcasts(identity.clone(), self.profile, rng_seed, now, handler);
         membership.share_backlog(backlog);
@@ -332,8 +467,10 @@ impl NodeBuilder {
             allow_remote_control: self.allow_remote_control,
             rpc: Arc::new(crate::rpc::Registry::default()),
             security: transport.security().cloned(),
+            store: Mutex::new(store.as_ref().map(|(store, _)| store.clone())),
+            saved,
         });
-        shared.rpc.add(rpc::builtin_service(shared.clone()));
+        shared.rpc.add(rpc::builtin_service(&shared));
         let resolver = Arc::new(rpc::CatalogResolver {
             catalog: shared.catalog(),
             local_name: identity.name.clone(),
@@ -378,12 +515,23 @@ impl NodeBuilder {
             )),
         ];
         tasks.extend(seed_resolver);
+        if let Some((store, saved)) = store {
+            tasks.push(tokio::spawn(persist::run_writer(
+                store,
+                shared.state.clone(),
+                shared.config_seq.clone(),
+                shared.view.clone(),
+                saved,
+                generation,
+            )));
+        }
         tracing::info!(%identity, "node started");
         Ok(Node {
             shared,
             events: events_tx,
             tasks: Mutex::new(tasks),
             checks: Mutex::new(BTreeMap::new()),
+            handles: Mutex::new(BTreeMap::new()),
             connector,
             rpc_client,
         })
@@ -441,6 +589,17 @@ async fn bind_pair<T: Transport>(transport: &T, bind: SocketAddr) -> Result<(T::
     })))
 }
 
+/// Whether a registration goes into the data dir.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Saving {
+    /// Saved (a run-time registration).
+    Save,
+    /// Declared at every start: not saved, and any saved copy forgotten.
+    Forget,
+    /// Restored from the data dir: already there.
+    AlreadySaved,
+}
+
 /// A running grapevine node. Dropping it stops the node without leaving (like a crash);
 /// call [`Node::leave`] to depart gracefully.
 pub struct Node {
@@ -449,6 +608,8 @@ pub struct Node {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Health-check tasks by service id.
     checks: Mutex<BTreeMap<String, JoinHandle<()>>>,
+    /// Handles of the registered services, by id (TTL checks report through them).
+    handles: Mutex<BTreeMap<String, ServiceHandle>>,
     connector: Connector,
     rpc_client: crate::rpc::RpcClient,
 }
@@ -476,7 +637,9 @@ impl Node {
             config_history: crate::state::config::DEFAULT_HISTORY_CAPACITY,
             tombstone_horizon: None,
             keyring: None,
+            keyring_file: None,
             cluster_label: DEFAULT_CLUSTER_LABEL.to_string(),
+            data_dir: None,
         }
     }
 
@@ -487,21 +650,87 @@ impl Node {
 
     /// Registers (or replaces) a service instance of this node, passing and unchecked; its
     /// health is whatever the returned handle reports. It reaches every node by gossip.
+    /// With a data dir, the registration is saved and comes back after a restart.
     pub async fn register(&self, service: Service) -> Result<ServiceHandle> {
-        self.register_record(service, Health::Passing, None).await
+        self.register_checked(service, None, Saving::Save).await
     }
 
-    /// Registers (or replaces) a service instance whose health `check` decides.
+    /// Registers (or replaces) a service instance whose health `check` decides. With a data
+    /// dir, the registration and its check are saved (a [`Check::custom`] one is not: a
+    /// closure cannot be saved).
     pub async fn register_with_check(
         &self,
         service: Service,
         check: Check,
     ) -> Result<ServiceHandle> {
+        self.register_checked(service, Some(check), Saving::Save)
+            .await
+    }
+
+    /// Registers a service declared in the node's own configuration (the agent's
+    /// `--service` flags), which is declared again at every start: it is not saved in the
+    /// data dir, and a saved registration with the same id is forgotten.
+    pub async fn register_declared(
+        &self,
+        service: Service,
+        check: Option<Check>,
+    ) -> Result<ServiceHandle> {
+        self.register_checked(service, check, Saving::Forget).await
+    }
+
+    /// The handle of a registered service instance of this node (to report a TTL check).
+    pub fn service_handle(&self, id: &str) -> Option<ServiceHandle> {
+        locked(&self.handles).get(id).cloned()
+    }
+
+    async fn register_checked(
+        &self,
+        service: Service,
+        check: Option<Check>,
+        saving: Saving,
+    ) -> Result<ServiceHandle> {
         service.validate()?;
+        let Some(check) = check else {
+            return self
+                .register_record(service, Health::Passing, None, saving)
+                .await;
+        };
         let target = SocketAddr::new(service.addr.unwrap_or(self.addr().ip()), service.port);
         let status = check.first_status(target, &self.connector).await;
-        self.register_record(service, status, Some((check, target)))
+        self.register_record(service, status, Some((check, target)), saving)
             .await
+    }
+
+    /// Registers the services saved in the data dir by an earlier run, their checks
+    /// re-armed (TTL checks start critical until the service reports in, as in Consul).
+    async fn restore_services(&self, services: Vec<StoredService>) {
+        let count = services.len();
+        let registrations = services.into_iter().map(|stored| {
+            let check = stored.check.as_ref().map(Check::from_stored);
+            self.register_checked(stored.service, check, Saving::AlreadySaved)
+        });
+        for result in futures_util::future::join_all(registrations).await {
+            if let Err(error) = result {
+                tracing::warn!(%error, "a saved service registration was not restored");
+            }
+        }
+        if count > 0 {
+            tracing::info!(count, "service registrations restored from the data dir");
+        }
+    }
+
+    /// Runs a blocking data-dir operation, if the node has a data dir.
+    async fn with_store(
+        &self,
+        operation: impl FnOnce(&DataDir) -> Result<(), crate::store::StoreError> + Send + 'static,
+    ) -> Result<()> {
+        let Some(store) = locked(&self.shared.store).clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || operation(&store))
+            .await
+            .map_err(|error| Error::Store(error.to_string()))??;
+        Ok(())
     }
 
     async fn register_record(
@@ -509,14 +738,39 @@ impl Node {
         service: Service,
         health: Health,
         check: Option<(Check, SocketAddr)>,
+        saving: Saving,
     ) -> Result<ServiceHandle> {
         let id = service.id.clone();
+        let stored = match saving {
+            Saving::Save => Some(StoredService {
+                service: service.clone(),
+                check: check.as_ref().and_then(|(check, _)| check.to_stored()),
+            }),
+            Saving::Forget | Saving::AlreadySaved => None,
+        };
+        let custom_check = check.as_ref().is_some_and(|(c, _)| c.to_stored().is_none());
         let record = ServiceRecord::new(service, health);
         ask(&self.shared.commands, |reply| Command::Register {
             record,
             reply,
         })
         .await??;
+        let saved = match (saving, stored) {
+            (Saving::Save, Some(stored)) if !custom_check => {
+                self.with_store(move |store| store.put_service(&stored))
+                    .await
+            }
+            (Saving::AlreadySaved, _) => Ok(()),
+            _ => {
+                let id = id.clone();
+                self.with_store(move |store| store.remove_service(&id)).await
+            }
+        };
+        if let Err(error) = saved {
+            // Not kept across restarts: undo, so that what runs matches what is saved.
+            let _ = self.deregister(&id).await;
+            return Err(error);
+        }
         let mut handle = ServiceHandle {
             id: id.clone(),
             commands: self.shared.commands.clone(),
@@ -538,26 +792,31 @@ impl Node {
             ))
         });
         if let Some(old) = match task {
-            Some(task) => locked(&self.checks).insert(id, task),
+            Some(task) => locked(&self.checks).insert(id.clone(), task),
             None => locked(&self.checks).remove(&id),
         } {
             old.abort();
         }
+        locked(&self.handles).insert(id, handle.clone());
         Ok(handle)
     }
 
-    /// Deregisters a service instance of this node and stops its check.
+    /// Deregisters a service instance of this node and stops its check (and forgets it in
+    /// the data dir).
     pub async fn deregister(&self, id: &str) -> Result<()> {
         if let Some(task) = locked(&self.checks).remove(id) {
             task.abort();
         }
-        let id = id.to_string();
+        locked(&self.handles).remove(id);
+        let owned = id.to_string();
         ask(&self.shared.commands, |reply| Command::Deregister {
-            id,
+            id: owned,
             reply,
         })
         .await??;
-        Ok(())
+        let owned = id.to_string();
+        self.with_store(move |store| store.remove_service(&owned))
+            .await
     }
 
     /// The service catalog: lookups and watches.
@@ -646,19 +905,45 @@ impl Node {
                 after: timeout,
             })?
             .map_err(|_| Error::Stopped)?;
-        self.stop();
+        self.flush_saved().await;
+        self.stop_and_wait().await;
         result
+    }
+
+    /// Waits (briefly) until every config change applied so far is on disk, so that a
+    /// clean stop keeps what peers sent last.
+    async fn flush_saved(&self) {
+        let Some(saved) = self.shared.saved.clone() else {
+            return;
+        };
+        let seq = self.config().current_seq();
+        let flush = persist::wait_committed(saved, seq);
+        if tokio::time::timeout(FLUSH_ON_STOP, flush).await.is_err() {
+            tracing::warn!("stopping before the last config changes were saved");
+        }
     }
 
     /// Stops the node without telling the cluster (peers will detect it as failed).
     pub async fn shutdown(&self) {
-        let handles = self.stop();
-        for handle in handles {
+        self.stop_and_wait().await;
+    }
+
+    /// Stops every task, then waits (briefly) until a commit still running in a blocking
+    /// thread lets go of the data dir, so that its lock is free when this returns.
+    async fn stop_and_wait(&self) {
+        let store = locked(&self.shared.store).clone();
+        for handle in self.stop() {
             let _ = handle.await;
+        }
+        let Some(store) = store else { return };
+        let deadline = tokio::time::Instant::now() + FLUSH_ON_STOP;
+        while Arc::strong_count(&store) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
     fn stop(&self) -> Vec<JoinHandle<()>> {
+        locked(&self.shared.store).take();
         let mut handles: Vec<_> = locked(&self.tasks).drain(..).collect();
         handles.extend(std::mem::take(&mut *locked(&self.checks)).into_values());
         for handle in &handles {

@@ -135,16 +135,20 @@ impl Node {
 }
 
 /// The methods every node serves under [`crate::rpc::BUILTIN_SERVICE`].
-pub(crate) fn builtin_service(shared: Arc<super::Shared>) -> RpcService {
-    let for_info = shared.clone();
+///
+/// It holds only what it reads (never the node's shared state, which holds the registry
+/// that holds this service: a cycle would keep the node's data dir locked after it stops).
+pub(crate) fn builtin_service(shared: &super::Shared) -> RpcService {
+    let (view, state) = (shared.view.clone(), shared.state.clone());
+    let (info_view, registry) = (shared.view.clone(), Arc::downgrade(&shared.rpc));
     RpcService::new(crate::rpc::BUILTIN_SERVICE)
         .method("ping", move |(): ()| {
-            let node = shared.view.borrow().identity.name.clone();
-            let time_ms = crate::sync::lock(&shared.state).now_ms();
+            let node = view.borrow().identity.name.clone();
+            let time_ms = crate::sync::lock(&state).now_ms();
             async move { Ok(Pong { node, time_ms }) }
         })
         .method("info", move |(): ()| {
-            let view = for_info.view.borrow().clone();
+            let view = info_view.borrow().clone();
             let info = AgentInfo {
                 node: view.identity.name.clone(),
                 addr: view.identity.addr,
@@ -154,7 +158,7 @@ pub(crate) fn builtin_service(shared: Arc<super::Shared>) -> RpcService {
                     .iter()
                     .filter(|m| m.status == MemberStatus::Alive)
                     .count(),
-                services: for_info.rpc.names(),
+                services: registry.upgrade().map(|r| r.names()).unwrap_or_default(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
             };
             async move { Ok(info) }
