@@ -194,54 +194,66 @@ impl Agent {
     /// Like [`Agent::start`], with `extra` arguments (such as `--service`) for the agent.
     fn start_with(name: &str, join: &[SocketAddr], extra: &[&str]) -> Agent {
         for _attempt in 0..5 {
-            let port = free_port();
-            let addr = local(port);
-            let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-                "cli-{}-{}-{name}-{port}.log",
-                std::process::id(),
-                LOG_SEQ.fetch_add(1, Ordering::Relaxed)
-            ));
-            let log_file = File::create(&log).expect("create agent log");
-            let mut command = base_command();
-            command
-                .args(["agent", "--name", name, "--bind", &addr.to_string()])
-                .args(["--profile", "local"])
-                .stdout(log_file.try_clone().expect("clone log"))
-                .stderr(log_file);
-            for seed in join {
-                command.args(["--join", &seed.to_string()]);
-            }
-            command.args(extra);
-            let mut agent = Agent {
-                name: name.to_string(),
-                addr,
-                log,
-                process: ChildGuard {
-                    child: command.spawn().expect("cannot spawn grapevine agent"),
-                },
-            };
-            let deadline = Instant::now() + CONVERGE;
-            loop {
-                if let Some(status) = agent.process.try_wait() {
-                    let log = agent.log_text();
-                    if log.contains("cannot bind") {
-                        // Someone took the port between our check and the agent's bind.
-                        break;
-                    }
-                    panic!("agent {name} exited early with {status}; log:\n{log}");
-                }
-                if info(addr).is_ok() {
-                    return agent;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "agent {name} never answered; log:\n{}",
-                    agent.log_text()
-                );
-                thread::sleep(POLL);
+            if let Some(agent) = Agent::try_start(name, free_port(), join, extra) {
+                return agent;
             }
         }
         panic!("could not start agent {name}: ports kept being taken");
+    }
+
+    /// Starts an agent on `port` (a restart on the port it had).
+    fn start_at(name: &str, port: u16, join: &[SocketAddr], extra: &[&str]) -> Agent {
+        Agent::try_start(name, port, join, extra)
+            .unwrap_or_else(|| panic!("agent {name}: port {port} is taken"))
+    }
+
+    /// Starts an agent on `port`; `None` if the port was taken meanwhile.
+    fn try_start(name: &str, port: u16, join: &[SocketAddr], extra: &[&str]) -> Option<Agent> {
+        let addr = local(port);
+        let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "cli-{}-{}-{name}-{port}.log",
+            std::process::id(),
+            LOG_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let log_file = File::create(&log).expect("create agent log");
+        let mut command = base_command();
+        command
+            .args(["agent", "--name", name, "--bind", &addr.to_string()])
+            .args(["--profile", "local"])
+            .stdout(log_file.try_clone().expect("clone log"))
+            .stderr(log_file);
+        for seed in join {
+            command.args(["--join", &seed.to_string()]);
+        }
+        command.args(extra);
+        let mut agent = Agent {
+            name: name.to_string(),
+            addr,
+            log,
+            process: ChildGuard {
+                child: command.spawn().expect("cannot spawn grapevine agent"),
+            },
+        };
+        let deadline = Instant::now() + CONVERGE;
+        loop {
+            if let Some(status) = agent.process.try_wait() {
+                let log = agent.log_text();
+                if log.contains("cannot bind") {
+                    // Someone took the port between our check and the agent's bind.
+                    return None;
+                }
+                panic!("agent {name} exited early with {status}; log:\n{log}");
+            }
+            if info(addr).is_ok() {
+                return Some(agent);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent {name} never answered; log:\n{}",
+                agent.log_text()
+            );
+            thread::sleep(POLL);
+        }
     }
 
     fn log_text(&self) -> String {
@@ -1352,4 +1364,231 @@ fn config_watch_prints_one_line_per_change() {
         "config watch did not exit after SIGKILL"
     );
     reader.join().expect("watch reader thread");
+}
+
+// ---------------------------------------------------------------------------------------
+// Data dirs: whole-cluster restarts of real agent processes
+// ---------------------------------------------------------------------------------------
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "cli-{}-{}-{name}",
+            std::process::id(),
+            LOG_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        TempDir(path)
+    }
+
+    fn of(&self, name: &str) -> String {
+        self.0.join(name).display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn signal(agent: &Agent, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &agent.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} failed: {status}");
+}
+
+/// Starts `names` with data dirs in `dirs` on `ports`, the later ones joining the first
+/// (or, with `join = false`, nobody: a restart that must rejoin through the data dir).
+fn durable_cluster(dirs: &TempDir, names: &[&str], ports: &[u16], join: bool) -> Vec<Agent> {
+    let seed = local(ports[0]);
+    let agents: Vec<Agent> = names
+        .iter()
+        .zip(ports)
+        .enumerate()
+        .map(|(i, (name, port))| {
+            let seeds: &[SocketAddr] = if join && i > 0 { &[seed] } else { &[] };
+            Agent::start_at(name, *port, seeds, &["--data-dir", &dirs.of(name)])
+        })
+        .collect();
+    let all: Vec<&Agent> = agents.iter().collect();
+    wait_all_alive(&all, &all);
+    agents
+}
+
+/// Waits until every agent's config store is exactly `expected`.
+fn wait_config(agents: &[Agent], expected: &BTreeMap<String, String>) {
+    for agent in agents {
+        poll_until(
+            &format!("{} to hold the {} keys", agent.name, expected.len()),
+            CONVERGE,
+            |last| {
+                let found = match config_map(agent.addr) {
+                    Ok(found) => found,
+                    Err(error) => {
+                        *last = error;
+                        return None;
+                    }
+                };
+                let missing: Vec<_> = expected.keys().filter(|k| !found.contains_key(*k)).collect();
+                let wrong: Vec<_> = found
+                    .iter()
+                    .filter(|(k, v)| expected.get(*k) != Some(*v))
+                    .collect();
+                *last = format!("missing {missing:?}, unexpected or stale {wrong:?}");
+                (found == *expected).then_some(())
+            },
+        );
+    }
+}
+
+fn ports(count: usize) -> Vec<u16> {
+    let mut ports: Vec<u16> = Vec::new();
+    while ports.len() < count {
+        let port = free_port();
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    ports
+}
+
+#[test]
+fn a_cluster_stopped_by_sigterm_comes_back_whole_without_join() {
+    let dirs = TempDir::new("sigterm-restart");
+    let names = ["dd-a", "dd-b", "dd-c"];
+    let ports = ports(3);
+    let agents = durable_cluster(&dirs, &names, &ports, true);
+    let mut expected = BTreeMap::new();
+    for (i, agent) in agents.iter().enumerate() {
+        for k in 0..5 {
+            let key = format!("prod/{i}/{k}");
+            config_ok(agent.addr, &["set", &key, &format!("v{k}")]);
+            expected.insert(key, format!("v{k}"));
+        }
+    }
+    config_ok(agents[1].addr, &["del", "prod/0/0"]);
+    expected.remove("prod/0/0");
+    wait_config(&agents, &expected);
+    // Member lists are saved every two seconds at most.
+    thread::sleep(Duration::from_millis(2500));
+    for agent in &agents {
+        signal(agent, "-TERM");
+    }
+    for mut agent in agents {
+        let status = agent.process.wait_timeout(Duration::from_secs(10));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{} did not exit cleanly: {status:?}",
+            agent.name
+        );
+    }
+    // Started again with no --join at all: the data dirs remember the members.
+    let agents = durable_cluster(&dirs, &names, &ports, false);
+    wait_config(&agents, &expected);
+    config_ok(agents[2].addr, &["set", "prod/0/1", "after-restart"]);
+    expected.insert("prod/0/1".into(), "after-restart".into());
+    wait_config(&agents, &expected);
+}
+
+#[test]
+fn a_cluster_killed_mid_writes_keeps_every_acknowledged_write() {
+    let dirs = TempDir::new("kill9-restart");
+    let names = ["dk-a", "dk-b", "dk-c"];
+    let ports = ports(3);
+    let agents = durable_cluster(&dirs, &names, &ports, true);
+    config_ok(agents[0].addr, &["set", "prod/deleted", "x"]);
+    config_ok(agents[1].addr, &["del", "prod/deleted"]);
+    // A stream of writes through every agent; kill -9 everyone while it runs.
+    let targets: Vec<SocketAddr> = agents.iter().map(|a| a.addr).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut acknowledged = BTreeMap::new();
+            for i in 0..10_000u32 {
+                let key = format!("prod/stream/{i:05}");
+                let output = config(targets[i as usize % targets.len()], &["set", &key, "v"]);
+                if output.status.success() {
+                    acknowledged.insert(key, "v".to_string());
+                } else if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            acknowledged
+        })
+    };
+    poll_until("some writes to be acknowledged", CONVERGE, |last| {
+        let count = config_map(agents[0].addr).map_or(0, |keys| keys.len());
+        *last = format!("{count} keys");
+        (count >= 20).then_some(())
+    });
+    for agent in &agents {
+        signal(agent, "-KILL");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let acknowledged = writer.join().expect("writer thread");
+    assert!(acknowledged.len() >= 20, "{} writes", acknowledged.len());
+    for mut agent in agents {
+        assert!(agent.process.wait_timeout(Duration::from_secs(5)).is_some());
+    }
+    let agents = durable_cluster(&dirs, &names, &ports, true);
+    // Every acknowledged write is back on every node; writes in flight at the kill may or
+    // may not be (they were never acknowledged); the deleted key stays deleted.
+    for agent in &agents {
+        poll_until(
+            &format!("{} to hold every acknowledged write", agent.name),
+            CONVERGE,
+            |last| {
+                let found = match config_map(agent.addr) {
+                    Ok(found) => found,
+                    Err(error) => {
+                        *last = error;
+                        return None;
+                    }
+                };
+                let missing: Vec<_> = acknowledged
+                    .keys()
+                    .filter(|k| !found.contains_key(*k))
+                    .collect();
+                assert!(!found.contains_key("prod/deleted"), "a deleted key came back");
+                *last = format!("missing {} acknowledged keys: {missing:?}", missing.len());
+                missing.is_empty().then_some(())
+            },
+        );
+    }
+}
+
+#[test]
+fn held_foreign_and_corrupt_data_dirs_are_refused_in_one_line() {
+    let dirs = TempDir::new("refused");
+    let dir = dirs.of("dr-a");
+    let agent = Agent::start_with("dr-a", &[], &["--data-dir", &dir]);
+    let bind = format!("127.0.0.1:{}", free_port());
+    let held = cli(&["agent", "--name", "dr-a", "--bind", &bind, "--data-dir", &dir]);
+    let line = assert_one_line_error(&held, "a held data dir");
+    assert!(line.contains("in use by another grapevine process"), "{line}");
+    assert!(line.contains(&format!("pid {}", agent.pid())), "{line}");
+    drop(agent);
+
+    let foreign = cli(&["agent", "--name", "dr-b", "--bind", &bind, "--data-dir", &dir]);
+    let line = assert_one_line_error(&foreign, "another node's data dir");
+    assert!(line.contains("belongs to node \"dr-a\""), "{line}");
+
+    let store = PathBuf::from(&dir).join("grapevine.redb");
+    let len = std::fs::metadata(&store).expect("store file").len();
+    let file = std::fs::OpenOptions::new().write(true).open(&store).unwrap();
+    file.set_len(len / 2).unwrap();
+    drop(file);
+    let corrupt = cli(&["agent", "--name", "dr-a", "--bind", &bind, "--data-dir", &dir]);
+    let line = assert_one_line_error(&corrupt, "a truncated store");
+    assert!(
+        line.contains("grapevine.redb") && line.contains("move it aside"),
+        "{line}"
+    );
 }

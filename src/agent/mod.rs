@@ -3,3 +3,4 @@
 
 pub mod advertise;
 pub mod config_file;
+pub mod settings;

@@ -4,10 +4,11 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use grapevine::agent::settings::{AgentSettings, CheckChoice};
 use grapevine::node::{control, SeedName};
 use std::time::Duration;
 
-use grapevine::{Check, Instance, Member, Node, Profile, Service};
+use grapevine::{Instance, Member, Node, Profile, Service};
 
 #[derive(Parser)]
 #[command(
@@ -149,12 +150,17 @@ enum ConfigCommand {
 
 #[derive(clap::Args)]
 struct AgentArgs {
-    /// Unique node name.
+    /// An agent configuration file holding any of these flags (see the README); flags given
+    /// here override it.
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<std::path::PathBuf>,
+    /// Unique node name (required, here or in --config).
     #[arg(long)]
-    name: String,
-    /// Address to bind UDP gossip and TCP on (one port number for both).
-    #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, default_value = "127.0.0.1:7946")]
-    bind: SocketAddr,
+    name: Option<String>,
+    /// Address to bind UDP gossip and TCP on (one port number for both) [default:
+    /// 127.0.0.1:7946].
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_addr)]
+    bind: Option<SocketAddr>,
     /// Address other nodes reach this one at (default: the bind address; when binding an
     /// unspecified IP such as 0.0.0.0, this host's address on the route to the first seed, or
     /// to the default route).
@@ -166,9 +172,9 @@ struct AgentArgs {
     /// Service).
     #[arg(long = "join", value_name = "HOST:PORT", value_parser = parse_seed)]
     join: Vec<Seed>,
-    /// Timing profile: lan, wan or local.
-    #[arg(long, default_value = "lan")]
-    profile: Profile,
+    /// Timing profile: lan, wan or local [default: lan].
+    #[arg(long)]
+    profile: Option<Profile>,
     /// A service instance to register at start, NAME:PORT[:TAG,TAG...]; repeatable. Its
     /// health is a TCP connect check against the port unless --no-check.
     #[arg(long = "service", value_name = "NAME:PORT[:TAGS]", value_parser = parse_service)]
@@ -190,9 +196,15 @@ struct AgentArgs {
     /// rotations are saved back to it.
     #[arg(long, value_name = "FILE")]
     keyring: Option<std::path::PathBuf>,
-    /// Label bound into every sealed message: clusters with different labels never mix.
-    #[arg(long, default_value = grapevine::node::DEFAULT_CLUSTER_LABEL)]
-    cluster_label: String,
+    /// Label bound into every sealed message (clusters with different labels never mix) and
+    /// recorded in the data dir [default: grapevine].
+    #[arg(long)]
+    cluster_label: Option<String>,
+    /// Keep the config store, this agent's run-time service registrations, its identity, the
+    /// members to rejoin through and the keyring in this directory, so that a restart (even
+    /// of the whole cluster) loses nothing. Without it, everything is in memory.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
     /// Serve the sidecar HTTP API, /metrics and the status page on this address (default
     /// 127.0.0.1:8500 when given bare). A non-loopback address needs --allow-remote-control.
     #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, num_args = 0..=1,
@@ -613,8 +625,121 @@ async fn config_command(command: ConfigCommand, agent: SocketAddr) -> grapevine:
     Ok(ExitCode::SUCCESS)
 }
 
+/// The agent's settings once the flags and the `--config` file are merged.
+struct AgentSetup {
+    name: String,
+    bind: SocketAddr,
+    advertise: Option<SocketAddr>,
+    join: Vec<Seed>,
+    profile: Profile,
+    /// Services to declare, with the check each asks for.
+    services: Vec<(Service, CheckChoice)>,
+    no_check: bool,
+    allow_remote_control: bool,
+    config_file: Option<std::path::PathBuf>,
+    encrypt: Option<String>,
+    keyring: Option<std::path::PathBuf>,
+    cluster_label: String,
+    http: Option<SocketAddr>,
+    data_dir: Option<std::path::PathBuf>,
+}
+
+/// Merges the flags over the `--config` file: a flag given wins; lists given on the command
+/// line replace the file's.
+fn agent_setup(args: AgentArgs) -> grapevine::Result<AgentSetup> {
+    let file = match &args.config {
+        Some(path) => AgentSettings::load(path)
+            .map_err(|error| grapevine::Error::Config(format!("--config {error}")))?,
+        None => AgentSettings::default(),
+    };
+    let path = args.config.clone().unwrap_or_default();
+    let field = |name: &str, message: String| {
+        grapevine::Error::Config(format!(
+            "--config {}: {name}: {message}",
+            path.display()
+        ))
+    };
+    let name = args.name.or(file.name).ok_or_else(|| {
+        grapevine::Error::Config("give the node a name: --name NAME (or name in --config)".into())
+    })?;
+    let bind = match (args.bind, &file.bind) {
+        (Some(bind), _) => bind,
+        (None, Some(text)) => parse_addr(text).map_err(|e| field("bind", e))?,
+        (None, None) => SocketAddr::from(([127, 0, 0, 1], 7946)),
+    };
+    let advertise = match (args.advertise, &file.advertise) {
+        (Some(addr), _) => Some(addr),
+        (None, Some(text)) => Some(parse_addr(text).map_err(|e| field("advertise", e))?),
+        (None, None) => None,
+    };
+    let join = if args.join.is_empty() {
+        file.join
+            .iter()
+            .map(|text| parse_seed(text).map_err(|e| field("join", e)))
+            .collect::<grapevine::Result<_>>()?
+    } else {
+        args.join
+    };
+    let profile = match (args.profile, &file.profile) {
+        (Some(profile), _) => profile,
+        (None, Some(text)) => text.parse().map_err(|e| field("profile", e))?,
+        (None, None) => Profile::Lan,
+    };
+    let services = if args.services.is_empty() {
+        file.services
+            .iter()
+            .map(|s| {
+                // Checked when the file was read.
+                let service = s.to_service().map_err(|e| field("service", e))?;
+                let check = s.check_choice().map_err(|e| field("service.check", e))?;
+                Ok((service, check))
+            })
+            .collect::<grapevine::Result<_>>()?
+    } else {
+        args.services
+            .into_iter()
+            .map(|service| (service, CheckChoice::Default))
+            .collect()
+    };
+    let http = match (args.http, &file.http) {
+        (Some(addr), _) => Some(addr),
+        (None, Some(text)) => Some(parse_addr(text).map_err(|e| field("http", e))?),
+        (None, None) => None,
+    };
+    let (encrypt, keyring) = match (args.encrypt, args.keyring) {
+        (None, None) => (file.encrypt, file.keyring),
+        given => given,
+    };
+    if encrypt.is_some() && keyring.is_some() {
+        return Err(grapevine::Error::Config(
+            "give either encrypt or keyring, not both".into(),
+        ));
+    }
+    Ok(AgentSetup {
+        name,
+        bind,
+        advertise,
+        join,
+        profile,
+        services,
+        no_check: args.no_check || file.no_check.unwrap_or(false),
+        allow_remote_control: args.allow_remote_control
+            || file.allow_remote_control.unwrap_or(false),
+        config_file: args.config_file.or(file.config_file),
+        encrypt,
+        keyring,
+        cluster_label: args
+            .cluster_label
+            .or(file.cluster_label)
+            .unwrap_or_else(|| grapevine::node::DEFAULT_CLUSTER_LABEL.to_string()),
+        http,
+        data_dir: args.data_dir.or(file.data_dir),
+    })
+}
+
 async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
     init_logging();
+    let args = agent_setup(args)?;
     // Read the file before starting, so that a bad file stops the agent with a clear error.
     let config_entries = match &args.config_file {
         Some(path) => Some(
@@ -647,26 +772,23 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
         .seeds(seed_addrs)
         .seed_names(seed_names)
         .profile(args.profile)
-        .allow_remote_control(args.allow_remote_control);
+        .allow_remote_control(args.allow_remote_control)
+        .cluster_label(args.cluster_label.clone());
     if let Some(advertise) = advertise {
         builder = builder.advertise(advertise);
     }
+    if let Some(dir) = &args.data_dir {
+        builder = builder.data_dir(dir);
+    }
     use grapevine::net::sealed::{Key, Keyring};
-    let keyring = match (&args.encrypt, &args.keyring) {
-        (Some(key), _) => {
-            Some(Keyring::new(Key::from_base64(key).map_err(|e| {
-                grapevine::Error::Config(format!("--encrypt: {e}"))
-            })?))
-        }
-        (None, Some(path)) => Some(
-            Keyring::load(path).map_err(|e| grapevine::Error::Config(format!("--keyring: {e}")))?,
-        ),
-        (None, None) => None,
-    };
-    if let Some(keyring) = keyring {
-        builder = builder
-            .keyring(keyring)
-            .cluster_label(args.cluster_label.clone());
+    if let Some(key) = &args.encrypt {
+        let key = Key::from_base64(key)
+            .map_err(|e| grapevine::Error::Config(format!("--encrypt: {e}")))?;
+        builder = builder.keyring(Keyring::new(key));
+    }
+    if let Some(path) = &args.keyring {
+        // Read at start and saved back after every rotation.
+        builder = builder.keyring_file(path);
     }
     if let Some(addr) = args.http {
         if !addr.ip().is_loopback() && !args.allow_remote_control {
@@ -677,8 +799,8 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
         }
     }
     let node = std::sync::Arc::new(builder.start().await?);
-    if let Some(path) = &args.keyring {
-        node.persist_keys_to(path.clone());
+    if let Some(dir) = &args.data_dir {
+        tracing::info!(dir = %dir.display(), keys = node.config().key_count(), "data dir open");
     }
     let check_interval = match args.profile {
         Profile::Local => Duration::from_secs(1),
@@ -686,20 +808,14 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
         Profile::Wan => Duration::from_secs(15),
     };
     if let Some(entries) = config_entries {
-        let count = entries.len();
-        for (key, value) in entries {
-            node.config().set(&key, value).await?;
-        }
+        let count = node.config().set_all(entries).await?;
         tracing::info!(count, "config file imported");
     }
-    for service in args.services {
+    for (service, check) in args.services {
         let id = service.id.clone();
-        if args.no_check {
-            node.register(service).await?;
-        } else {
-            node.register_with_check(service, Check::tcp(check_interval))
-                .await?;
-        }
+        // Declared at every start: not saved in the data dir.
+        let check = check.resolve(check_interval, args.no_check);
+        node.register_declared(service, check).await?;
         tracing::info!(%id, "service registered");
     }
     let http = match args.http {

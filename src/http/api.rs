@@ -448,11 +448,11 @@ async fn check(
             )))
         }
     };
+    // Services restored from the data dir or declared at start have only the node's handle.
     let handle = super::lock(&state.handles).get(&id).cloned();
+    let handle = handle.or_else(|| state.node.service_handle(&id));
     let handle = handle.ok_or_else(|| {
-        ApiError::not_found(format!(
-            "no service with id {id:?} was registered through this agent's HTTP API"
-        ))
+        ApiError::not_found(format!("no service with id {id:?} is registered on this agent"))
     })?;
     match health {
         Health::Passing => handle.pass().await?,

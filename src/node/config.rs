@@ -67,6 +67,29 @@ impl ConfigHandle {
         Ok(change)
     }
 
+    /// Writes many keys (an import): each is applied and gossiped as [`Self::set`] does, and
+    /// with a data dir the call returns once all are on disk, sharing a few commits rather
+    /// than one per key. Stops at the first refused key, with the earlier ones written.
+    pub async fn set_all(
+        &self,
+        entries: impl IntoIterator<Item = (String, Vec<u8>)>,
+    ) -> Result<usize> {
+        let mut last_seq = 0;
+        let mut count = 0;
+        for (key, value) in entries {
+            let change = ask(&self.commands, |reply| Command::ConfigSet {
+                key,
+                value,
+                reply,
+            })
+            .await??;
+            last_seq = last_seq.max(change.seq);
+            count += 1;
+        }
+        self.saved(last_seq).await?;
+        Ok(count)
+    }
+
     /// Waits until the change numbered `seq` is on disk (at once without a data dir).
     async fn saved(&self, seq: u64) -> Result<()> {
         match &self.saved {

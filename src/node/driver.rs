@@ -227,7 +227,10 @@ impl<T: Transport> Driver<T> {
                     // Large clusters push-pull less often (memberlist's scaling).
                     let size = self.membership.num_active_peers() + 1;
                     progress.push_pull_ticks = progress.push_pull_ticks.wrapping_add(1);
-                    if progress.push_pull_ticks % u64::from(Profile::push_pull_scale(size)) == 0 {
+                    if progress
+                        .push_pull_ticks
+                        .is_multiple_of(u64::from(Profile::push_pull_scale(size)))
+                    {
                         if let Some(peer) = self.random_peer() {
                             self.start_push_pull_with(peer, &mut tasks, PushPullKind::Periodic);
                         }

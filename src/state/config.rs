@@ -1439,7 +1439,7 @@ mod tests {
     const KEYS: usize = 40;
 
     fn key_name(i: usize) -> String {
-        let env = if i % 3 == 0 { "dev" } else { "prod" };
+        let env = if i.is_multiple_of(3) { "dev" } else { "prod" };
         format!("{env}/svc/k{i}")
     }
 
