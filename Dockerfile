@@ -13,6 +13,9 @@
 FROM scratch
 ARG BINARY=target/static/x86_64-unknown-linux-gnu/release/grapevine
 COPY ${BINARY} /grapevine
+# The data dir's mount point, owned by the agent's user: a volume mounted on it starts with
+# this ownership, so `--data-dir /data` is writable without root.
+COPY --chown=65532:65532 deploy/data/ /data/
 # Gossip (UDP) and sync, RPC and control (TCP) share one port.
 EXPOSE 7946/udp 7946/tcp
 # Not root: the agent needs no privilege (the port is above 1024).

@@ -243,7 +243,7 @@ async fn wait_for_instances(node: &Node, count: usize) -> Result<(), String> {
 
 /// The zone tag of node-i's instance.
 fn zone(i: usize) -> &'static str {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         "zone-a"
     } else {
         "zone-b"

@@ -1435,7 +1435,10 @@ fn wait_config(agents: &[Agent], expected: &BTreeMap<String, String>) {
                         return None;
                     }
                 };
-                let missing: Vec<_> = expected.keys().filter(|k| !found.contains_key(*k)).collect();
+                let missing: Vec<_> = expected
+                    .keys()
+                    .filter(|k| !found.contains_key(*k))
+                    .collect();
                 let wrong: Vec<_> = found
                     .iter()
                     .filter(|(k, v)| expected.get(*k) != Some(*v))
@@ -1556,7 +1559,10 @@ fn a_cluster_killed_mid_writes_keeps_every_acknowledged_write() {
                     .keys()
                     .filter(|k| !found.contains_key(*k))
                     .collect();
-                assert!(!found.contains_key("prod/deleted"), "a deleted key came back");
+                assert!(
+                    !found.contains_key("prod/deleted"),
+                    "a deleted key came back"
+                );
                 *last = format!("missing {} acknowledged keys: {missing:?}", missing.len());
                 missing.is_empty().then_some(())
             },
@@ -1570,25 +1576,118 @@ fn held_foreign_and_corrupt_data_dirs_are_refused_in_one_line() {
     let dir = dirs.of("dr-a");
     let agent = Agent::start_with("dr-a", &[], &["--data-dir", &dir]);
     let bind = format!("127.0.0.1:{}", free_port());
-    let held = cli(&["agent", "--name", "dr-a", "--bind", &bind, "--data-dir", &dir]);
+    let held = cli(&[
+        "agent",
+        "--name",
+        "dr-a",
+        "--bind",
+        &bind,
+        "--data-dir",
+        &dir,
+    ]);
     let line = assert_one_line_error(&held, "a held data dir");
-    assert!(line.contains("in use by another grapevine process"), "{line}");
+    assert!(
+        line.contains("in use by another grapevine process"),
+        "{line}"
+    );
     assert!(line.contains(&format!("pid {}", agent.pid())), "{line}");
     drop(agent);
 
-    let foreign = cli(&["agent", "--name", "dr-b", "--bind", &bind, "--data-dir", &dir]);
+    let foreign = cli(&[
+        "agent",
+        "--name",
+        "dr-b",
+        "--bind",
+        &bind,
+        "--data-dir",
+        &dir,
+    ]);
     let line = assert_one_line_error(&foreign, "another node's data dir");
     assert!(line.contains("belongs to node \"dr-a\""), "{line}");
 
     let store = PathBuf::from(&dir).join("grapevine.redb");
     let len = std::fs::metadata(&store).expect("store file").len();
-    let file = std::fs::OpenOptions::new().write(true).open(&store).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&store)
+        .unwrap();
     file.set_len(len / 2).unwrap();
     drop(file);
-    let corrupt = cli(&["agent", "--name", "dr-a", "--bind", &bind, "--data-dir", &dir]);
+    let corrupt = cli(&[
+        "agent",
+        "--name",
+        "dr-a",
+        "--bind",
+        &bind,
+        "--data-dir",
+        &dir,
+    ]);
     let line = assert_one_line_error(&corrupt, "a truncated store");
     assert!(
         line.contains("grapevine.redb") && line.contains("move it aside"),
         "{line}"
     );
+}
+
+#[test]
+fn an_agent_configuration_file_holds_any_flag_and_flags_override_it() {
+    let dirs = TempDir::new("agent-config");
+    let data_dir = dirs.of("cf-a");
+    let file = TempFile(temp_file(
+        "agent.toml",
+        &format!(
+            r#"
+name = "from-the-file"
+profile = "wan"
+data_dir = "{data_dir}"
+no_check = true
+
+[[service]]
+name = "web"
+port = 8080
+tags = ["v2"]
+
+[[service]]
+name = "worker"
+id = "worker-a"
+port = 9000
+check = {{ ttl = "30s" }}
+"#
+        ),
+    ));
+    let path = file.0.display().to_string();
+    // The helper passes --name and --profile: they override the file's.
+    let agent = Agent::start_with("cf-a", &[], &["--config", &path]);
+    let rows = poll_until("the file's services", CONVERGE, |last| {
+        let rows = services(agent.addr, None).ok()?;
+        *last = describe(&rows);
+        (rows.len() == 2).then_some(rows)
+    });
+    let by_id: BTreeMap<_, _> = rows.iter().map(|r| (r.id.as_str(), r)).collect();
+    assert_eq!(by_id["web-8080"].tags, ["v2"]);
+    assert_eq!(
+        by_id["web-8080"].health, "passing",
+        "no_check from the file"
+    );
+    assert_eq!(
+        by_id["worker-a"].health, "critical",
+        "a TTL check starts critical"
+    );
+    assert!(
+        rows.iter().all(|r| r.node == "cf-a"),
+        "--name overrides the file"
+    );
+    assert!(PathBuf::from(&data_dir).join("grapevine.redb").exists());
+    drop(agent);
+
+    let bad = TempFile(temp_file(
+        "bad.toml",
+        "name = \"x\"\ndata_dri = \"/tmp/x\"\n",
+    ));
+    let output = cli(&["agent", "--config", &bad.0.display().to_string()]);
+    let line = assert_one_line_error(&output, "an unknown field");
+    assert!(line.contains("data_dri"), "{line}");
+    let output = cli(&["agent", "--bind", "127.0.0.1:1"]);
+    let line = assert_one_line_error(&output, "no name anywhere");
+    assert!(line.contains("--name"), "{line}");
 }

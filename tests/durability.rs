@@ -77,7 +77,11 @@ async fn restart(dir: &TempDir, names: &[&str]) -> Vec<Node> {
 }
 
 async fn full_restart_keeps_everything(clean: bool) {
-    let dir = TempDir::new(if clean { "restart-clean" } else { "restart-crash" });
+    let dir = TempDir::new(if clean {
+        "restart-clean"
+    } else {
+        "restart-crash"
+    });
     let names = ["a", "b", "c"];
     let nodes = cluster(&dir, &names).await;
     for (i, node) in nodes.iter().enumerate() {
@@ -89,7 +93,11 @@ async fn full_restart_keeps_everything(clean: bool) {
         }
     }
     assert!(nodes[1].config().delete("prod/0/3").await.unwrap());
-    nodes[2].config().set_str("prod/1/1", "newer").await.unwrap();
+    nodes[2]
+        .config()
+        .set_str("prod/1/1", "newer")
+        .await
+        .unwrap();
     for node in &nodes {
         eventually(node, "every write everywhere", |n| {
             n.config().key_count() == 59 && value(n, "prod/1/1").as_deref() == Some("newer")
@@ -110,7 +118,11 @@ async fn full_restart_keeps_everything(clean: bool) {
         alive(node, 3).await;
     }
     // A write after the restart wins over the one before it, on every node.
-    nodes[0].config().set_str("prod/1/1", "after").await.unwrap();
+    nodes[0]
+        .config()
+        .set_str("prod/1/1", "after")
+        .await
+        .unwrap();
     for node in &nodes {
         eventually(node, "the new write", |n| {
             value(n, "prod/1/1").as_deref() == Some("after")
@@ -145,13 +157,21 @@ async fn a_stale_node_converges_to_what_the_others_wrote_meanwhile() {
     drop(stale);
     nodes[0].config().set_str("prod/x", "new").await.unwrap();
     nodes[1].config().delete("prod/gone").await.unwrap();
-    nodes[1].config().set_str("prod/y", "meanwhile").await.unwrap();
+    nodes[1]
+        .config()
+        .set_str("prod/y", "meanwhile")
+        .await
+        .unwrap();
 
     let back = durable(&dir.0, "c", &[nodes[0].addr()])
         .start()
         .await
         .unwrap();
-    assert_eq!(value(&back, "prod/x").as_deref(), Some("old"), "its own disk first");
+    assert_eq!(
+        value(&back, "prod/x").as_deref(),
+        Some("old"),
+        "its own disk first"
+    );
     eventually(&back, "the others' state", |n| {
         value(n, "prod/x").as_deref() == Some("new")
             && value(n, "prod/gone").is_none()
@@ -159,7 +179,11 @@ async fn a_stale_node_converges_to_what_the_others_wrote_meanwhile() {
     })
     .await;
     for node in &nodes {
-        assert_eq!(value(node, "prod/x").as_deref(), Some("new"), "old values lose");
+        assert_eq!(
+            value(node, "prod/x").as_deref(),
+            Some("new"),
+            "old values lose"
+        );
         assert_eq!(value(node, "prod/gone"), None);
     }
 }
@@ -188,7 +212,9 @@ async fn registrations_come_back_with_their_checks() {
     let dir = TempDir::new("services");
     let mut nodes = cluster(&dir, &["a", "b"]).await;
     let b = nodes.pop().unwrap();
-    b.register(Service::new("web", "web-1", 8080)).await.unwrap();
+    b.register(Service::new("web", "web-1", 8080))
+        .await
+        .unwrap();
     let api = b
         .register_with_check(Service::new("api", "api-1", 9000), Check::ttl(WAIT))
         .await
@@ -200,7 +226,10 @@ async fn registrations_come_back_with_their_checks() {
         .await
         .unwrap();
     let a = &nodes[0];
-    eventually(a, "b's services", |n| n.catalog().all_instances().len() == 3).await;
+    eventually(a, "b's services", |n| {
+        n.catalog().all_instances().len() == 3
+    })
+    .await;
     b.shutdown().await;
     drop(b);
 
@@ -240,11 +269,19 @@ async fn registrations_come_back_with_their_checks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_generation_grows_across_restarts_even_when_given() {
     let dir = TempDir::new("generation");
-    let first = durable(&dir.0, "a", &[]).generation(5).start().await.unwrap();
+    let first = durable(&dir.0, "a", &[])
+        .generation(5)
+        .start()
+        .await
+        .unwrap();
     assert_eq!(first.identity().generation, 5);
     first.shutdown().await;
     drop(first);
-    let second = durable(&dir.0, "a", &[]).generation(5).start().await.unwrap();
+    let second = durable(&dir.0, "a", &[])
+        .generation(5)
+        .start()
+        .await
+        .unwrap();
     assert_eq!(second.identity().generation, 6);
 }
 
@@ -273,14 +310,21 @@ async fn a_held_or_foreign_data_dir_is_refused() {
         .start()
         .await
         .unwrap_err();
-    assert!(error.to_string().contains("of cluster \"grapevine\""), "{error}");
+    assert!(
+        error.to_string().contains("of cluster \"grapevine\""),
+        "{error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_keyring_lives_in_the_data_dir() {
     let dir = TempDir::new("keyring");
     let key = Keyring::new(Key::generate().unwrap());
-    let peer = builder("peer", &[]).keyring(key.clone()).start().await.unwrap();
+    let peer = builder("peer", &[])
+        .keyring(key.clone())
+        .start()
+        .await
+        .unwrap();
     let a = durable(&dir.0, "a", &[peer.addr()])
         .keyring(key.clone())
         .start()

@@ -17,6 +17,10 @@ containers (`docker exec`):
                 it returns to alive by itself.
   4. rolling:   restart all five, one at a time; no config key is lost and every service is
                 findable at the end.
+  5. stop-all:  `docker stop` all five (SIGTERM), then `docker start` them: every config key
+                and every registration (the declared ones and one made at run time through
+                the HTTP API) is back, from the agents' data dirs (a volume each).
+  6. kill-all:  the same after `docker kill` of all five.
 
 Every wait is bounded and prints how long convergence took; any violated expectation exits
 non-zero. Containers and the network carry a unique prefix and are removed at the end, on
@@ -50,7 +54,11 @@ NODES = ["n1", "n2", "n3", "n4", "n5"]
 PORT = 7946
 SEED_ALIAS = "grapevine"
 POLL = 0.5
-STEPS = ["kill", "partition", "pause", "rolling"]
+STEPS = ["kill", "partition", "pause", "rolling", "stop_all", "kill_all"]
+HTTP_PORT = 8500
+# A service registered at run time on n1, through its HTTP API: only its data dir brings it
+# back after a full restart.
+RUNTIME_SERVICE = {"name": "runtime-n1", "port": 9100}
 
 
 class Failure(Exception):
@@ -68,6 +76,7 @@ class Suite:
         self.config_keys = {}
         self.partitions = 0
         self.created = []
+        self.runtime_registered = False
 
     # ---- docker plumbing -------------------------------------------------------------
 
@@ -116,6 +125,8 @@ class Suite:
         self.docker(
             "run", "--detach", "--name", name, "--hostname", name,
             "--network", self.network, "--network-alias", SEED_ALIAS,
+            # An anonymous volume: kept across stop/start, removed with the container.
+            "--mount", "type=volume,target=/data",
             "--env", f"RUST_LOG={os.environ.get('FAULT_LOG', 'info')}",
             self.image, "agent",
             "--name", node,
@@ -124,6 +135,8 @@ class Suite:
             "--profile", self.profile,
             "--service", f"app-{node}:9000",
             "--no-check",
+            "--data-dir", "/data",
+            "--http", f"127.0.0.1:{HTTP_PORT}",
         )
         self.created.append(("container", name))
 
@@ -146,6 +159,23 @@ class Suite:
         )
         if done.returncode != 0:
             raise Failure(f"iptables {' '.join(rule)} in {node}: {done.stderr.strip()}")
+
+    def http_put(self, node, path, body):
+        """PUT a JSON body to `node`'s loopback-only HTTP API, from inside its network
+        namespace (entered with nsenter, as the partition step does)."""
+        script = (
+            "import json, sys, urllib.request\n"
+            f"req = urllib.request.Request('http://127.0.0.1:{HTTP_PORT}{path}', "
+            "data=sys.stdin.read().encode(), method='PUT', "
+            "headers={'Content-Type': 'application/json'})\n"
+            "print(urllib.request.urlopen(req, timeout=10).read().decode())\n"
+        )
+        done = subprocess.run(
+            ["nsenter", "--target", self.pid(node), "--net", sys.executable, "-c", script],
+            input=json.dumps(body), capture_output=True, text=True, timeout=30,
+        )
+        if done.returncode != 0:
+            raise Failure(f"PUT {path} on {node}: {done.stderr.strip()}")
 
     def cleanup(self):
         for kind, name in reversed(self.created):
@@ -281,7 +311,10 @@ class Suite:
         return check
 
     def all_services(self):
-        return sorted((f"app-{n}", n) for n in NODES)
+        services = [(f"app-{n}", n) for n in NODES]
+        if self.runtime_registered:
+            services.append((RUNTIME_SERVICE["name"], "n1"))
+        return sorted(services)
 
     # ---- the steps -------------------------------------------------------------------
 
@@ -443,6 +476,45 @@ class Suite:
         final = self.config("n1")
         if final != self.config_keys:
             raise Failure(f"config changed by the restarts: {final} != {self.config_keys}")
+
+    def restart_all(self, how):
+        started = time.monotonic()
+        if how == "stop":
+            # Sequentially, as an operator's `docker-compose stop` does.
+            for node in NODES:
+                self.docker("stop", "--time", "15", self.container(node), timeout=60)
+        else:
+            self.docker("kill", *[self.container(n) for n in NODES])
+        for node in NODES:
+            self.docker("start", self.container(node))
+        self.wait(f"all five back after docker {how} with every key and registration", 90,
+                  self.converged(NODES, self.all_services(), self.config_keys),
+                  since=started)
+
+    def register_runtime_service(self):
+        if self.runtime_registered:
+            return
+        self.http_put("n1", "/v1/agent/service/register", RUNTIME_SERVICE)
+        self.runtime_registered = True
+        key, value = "suite/runtime/written", "before-full-restart"
+        if self.grapevine("n2", "config", "set", key, value) is None:
+            raise Failure(f"n2: config set {key} failed")
+        self.config_keys[key] = value
+        if self.grapevine("n3", "config", "del", "suite/n3/started") is None:
+            raise Failure("n3: config del failed")
+        del self.config_keys["suite/n3/started"]
+        self.wait("the run-time registration and writes everywhere", 30,
+                  self.converged(NODES, self.all_services(), self.config_keys))
+
+    def step_stop_all(self):
+        print("== 5. docker stop of all five, then docker start")
+        self.register_runtime_service()
+        self.restart_all("stop")
+
+    def step_kill_all(self):
+        print("== 6. docker kill of all five, then docker start")
+        self.register_runtime_service()
+        self.restart_all("kill")
 
     def run(self, steps):
         self.start_cluster()

@@ -213,16 +213,20 @@ impl AgentSettings {
                 message: error.to_string().trim_end().replace('\n', " "),
             })?;
         for (i, service) in settings.services.iter().enumerate() {
-            service.to_service().map_err(|message| SettingsError::Invalid {
-                path: path.to_path_buf(),
-                field: format!("service[{i}]"),
-                message,
-            })?;
-            service.check_choice().map_err(|message| SettingsError::Invalid {
-                path: path.to_path_buf(),
-                field: format!("service[{i}].check"),
-                message,
-            })?;
+            service
+                .to_service()
+                .map_err(|message| SettingsError::Invalid {
+                    path: path.to_path_buf(),
+                    field: format!("service[{i}]"),
+                    message,
+                })?;
+            service
+                .check_choice()
+                .map_err(|message| SettingsError::Invalid {
+                    path: path.to_path_buf(),
+                    field: format!("service[{i}].check"),
+                    message,
+                })?;
         }
         Ok(settings)
     }
@@ -273,20 +277,11 @@ impl ServiceSettings {
     }
 }
 
-/// Parses `500ms`, `5s`, `2m` or `1h` (a whole number and a unit), at least 10 ms.
+/// Parses a duration as Consul writes them (`500ms`, `5s`, `1.5m`, `1h`; a bare number is
+/// seconds), at least 10 ms.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    let unit = &text[digits.len()..];
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 500ms, 5s, 2m or 1h"))?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(number),
-        "s" => Duration::from_secs(number),
-        "m" => Duration::from_secs(number.saturating_mul(60)),
-        "h" => Duration::from_secs(number.saturating_mul(3600)),
-        _ => return Err(format!("{text:?} has no unit: ms, s, m or h")),
-    };
+    let duration =
+        crate::http::parse_duration(text).map_err(|error| format!("{text:?}: {error}"))?;
     if duration < Duration::from_millis(10) {
         return Err(format!("{text:?} is shorter than 10ms"));
     }
@@ -345,10 +340,11 @@ mod tests {
         let error = parse("[[service]]\nname = \"w\"\nport = 0\n").unwrap_err();
         assert!(error.to_string().contains("service[0]"), "{error}");
         let error =
-            parse("[[service]]\nname = \"w\"\nport = 1\ncheck = { ttl = \"5\" }\n").unwrap_err();
+            parse("[[service]]\nname = \"w\"\nport = 1\ncheck = { ttl = \"5d\" }\n").unwrap_err();
         assert!(error.to_string().contains("service[0].check"), "{error}");
-        let error = parse("[[service]]\nname = \"w\"\nport = 1\ncheck = { tcp = true, ttl = \"5s\" }\n")
-            .unwrap_err();
+        let error =
+            parse("[[service]]\nname = \"w\"\nport = 1\ncheck = { tcp = true, ttl = \"5s\" }\n")
+                .unwrap_err();
         assert!(error.to_string().contains("exactly one"), "{error}");
     }
 
@@ -356,7 +352,8 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("5").is_err());
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert!(parse_duration("5d").is_err());
         assert!(parse_duration("1ms").is_err());
         assert!(parse_duration("s").is_err());
     }

@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run an agent until interrupted (SIGINT/SIGTERM), then leave the cluster gracefully.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// List the members a running agent sees.
     Members {
         /// The agent to ask (its gossip/TCP address).
@@ -310,7 +310,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> grapevine::Result<ExitCode> {
     match cli.command {
-        Command::Agent(args) => agent(args).await,
+        Command::Agent(args) => agent(*args).await,
         Command::Members { agent, json } => {
             let members = control::members(agent).await?;
             if json {
@@ -654,10 +654,7 @@ fn agent_setup(args: AgentArgs) -> grapevine::Result<AgentSetup> {
     };
     let path = args.config.clone().unwrap_or_default();
     let field = |name: &str, message: String| {
-        grapevine::Error::Config(format!(
-            "--config {}: {name}: {message}",
-            path.display()
-        ))
+        grapevine::Error::Config(format!("--config {}: {name}: {message}", path.display()))
     };
     let name = args.name.or(file.name).ok_or_else(|| {
         grapevine::Error::Config("give the node a name: --name NAME (or name in --config)".into())

@@ -452,7 +452,9 @@ async fn check(
     let handle = super::lock(&state.handles).get(&id).cloned();
     let handle = handle.or_else(|| state.node.service_handle(&id));
     let handle = handle.ok_or_else(|| {
-        ApiError::not_found(format!("no service with id {id:?} is registered on this agent"))
+        ApiError::not_found(format!(
+            "no service with id {id:?} is registered on this agent"
+        ))
     })?;
     match health {
         Health::Passing => handle.pass().await?,

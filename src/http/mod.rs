@@ -13,6 +13,8 @@ mod api;
 mod prometheus;
 mod query;
 
+pub use query::parse_duration;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

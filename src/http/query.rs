@@ -97,7 +97,7 @@ impl Params {
 
 /// Parses a duration the way Consul writes them: a number and a unit, `ms`, `s`, `m` or `h`
 /// (`500ms`, `30s`, `1.5m`); a bare number means seconds.
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))

@@ -51,11 +51,11 @@ pub const DEFAULT_CLUSTER_LABEL: &str = "grapevine";
 use crate::state::catalog::{Health, Service, ServiceRecord};
 use crate::state::config::ConfigStoreOptions;
 use crate::store::{DataDir, Loaded, StoredService};
-use std::path::PathBuf;
 use crate::sync::{self, SharedState, WallClock};
 use catalog::CatalogView;
 use checks::{ask, Connector};
 use driver::{Command, Driver, COMMAND_QUEUE};
+use std::path::PathBuf;
 
 /// Capacity of the member-event channel; a subscriber further behind skips ahead.
 const EVENT_CHANNEL: usize = 1024;
@@ -425,11 +425,9 @@ impl NodeBuilder {
         let (store, saved) = match durable {
             Some((store, loaded)) => {
                 let mut replicated = sync::lock(&state);
-                replicated.config.restore(
-                    loaded.config,
-                    loaded.hlc,
-                    &loaded.gc_watermarks,
-                );
+                replicated
+                    .config
+                    .restore(loaded.config, loaded.hlc, &loaded.gc_watermarks);
                 replicated.config.track_changes();
                 replicated.touch();
                 let saved = persist::Saved {
@@ -763,7 +761,8 @@ impl Node {
             (Saving::AlreadySaved, _) => Ok(()),
             _ => {
                 let id = id.clone();
-                self.with_store(move |store| store.remove_service(&id)).await
+                self.with_store(move |store| store.remove_service(&id))
+                    .await
             }
         };
         if let Err(error) = saved {

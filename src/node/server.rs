@@ -325,14 +325,13 @@ async fn control<T: Transport>(
                 return ControlResponse::Refused(error.to_string());
             }
             let config = shared.config();
-            let mut seq = config.current_seq();
-            for (key, value) in entries {
-                match config.set(&key, value).await {
-                    Ok(change) => seq = change.seq,
-                    Err(error) => return ControlResponse::Refused(error.to_string()),
-                }
+            // One wait for the disk at the end (a few group commits), not one per key.
+            match config.set_all(entries).await {
+                Ok(_) => ControlResponse::ConfigWritten {
+                    seq: config.current_seq(),
+                },
+                Err(error) => ControlResponse::Refused(error.to_string()),
             }
-            ControlResponse::ConfigWritten { seq }
         }
         ControlRequest::Keys { op, cluster } => keys(op, cluster, shared, transport).await,
         // Handled by the connection loop, which streams.

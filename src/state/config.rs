@@ -1058,7 +1058,11 @@ mod tests {
         let (seq, dirty) = s.take_dirty();
         assert_eq!(seq, s.current_seq());
         let keys: Vec<_> = dirty.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(keys, ["a/old", "a/y", "a/z"], "a/x was written before tracking");
+        assert_eq!(
+            keys,
+            ["a/old", "a/y", "a/z"],
+            "a/x was written before tracking"
+        );
         assert!(dirty.iter().all(|(_, e)| e.is_some()));
         assert!(s.take_dirty().1.is_empty(), "taking clears");
         // Collecting a tombstone reports the key as gone.

@@ -105,7 +105,9 @@ pub enum StoreError {
         reason: String,
     },
     /// The store was written by a version with another layout.
-    #[error("store file {file} has format version {found}; this grapevine reads version {expected}")]
+    #[error(
+        "store file {file} has format version {found}; this grapevine reads version {expected}"
+    )]
     Format {
         /// The store file.
         file: PathBuf,
@@ -239,9 +241,8 @@ impl DataDir {
             _lock: lock,
         };
         data_dir.claim(name, label)?;
-        let loaded =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| data_dir.load()))
-                .unwrap_or_else(|_| Err(data_dir.corrupt("a record cannot be read")))?;
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| data_dir.load()))
+            .unwrap_or_else(|_| Err(data_dir.corrupt("a record cannot be read")))?;
         Ok((data_dir, loaded))
     }
 
@@ -273,7 +274,9 @@ impl DataDir {
     fn claim(&self, name: &str, label: &str) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.write_error(e))?;
         {
-            let mut meta = txn.open_table(META).map_err(|e| self.corrupt(e.to_string()))?;
+            let mut meta = txn
+                .open_table(META)
+                .map_err(|e| self.corrupt(e.to_string()))?;
             let format = meta
                 .get(META_FORMAT)
                 .map_err(|e| self.corrupt(e.to_string()))?
@@ -354,12 +357,16 @@ impl DataDir {
         let services = txn.open_table(SERVICES).map_err(|e| bad(&e))?;
         for row in services.iter().map_err(|e| bad(&e))? {
             let (key, value) = row.map_err(|e| bad(&e))?;
-            loaded.services.push(self.decode(key.value(), value.value())?);
+            loaded
+                .services
+                .push(self.decode(key.value(), value.value())?);
         }
         let members = txn.open_table(MEMBERS).map_err(|e| bad(&e))?;
         for row in members.iter().map_err(|e| bad(&e))? {
             let (key, value) = row.map_err(|e| bad(&e))?;
-            loaded.members.push(self.decode(key.value(), value.value())?);
+            loaded
+                .members
+                .push(self.decode(key.value(), value.value())?);
         }
         Ok(loaded)
     }
@@ -445,7 +452,9 @@ impl DataDir {
             .collect::<Result<Vec<_>, StoreError>>()?;
         self.write(|txn| {
             let mut table = txn.open_table(MEMBERS).map_err(|e| self.write_error(e))?;
-            table.retain(|_, _| false).map_err(|e| self.write_error(e))?;
+            table
+                .retain(|_, _| false)
+                .map_err(|e| self.write_error(e))?;
             for (name, bytes) in &encoded {
                 table
                     .insert(*name, bytes.as_slice())

@@ -65,7 +65,9 @@ fn what_is_committed_comes_back() {
             name: name.into(),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
         };
-        store.put_members(&[member("n2", 1), member("n3", 2)]).unwrap();
+        store
+            .put_members(&[member("n2", 1), member("n3", 2)])
+            .unwrap();
         store.put_members(&[member("n3", 3)]).unwrap();
     }
     let (_store, loaded) = DataDir::open(&dir, "n1", "prod").unwrap();
@@ -81,7 +83,10 @@ fn what_is_committed_comes_back() {
     );
     assert_eq!(loaded.services.len(), 1);
     assert_eq!(loaded.services[0].service.id, "web-1");
-    assert_eq!(loaded.services[0].check, Some(StoredCheck::Ttl { ttl_ms: 500 }));
+    assert_eq!(
+        loaded.services[0].check,
+        Some(StoredCheck::Ttl { ttl_ms: 500 })
+    );
     assert_eq!(loaded.members.len(), 1);
     assert_eq!(loaded.members[0].addr.port(), 3);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -92,9 +97,14 @@ fn a_held_directory_is_refused_with_the_holders_pid() {
     let dir = temp_dir("locked");
     let (_held, _) = DataDir::open(&dir, "n1", "prod").unwrap();
     let error = DataDir::open(&dir, "n1", "prod").unwrap_err();
-    assert!(matches!(error, StoreError::Locked { holder: Some(pid), .. } if pid == std::process::id()));
+    assert!(
+        matches!(error, StoreError::Locked { holder: Some(pid), .. } if pid == std::process::id())
+    );
     let text = error.to_string();
-    assert!(text.contains("in use by another grapevine process"), "{text}");
+    assert!(
+        text.contains("in use by another grapevine process"),
+        "{text}"
+    );
     drop(_held);
     DataDir::open(&dir, "n1", "prod").unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
@@ -106,7 +116,10 @@ fn another_nodes_directory_is_refused() {
     drop(DataDir::open(&dir, "n1", "prod").unwrap());
     let error = DataDir::open(&dir, "n2", "prod").unwrap_err();
     assert!(matches!(&error, StoreError::Foreign { found_name, .. } if found_name == "n1"));
-    assert!(error.to_string().contains("belongs to node \"n1\""), "{error}");
+    assert!(
+        error.to_string().contains("belongs to node \"n1\""),
+        "{error}"
+    );
     let error = DataDir::open(&dir, "n1", "staging").unwrap_err();
     assert!(matches!(&error, StoreError::Foreign { found_label, .. } if found_label == "prod"));
     std::fs::remove_dir_all(&dir).unwrap();
@@ -115,7 +128,12 @@ fn another_nodes_directory_is_refused() {
 fn filled(dir: &Path) -> u64 {
     let (store, _) = DataDir::open(dir, "n1", "prod").unwrap();
     let upserts = (0..2000)
-        .map(|i| (format!("k/{i:05}"), entry(Some(&"v".repeat(100)), i, "n1#1")))
+        .map(|i| {
+            (
+                format!("k/{i:05}"),
+                entry(Some(&"v".repeat(100)), i, "n1#1"),
+            )
+        })
         .collect();
     store
         .commit_config(&ConfigBatch {
@@ -141,7 +159,10 @@ fn a_truncated_store_is_refused_with_the_recovery() {
     let error = DataDir::open(&dir, "n1", "prod").unwrap_err();
     assert!(matches!(error, StoreError::Corrupt { .. }), "{error}");
     let text = error.to_string();
-    assert!(text.contains(STORE_FILE) && text.contains("move it aside"), "{text}");
+    assert!(
+        text.contains(STORE_FILE) && text.contains("move it aside"),
+        "{text}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
