@@ -126,7 +126,8 @@ async fn commit_config(
     let (through, batch) = {
         let mut state = sync::lock(state);
         let (through, changed) = state.config.take_dirty();
-        if through <= saved.borrow().through {
+        // Collected tombstones change no seq but must leave the disk too.
+        if changed.is_empty() && through <= saved.borrow().through {
             return Ok(());
         }
         let mut batch = ConfigBatch {
