@@ -89,6 +89,8 @@ pub(crate) struct Shared {
     pub(crate) store: Mutex<Option<Arc<DataDir>>>,
     /// How far the config store is saved in it.
     pub(crate) saved: Option<watch::Receiver<persist::Saved>>,
+    /// Memory for inbound frames still arriving, shared by every accepted connection.
+    pub(crate) frame_budget: Arc<crate::wire::FrameBudget>,
 }
 
 impl Shared {
@@ -103,6 +105,7 @@ impl Shared {
         if let Some(security) = &self.security {
             stats.sealed_refused = security.refused.load(std::sync::atomic::Ordering::Relaxed);
         }
+        stats.tcp_refused_budget = self.frame_budget.refused();
         stats
     }
 
@@ -467,6 +470,7 @@ impl NodeBuilder {
             security: transport.security().cloned(),
             store: Mutex::new(store.as_ref().map(|(store, _)| store.clone())),
             saved,
+            frame_budget: crate::wire::FrameBudget::new(crate::wire::frames::DEFAULT_FRAME_BUDGET),
         });
         shared.rpc.add(rpc::builtin_service(&shared));
         let resolver = Arc::new(rpc::CatalogResolver {

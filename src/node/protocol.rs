@@ -4,9 +4,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::wire::FrameCodec;
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::Framed;
 
 use super::control::{ControlRequest, ControlResponse};
 use crate::error::{Error, Result};
@@ -80,7 +81,7 @@ pub(crate) enum Response {
 
 /// A client connection to a node's TCP port.
 pub(crate) struct Connection<S> {
-    framed: Framed<S, LengthDelimitedCodec>,
+    framed: Framed<S, FrameCodec>,
     addr: SocketAddr,
     /// Bytes sent and received so far.
     pub(crate) bytes: u64,

@@ -88,7 +88,7 @@ async fn handle<T: Transport>(
         authenticated: T::is_authenticated(&stream),
         encrypted: transport.security().is_some(),
     };
-    let mut framed = wire::framed(stream);
+    let mut framed = wire::framed_with_budget(stream, shared.frame_budget.clone());
     for _ in 0..MAX_REQUESTS_PER_CONNECTION {
         // Every step is bounded, so a client that stalls mid-frame only holds its own slot.
         let frame = match within(timeout, "request", async { Ok(framed.next().await) }).await? {
@@ -143,7 +143,7 @@ async fn handle<T: Transport>(
 
 /// Streams config changes to a watching client until it disconnects.
 async fn stream_config_watch<S>(
-    mut framed: tokio_util::codec::Framed<S, tokio_util::codec::LengthDelimitedCodec>,
+    mut framed: tokio_util::codec::Framed<S, wire::FrameCodec>,
     peer: Peer,
     shared: &Shared,
     prefix: String,

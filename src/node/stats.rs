@@ -55,6 +55,9 @@ counters! {
     tcp_dropped,
     /// TCP connections refused because too many were open.
     tcp_refused_busy,
+    /// TCP connections closed because the node-wide memory budget for frames still
+    /// arriving was spent (many large partial frames at once: an attack, or a surge).
+    tcp_refused_budget,
     /// Bytes read from and written to TCP exchanges.
     tcp_bytes,
     /// Push-pull exchanges that completed (either side).

@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use crate::wire::FrameCodec;
 use bytes::{Buf, BytesMut};
 use futures_util::FutureExt;
 use futures_util::Stream;
@@ -18,7 +19,7 @@ use serde_bytes::ByteBuf;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::AbortHandle;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::Framed;
 
 use super::metrics::{CallRecord, CallSide, RpcMetrics, ServiceFigures, ServiceSnapshot};
 use super::protocol::{self, Frame, Outcome};
@@ -206,7 +207,7 @@ impl Registry {
 /// first poll (most do) is answered inline; only handlers that wait are spawned, under the
 /// call's deadline. The replies of one read burst go out in one write.
 pub(crate) async fn serve_connection<S>(
-    framed: Framed<S, LengthDelimitedCodec>,
+    framed: Framed<S, FrameCodec>,
     registry: Arc<Registry>,
 ) -> Result<(), String>
 where
@@ -239,7 +240,7 @@ type Done = (u64, Outcome, InFlight);
 
 struct ServerConnection<S> {
     /// Reads length-checked frames; replies bypass it (written from `output`).
-    framed: Framed<S, LengthDelimitedCodec>,
+    framed: Framed<S, FrameCodec>,
     /// Encoded replies not yet written.
     output: BytesMut,
     /// Replies in `output` (or written but not yet flushed), each with its call's count
@@ -520,7 +521,7 @@ mod tests {
     }
 
     struct Client {
-        framed: Framed<DuplexStream, LengthDelimitedCodec>,
+        framed: Framed<DuplexStream, FrameCodec>,
     }
 
     impl Client {
@@ -724,7 +725,7 @@ mod tests {
             "the server read everything without answering"
         );
         // Reading the replies lets the rest through; every call is refused, retryably.
-        let mut replies = FramedRead::new(&mut reader, LengthDelimitedCodec::new());
+        let mut replies = FramedRead::new(&mut reader, FrameCodec::new(wire::MAX_FRAME));
         let mut refused = 0;
         while refused < total {
             let bytes = tokio::time::timeout(WAIT, replies.next())

@@ -7,7 +7,10 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::Framed;
+
+pub mod frames;
+pub use frames::{FrameBudget, FrameCodec};
 
 /// Largest UDP datagram grapevine sends or accepts, envelope included.
 pub const MAX_DATAGRAM: usize = 1400;
@@ -152,13 +155,19 @@ pub fn open_datagram(datagram: &[u8]) -> Result<(DatagramKind, &[u8]), WireError
 }
 
 /// Wraps a TCP stream in grapevine's length-prefixed framing (u32 big-endian prefix,
-/// frames above [`MAX_FRAME`] rejected before allocation).
-pub fn framed<S: AsyncRead + AsyncWrite>(stream: S) -> Framed<S, LengthDelimitedCodec> {
-    let codec = LengthDelimitedCodec::builder()
-        .length_field_length(4)
-        .max_frame_length(MAX_FRAME)
-        .new_codec();
-    Framed::new(stream, codec)
+/// frames above [`MAX_FRAME`] rejected from the header; the buffer grows only with what
+/// arrives).
+pub fn framed<S: AsyncRead + AsyncWrite>(stream: S) -> Framed<S, FrameCodec> {
+    Framed::new(stream, FrameCodec::new(MAX_FRAME))
+}
+
+/// Like [`framed`], for an accepted connection: partial frames above
+/// [`frames::SMALL_FRAME`] are charged to the node's `budget`.
+pub fn framed_with_budget<S: AsyncRead + AsyncWrite>(
+    stream: S,
+    budget: std::sync::Arc<FrameBudget>,
+) -> Framed<S, FrameCodec> {
+    Framed::new(stream, FrameCodec::with_budget(MAX_FRAME, budget))
 }
 
 /// Stable 64-bit FNV-1a with a final avalanche (SplitMix64 finalizer), so that sums of
