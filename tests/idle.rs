@@ -163,10 +163,89 @@ async fn an_unfetchable_hint_starts_one_exchange_not_a_storm() {
     let (anti_entropy, push_pull) = schedule(size, IDLE);
     // One fetch per peer for the hint, on top of the schedule.
     let allowed = anti_entropy + size as u64;
+    eprintln!("unfetchable hint: {seen:?}");
     assert!(
         seen.anti_entropy <= allowed && seen.push_pull <= push_pull,
         "{seen:?} over {IDLE:?}; allowed {allowed} anti-entropy rounds and {push_pull} push-pulls"
     );
+    for node in &nodes {
+        node.shutdown().await;
+    }
+}
+
+/// Two live nodes with one name (two hosts with the same host name, say) chase each other's
+/// catalog epochs: each sees its name at a newer epoch and moves above it, and every move is
+/// a hint that everyone fetches. The rate limit keeps that within a fixed budget per node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_sharing_a_name_stay_within_the_rate_limit() {
+    let size = 4;
+    let mut nodes = start("twin", size, 11, |_, b| b).await;
+    converged(&nodes, size).await;
+    let twin = builder("twin-1".into(), 99)
+        .seeds([nodes[0].addr()])
+        .start()
+        .await
+        .expect("twin starts");
+    nodes.push(twin);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seen = watch(&nodes, IDLE).await;
+    let (anti_entropy, push_pull) = schedule(nodes.len(), IDLE);
+    // Per node: the burst of 8, then 2 per sync interval.
+    let budget = nodes.len() as u64
+        * (8 + 2 * (IDLE.as_secs_f64() / PROFILE.sync_interval().as_secs_f64()).ceil() as u64);
+    eprintln!("twins: {seen:?}");
+    assert!(
+        seen.anti_entropy <= anti_entropy + budget && seen.push_pull <= push_pull + budget,
+        "{seen:?} over {IDLE:?}; allowed {anti_entropy} + {budget} anti-entropy rounds, {push_pull} + {budget} push-pulls"
+    );
+    for node in &nodes {
+        node.shutdown().await;
+    }
+}
+
+/// Whatever makes hints come (here: a record too big to gossip, re-registered 200 times in
+/// two seconds, every version a new hint), a node fetches within its rate limit, and the
+/// peers still end up with the last version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_hints_is_fetched_within_the_rate_limit_and_still_converges() {
+    let size = 4;
+    let nodes = start("flood", size, 21, |_, b| b).await;
+    converged(&nodes, size).await;
+    let before: Vec<_> = nodes.iter().map(Node::stats).collect();
+    let big = "x".repeat(1500);
+    let began = tokio::time::Instant::now();
+    let rounds = 200u16;
+    for round in 0..rounds {
+        let mut service = grapevine::Service::new("bulky", "bulky-1", 1000 + round);
+        service.meta.insert("blob".into(), big.clone());
+        nodes[0].register(service).await.expect("register");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let last = 1000 + rounds - 1;
+    for node in &nodes[1..] {
+        let deadline = tokio::time::Instant::now() + JOIN_WAIT;
+        while node.catalog().lookup("bulky").first().map(|i| i.port) != Some(last) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} never saw the last version",
+                node.identity()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let window = began.elapsed();
+    let after: Vec<_> = nodes.iter().map(Node::stats).collect();
+    let seen = started(&before, &after);
+    let (anti_entropy, _) = schedule(size, window);
+    // Per node: the burst of 8, then 2 per sync interval.
+    let budget = size as u64
+        * (8 + 2 * (window.as_secs_f64() / PROFILE.sync_interval().as_secs_f64()).ceil() as u64);
+    eprintln!("flood: {seen:?} over {window:?}");
+    assert!(
+        seen.anti_entropy <= anti_entropy + budget,
+        "{seen:?} over {window:?}; allowed {anti_entropy} + {budget} anti-entropy rounds"
+    );
+    assert!(seen.suppressed > 0, "the limit was reached: {seen:?}");
     for node in &nodes {
         node.shutdown().await;
     }
