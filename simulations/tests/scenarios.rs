@@ -320,3 +320,32 @@ fn bad_options_are_refused() {
     lossy.loss = Some(1.5);
     assert!(run_with(&lossy, &lean()).is_err());
 }
+
+/// Issue 18 in the full tier: idle clusters of 3 to 10 real nodes on turmoil, several seeds,
+/// whose anti-entropy rounds and push-pulls must keep to their schedule (an exchange after
+/// every datagram once ran 600 times the schedule).
+#[test]
+fn idle_full_stack_clusters_keep_to_the_exchange_schedule() {
+    let mut clusters = 0;
+    for nodes in [3, 4, 5, 7, 10] {
+        for seed in 1..=2 {
+            let mut options = options("idle", nodes, seed);
+            options.duration_s = Some(20.0);
+            let report = grapevine_sim::full::run(&options)
+                .unwrap_or_else(|e| panic!("idle {nodes} nodes seed {seed}: {e}"));
+            assert_eq!(figure(&report, "nodes_over_schedule"), 0.0, "{report:?}");
+            assert!(
+                figure(&report, "anti_entropy_max_per_node")
+                    <= figure(&report, "anti_entropy_allowed_per_node"),
+                "{report:?}"
+            );
+            assert!(
+                figure(&report, "push_pulls") <= figure(&report, "push_pulls_allowed"),
+                "{report:?}"
+            );
+            assert_eq!(figure(&report, "suppressed"), 0.0, "{report:?}");
+            clusters += 1;
+        }
+    }
+    eprintln!("{clusters} full-stack idle clusters kept to the schedule");
+}

@@ -54,6 +54,10 @@ fn describe() {
         "Anti-entropy exchanges this node started, by result."
     );
     describe_counter!(
+        "grapevine_sync_suppressed_total",
+        "Unscheduled exchanges (hint fetches, first contacts, follow-ups, rejoins) the rate limit did not start, by exchange."
+    );
+    describe_counter!(
         "grapevine_push_pull_total",
         "Member-list push-pulls completed."
     );
@@ -179,6 +183,10 @@ impl Metrics {
                 .absolute(stats.sync_ok);
             counter!("grapevine_anti_entropy_rounds_total", "result" => "failed")
                 .absolute(stats.sync_failed);
+            counter!("grapevine_sync_suppressed_total", "exchange" => "anti_entropy")
+                .absolute(stats.sync_suppressed);
+            counter!("grapevine_sync_suppressed_total", "exchange" => "push_pull")
+                .absolute(stats.push_pull_suppressed);
             counter!("grapevine_push_pull_total").absolute(stats.push_pull_ok);
             counter!("grapevine_push_pull_skipped_total").absolute(stats.push_pull_skipped);
             counter!("grapevine_tcp_sync_bytes_total").absolute(stats.tcp_bytes);

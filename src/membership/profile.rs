@@ -56,10 +56,11 @@ impl Profile {
         config.max_transmissions = config.max_transmissions.max(MIN_TRANSMISSIONS);
         config.max_packet_size = NonZeroUsize::new(wire::MAX_DATAGRAM - DATAGRAM_RESERVE)
             .unwrap_or(config.max_packet_size);
-        // foca re-announces every 30 s by default; join bursts heal faster with less.
-        if let Some(announce) = config.periodic_announce.as_mut() {
-            announce.frequency = announce.frequency.min(self.push_pull_interval());
-        }
+        // No periodic announce: its answer is a datagram packed with members (≈ 1.3 KB at
+        // 50 nodes) every interval, the largest part of an idle node's traffic (issue 18),
+        // and the join follow-ups plus the periodic push-pull (fingerprint first) already
+        // fill in the member lists that a join burst left partial.
+        config.periodic_announce = None;
         // Announcing to members believed down is how the two sides of a healed partition
         // find each other again; foca's 65 s left them apart for up to a minute.
         if let Some(announce) = config.periodic_announce_to_down_members.as_mut() {

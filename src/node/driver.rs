@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::catalog::CatalogView;
+use super::limiter::ExchangeLimiter;
 use super::protocol::{connect, exchange, within, Request, Response};
 use super::seeds::Seeds;
 use super::stats::Stats;
@@ -105,6 +106,67 @@ pub(crate) struct Driver<T: Transport> {
     pub(crate) profile: Profile,
     /// Peers whose refusals were already logged.
     pub(crate) warned: std::collections::BTreeSet<SocketAddr>,
+    /// The rate limit of unscheduled exchanges.
+    pub(crate) limits: Limits,
+}
+
+/// Owners whose hinted change waits for the rate limit, at most.
+const MAX_DEFERRED: usize = 256;
+/// How long a deferred fetch is kept; periodic anti-entropy repairs what it misses.
+const DEFERRED_FOR: Duration = Duration::from_secs(30);
+
+/// Rate limits of the exchanges started outside the schedule (see [`super::limiter`]).
+pub(crate) struct Limits {
+    sync: ExchangeLimiter,
+    push_pull: ExchangeLimiter,
+    /// Whether the first refusal was logged.
+    warned: bool,
+    /// Owners whose hinted change could not be fetched yet (limit or no free slot), since
+    /// when: retried on the sync tick.
+    deferred: BTreeMap<String, Instant>,
+}
+
+impl Limits {
+    /// Per peer, one unscheduled exchange of a kind per quarter sync interval (500 ms on a
+    /// LAN); per node a burst of 8, then one anti-entropy round per half sync interval and one
+    /// push-pull per sync interval (LAN: 1/s and 0.5/s, against the storm's 300/s).
+    pub(crate) fn new(profile: Profile) -> Self {
+        let now = Instant::now();
+        let interval = profile.sync_interval();
+        let gap = interval / 4;
+        let per_second = 1.0 / interval.as_secs_f64();
+        Limits {
+            sync: ExchangeLimiter::new(gap, 8, 2.0 * per_second, now),
+            push_pull: ExchangeLimiter::new(gap, 8, per_second, now),
+            warned: false,
+            deferred: BTreeMap::new(),
+        }
+    }
+}
+
+/// The two kinds of TCP exchange, each with its own limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exchange {
+    AntiEntropy,
+    PushPull,
+}
+
+impl std::fmt::Display for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Exchange::AntiEntropy => "anti-entropy",
+            Exchange::PushPull => "push-pull",
+        })
+    }
+}
+
+/// What an exchange start is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// A tick of the schedule: never limited.
+    Scheduled,
+    /// Driven by an event (a hint, a first contact, a follow-up, a member back).
+    Unscheduled,
 }
 
 /// Peers remembered for "logged once" refusals.
@@ -219,8 +281,9 @@ impl<T: Transport> Driver<T> {
                 }
                 _ = sync_tick.tick() => {
                     if let Some(peer) = self.random_peer() {
-                        self.start_sync(peer, &mut tasks);
+                        self.start_sync(peer, &mut tasks, Start::Scheduled);
                     }
+                    self.retry_deferred(&mut tasks);
                     self.housekeeping(&mut progress);
                 }
                 _ = push_pull_tick.tick() => {
@@ -242,7 +305,7 @@ impl<T: Transport> Driver<T> {
                 // Just joined: fetch the whole member list and state instead of waiting.
                 self.push_pull_random(&mut tasks);
                 if let Some(peer) = self.random_peer() {
-                    self.start_sync(peer, &mut tasks);
+                    self.start_sync(peer, &mut tasks, Start::Unscheduled);
                 }
                 followup = Some((Instant::now() + FOLLOWUP_FIRST, FOLLOWUP_FIRST));
             }
@@ -366,18 +429,85 @@ impl<T: Transport> Driver<T> {
                 tracing::debug!(%from, %error, "dropped datagram");
             }
         }
-        // Hints of changes too big to gossip: fetch them from their owner.
+        // Hints of changes too big to gossip: fetch them from their owner. A hint is news
+        // once (see `sync::hints`), and the fetches go through the rate limit.
         let behind = sync::lock(&self.state).take_behind();
-        if !behind.is_empty() {
-            let view = self.view.borrow().clone();
-            for owner in behind {
-                if let Some(member) = view
-                    .members
-                    .iter()
-                    .find(|m| m.name == owner && m.status.is_active())
-                {
-                    self.start_sync(member.addr, tasks);
+        for owner in behind {
+            self.fetch_from(owner, tasks, true);
+        }
+    }
+
+    /// Fetches a hinted change from `owner` if it is a live member; a fetch the limit or
+    /// the number of open exchanges refuses waits for the next sync tick. `fresh`: a new
+    /// hint (refusals are counted), not a deferred one tried again.
+    fn fetch_from(&mut self, owner: String, tasks: &mut JoinSet<Result<Outcome>>, fresh: bool) {
+        let addr = {
+            let view = self.view.borrow();
+            view.members
+                .iter()
+                .find(|m| m.name == owner && m.status.is_active())
+                .map(|m| m.addr)
+        };
+        let Some(addr) = addr else {
+            // Not (or no longer) a live member: periodic anti-entropy brings the change
+            // from whoever has it.
+            self.limits.deferred.remove(&owner);
+            return;
+        };
+        let now = Instant::now();
+        if !fresh && self.limits.sync.check(addr, now).is_err() {
+            return;
+        }
+        if self.start_sync(addr, tasks, Start::Unscheduled) {
+            self.limits.deferred.remove(&owner);
+        } else if !self.limits.deferred.contains_key(&owner) {
+            if self.limits.deferred.len() >= MAX_DEFERRED {
+                self.limits.deferred.pop_first();
+            }
+            self.limits.deferred.insert(owner, now);
+        }
+    }
+
+    /// Tries the deferred fetches again (on the sync tick), forgetting the old ones.
+    fn retry_deferred(&mut self, tasks: &mut JoinSet<Result<Outcome>>) {
+        let now = Instant::now();
+        self.limits
+            .deferred
+            .retain(|_, since| now.saturating_duration_since(*since) < DEFERRED_FOR);
+        let owners: Vec<String> = self.limits.deferred.keys().cloned().collect();
+        for owner in owners {
+            if tasks.len() >= MAX_OUTBOUND {
+                break;
+            }
+            self.fetch_from(owner, tasks, false);
+        }
+    }
+
+    /// Whether an exchange of `kind` may start with `peer`: scheduled ones always, the
+    /// others within the rate limit. A refusal is counted, and the first one logged.
+    fn allowed(&mut self, peer: SocketAddr, start: Start, kind: Exchange) -> bool {
+        if start == Start::Scheduled {
+            return true;
+        }
+        let now = Instant::now();
+        let (limiter, counter) = match kind {
+            Exchange::AntiEntropy => (&mut self.limits.sync, &self.stats.sync_suppressed),
+            Exchange::PushPull => (&mut self.limits.push_pull, &self.stats.push_pull_suppressed),
+        };
+        match limiter.try_start(peer, now) {
+            Ok(()) => true,
+            Err(refusal) => {
+                Stats::add(counter, 1);
+                if !self.limits.warned {
+                    self.limits.warned = true;
+                    tracing::warn!(
+                        %peer,
+                        %refusal,
+                        "rate limit of unscheduled {kind} exchanges reached; suppressed starts \
+                         are counted in grapevine_sync_suppressed_total (logged once)"
+                    );
                 }
+                false
             }
         }
     }
@@ -442,7 +572,12 @@ impl<T: Transport> Driver<T> {
         tasks: &mut JoinSet<Result<Outcome>>,
         kind: PushPullKind,
     ) {
-        if tasks.len() >= MAX_OUTBOUND {
+        // Joins and periodic rounds have their ticks; the others are driven by events.
+        let start = match kind {
+            PushPullKind::Join | PushPullKind::Periodic => Start::Scheduled,
+            PushPullKind::Full => Start::Unscheduled,
+        };
+        if tasks.len() >= MAX_OUTBOUND || !self.allowed(peer, start, Exchange::PushPull) {
             return;
         }
         let request = Request::PushPull(self.membership.push_pull_state());
@@ -468,9 +603,16 @@ impl<T: Transport> Driver<T> {
     }
 
     /// Anti-entropy with `peer`: send our digest, merge what we lacked, send what it lacked.
-    fn start_sync(&mut self, peer: SocketAddr, tasks: &mut JoinSet<Result<Outcome>>) {
-        if tasks.len() >= MAX_OUTBOUND {
-            return;
+    /// Returns whether it started (not if all exchange slots are busy or the rate limit
+    /// refuses an unscheduled one).
+    fn start_sync(
+        &mut self,
+        peer: SocketAddr,
+        tasks: &mut JoinSet<Result<Outcome>>,
+        start: Start,
+    ) -> bool {
+        if tasks.len() >= MAX_OUTBOUND || !self.allowed(peer, start, Exchange::AntiEntropy) {
+            return false;
         }
         let state = self.state.clone();
         let transport = self.transport.clone();
@@ -509,6 +651,7 @@ impl<T: Transport> Driver<T> {
             Stats::add(&stats.sync_ok, 1);
             result
         }));
+        true
     }
 
     /// Periodic upkeep: forget the records of nodes down for longer than the grace period,

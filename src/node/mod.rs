@@ -5,6 +5,7 @@ mod checks;
 pub mod config;
 pub mod control;
 mod driver;
+mod limiter;
 mod persist;
 mod protocol;
 pub mod rpc;
@@ -507,6 +508,7 @@ impl NodeBuilder {
             seeds,
             rng: SmallRng::seed_from_u64(rng_seed.rotate_left(17)),
             warned: Default::default(),
+            limits: driver::Limits::new(self.profile),
         };
         let mut tasks = vec![
             tokio::spawn(driver.run()),

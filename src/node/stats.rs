@@ -69,6 +69,12 @@ counters! {
     sync_ok,
     /// Outbound TCP exchanges (push-pull, anti-entropy) that failed.
     sync_failed,
+    /// Unscheduled anti-entropy rounds (to fetch a hinted change, at first contact) not
+    /// started because the rate limit refused them.
+    sync_suppressed,
+    /// Unscheduled push-pulls (first contact, follow-ups, a member back) not started
+    /// because the rate limit refused them.
+    push_pull_suppressed,
     /// Member events a slow subscriber missed.
     events_lagged,
     /// Sealed datagrams and connections refused (wrong key or label, plaintext, forged).

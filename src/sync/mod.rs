@@ -10,6 +10,10 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod hints;
+
+pub use hints::{HintMemory, MAX_REMEMBERED_HINTS};
+
 use serde::{Deserialize, Serialize};
 
 use crate::membership::{BroadcastBacklog, MAX_BROADCAST_ITEM};
@@ -45,6 +49,7 @@ pub struct Replicated {
     clock: WallClock,
     version: u64,
     behind: BTreeSet<String>,
+    hints: HintMemory,
 }
 
 impl std::fmt::Debug for Replicated {
@@ -67,6 +72,7 @@ impl Replicated {
             clock,
             version: 0,
             behind: BTreeSet::new(),
+            hints: HintMemory::default(),
         }
     }
 
@@ -489,10 +495,13 @@ impl<T: foca::Identity> foca::BroadcastHandler<T> for StateBroadcasts {
                     .catalog
                     .forgotten_epoch(&owner)
                     .is_some_and(|e| e >= epoch);
+                // News once: a hint whose change a fetch could not bring must not
+                // circulate (and start exchanges) for ever; see `hints`.
                 let news = local
                     || (owner != state.catalog.local_owner()
                         && !forgotten
-                        && (epoch, version) > known);
+                        && (epoch, version) > known
+                        && state.hints.catalog_first_seen(&owner, epoch, version));
                 if news && !local {
                     state.behind.insert(owner.clone());
                 }
@@ -526,10 +535,11 @@ impl<T: foca::Identity> foca::BroadcastHandler<T> for StateBroadcasts {
                 origin,
             } => {
                 let news = local
-                    || state
+                    || (state
                         .config
                         .entry(&key)
-                        .is_none_or(|entry| entry.version < version);
+                        .is_none_or(|entry| entry.version < version)
+                        && state.hints.config_first_seen(&key, &version));
                 if news && !local {
                     state.behind.insert(origin);
                 }
@@ -621,5 +631,108 @@ mod backlog_tests {
             lock(&other_state).config.entry("relay/second").is_some(),
             "but applies it"
         );
+    }
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::*;
+    use crate::membership::NodeId;
+    use crate::state::hlc::Timestamp;
+
+    fn receiver() -> (SharedState, StateBroadcasts) {
+        let clock: WallClock = Arc::new(|| 1_800_000_000_000);
+        let state: SharedState = Arc::new(Mutex::new(Replicated::new(
+            "b",
+            1,
+            ConfigStoreOptions::default(),
+            clock,
+        )));
+        (state.clone(), StateBroadcasts::new(state))
+    }
+
+    fn sender() -> NodeId {
+        NodeId {
+            name: "c".into(),
+            addr: ([127, 0, 0, 1], 3).into(),
+            generation: 1,
+        }
+    }
+
+    fn item(item: &GossipItem) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        wire::encode_datagram_into(item, &mut bytes, MAX_BROADCAST_ITEM).unwrap();
+        bytes
+    }
+
+    fn receive(handler: &mut StateBroadcasts, bytes: &[u8]) -> bool {
+        foca::BroadcastHandler::receive_item(handler, bytes, Some(&sender()))
+            .unwrap()
+            .is_some()
+    }
+
+    /// The storm of issue 18: a hint whose change no fetch brings (here: nothing is fetched
+    /// at all) was news at every receipt, so it was relayed for ever and each datagram
+    /// carrying it started another exchange.
+    #[test]
+    fn an_unfetchable_catalog_hint_is_relayed_and_acted_on_once() {
+        let (state, mut handler) = receiver();
+        let hint = item(&GossipItem::CatalogHint {
+            owner: "a".into(),
+            epoch: 7,
+            version: 3,
+        });
+        assert!(receive(&mut handler, &hint), "news the first time");
+        assert_eq!(lock(&state).take_behind().len(), 1);
+        for _ in 0..100 {
+            assert!(!receive(&mut handler, &hint), "never news again");
+            assert!(lock(&state).take_behind().is_empty(), "no second fetch");
+        }
+        let newer = item(&GossipItem::CatalogHint {
+            owner: "a".into(),
+            epoch: 7,
+            version: 4,
+        });
+        assert!(receive(&mut handler, &newer), "a newer change is news");
+        assert_eq!(lock(&state).take_behind().len(), 1);
+    }
+
+    #[test]
+    fn an_unfetchable_config_hint_is_relayed_and_acted_on_once() {
+        let (state, mut handler) = receiver();
+        let version = Version {
+            hlc: Timestamp {
+                wall_ms: 1_800_000_000_000,
+                logical: 0,
+            },
+            writer: "a#1".into(),
+        };
+        let hint = item(&GossipItem::ConfigHint {
+            key: "app/big".into(),
+            version: version.clone(),
+            origin: "a".into(),
+        });
+        assert!(receive(&mut handler, &hint));
+        assert_eq!(lock(&state).take_behind().len(), 1);
+        for _ in 0..100 {
+            assert!(!receive(&mut handler, &hint));
+            assert!(lock(&state).take_behind().is_empty());
+        }
+    }
+
+    #[test]
+    fn a_hint_of_a_change_already_held_is_no_news() {
+        let (state, mut handler) = receiver();
+        let change = lock(&state)
+            .config
+            .set("app/k", "v", 1_800_000_000_000)
+            .unwrap();
+        let hint = item(&GossipItem::ConfigHint {
+            key: "app/k".into(),
+            version: change.version.clone(),
+            origin: "a".into(),
+        });
+        assert!(!receive(&mut handler, &hint));
+        assert!(lock(&state).take_behind().is_empty());
     }
 }

@@ -50,6 +50,7 @@
 //! | `freeze` | one node's links are held for twice the suspicion time, then released | `suspected`, `false_positives`, `frozen_view_downs`, `recovered_s` |
 //! | `churn` | random nodes crash and restart with a higher generation for `duration_s` (default 60 s) | `restarts`, `converged`, `converged_after_s`, `false_positives` |
 //! | `rolling-restart` | every node, one at a time, restarts (1 s down) | `max_unavailable_s`, `max_lookup_gap_s`, `converged` |
+//! | `idle` | nothing, for `duration_s` (default 30 s) after the join | `anti_entropy_max_per_node`, `anti_entropy_allowed_per_node`, `nodes_over_schedule`, `push_pulls`, `push_pulls_allowed`, `suppressed`, `idle_bytes_per_node_per_s` |
 //! | `rpc` | a client calls a service served on several nodes while instances crash and restart, for `duration_s` (default 60 s) | `calls_ok`, `calls_failed`, `availability`, `call_p50_ms`, `call_p99_ms`, `call_max_ms` |
 //!
 //! Every report also has `bytes_per_node_per_s` and `packets_per_node_per_s`.
@@ -116,8 +117,9 @@ const CALL_PERIOD: Duration = Duration::from_millis(20);
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The scenarios this tier runs.
-pub const SCENARIOS: [&str; 9] = [
+pub const SCENARIOS: [&str; 10] = [
     "converge",
+    "idle",
     "crash",
     "leave",
     "partition",
@@ -151,6 +153,7 @@ pub fn run(options: &Options) -> Result<Report, String> {
     }
     match options.scenario.as_str() {
         "converge" => converge(options),
+        "idle" => idle(options),
         "crash" => crash(options),
         "leave" => leave(options),
         "partition" => partition(options),
@@ -225,6 +228,57 @@ fn converge(options: &Options) -> Result<Report, String> {
     let (full, skipped) = idle.push_pulls();
     out.set("idle_push_pull_full", full);
     out.set("idle_push_pull_skipped", skipped);
+    Ok(c.finish(out))
+}
+
+/// Simultaneous start, then nothing at all: every node's exchanges must keep to their
+/// schedule (issue 18: an idle cluster once ran an exchange after every datagram). Counted
+/// from the moment every node sees every other alive, so the join's own exchanges (first
+/// contact, three follow-ups) are in the window and in the allowance.
+fn idle(options: &Options) -> Result<Report, String> {
+    let mut c = Cluster::new(options, |_| Plan::default());
+    let n = c.n();
+    let mut out = Figures::default();
+    c.join(&mut out)?;
+    let window = Duration::from_secs_f64(options.duration_s.unwrap_or(30.0));
+    let before = c.live_stats();
+    c.run_for(window)?;
+    let after = c.live_stats();
+    let ticks = |interval: Duration| (window.as_secs_f64() / interval.as_secs_f64()).ceil() + 1.0;
+    // One round per tick, one more at first contact.
+    let allowed = ticks(PROFILE.sync_interval()) + 1.0;
+    let mut max = 0.0f64;
+    let mut over = 0.0;
+    let (mut push_pulls, mut suppressed) = (0u64, 0u64);
+    for (b, a) in before.iter().zip(&after) {
+        let rounds = ((a.sync_ok + a.sync_failed) - (b.sync_ok + b.sync_failed)) as f64;
+        max = max.max(rounds);
+        if rounds > allowed {
+            over += 1.0;
+        }
+        push_pulls +=
+            (a.push_pull_ok + a.push_pull_skipped) - (b.push_pull_ok + b.push_pull_skipped);
+        suppressed += (a.sync_suppressed + a.push_pull_suppressed)
+            - (b.sync_suppressed + b.push_pull_suppressed);
+    }
+    let bytes: u64 = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| Traffic::of(a).minus(Traffic::of(b)).bytes())
+        .sum();
+    out.set("anti_entropy_max_per_node", max);
+    out.set("anti_entropy_allowed_per_node", allowed);
+    out.set("nodes_over_schedule", over);
+    // Both ends count a push-pull.
+    out.set("push_pulls", (push_pulls / 2) as f64);
+    // Per node: one per tick, a join push-pull, first contact and three follow-ups.
+    let push_pulls_allowed = n as f64 * (ticks(PROFILE.push_pull_interval()) + 5.0);
+    out.set("push_pulls_allowed", push_pulls_allowed);
+    out.set("suppressed", suppressed as f64);
+    out.set(
+        "idle_bytes_per_node_per_s",
+        bytes as f64 / n as f64 / window.as_secs_f64(),
+    );
     Ok(c.finish(out))
 }
 
@@ -1296,6 +1350,16 @@ impl Cluster {
             }
         }
         total
+    }
+
+    /// The counters of every host's current node, in host order.
+    fn live_stats(&self) -> Vec<StatsSnapshot> {
+        let record = lock(&self.record);
+        record
+            .hosts
+            .iter()
+            .map(|slot| slot.node.as_ref().map(|n| n.stats()).unwrap_or_default())
+            .collect()
     }
 
     fn lagged(&self) -> u64 {
