@@ -362,6 +362,10 @@ async fn run(cli: Cli) -> grapevine::Result<ExitCode> {
                 for (key, value) in info.stats.named() {
                     println!("{key:<20} {value}");
                 }
+                // Counters of components layered on the node (the DNS interface).
+                for (key, value) in &info.extra {
+                    println!("{key:<20} {value}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
