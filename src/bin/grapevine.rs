@@ -198,6 +198,56 @@ struct AgentArgs {
     #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, num_args = 0..=1,
           default_missing_value = "127.0.0.1:8500")]
     http: Option<SocketAddr>,
+    /// Answer DNS queries for the catalog on this address, UDP and TCP (default
+    /// 127.0.0.1:8600 when given bare): `dig @127.0.0.1 -p 8600 web.service.consul SRV`.
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, num_args = 0..=1,
+          default_missing_value = grapevine::dns::DEFAULT_ADDR)]
+    dns: Option<SocketAddr>,
+    /// The domain the DNS interface answers for; every other name is refused.
+    #[arg(long, value_name = "DOMAIN", default_value = grapevine::dns::DEFAULT_DOMAIN, requires = "dns")]
+    dns_domain: String,
+    /// TTL of DNS answers (seconds, or with a unit: 30s, 5m, 1h); 0 means never cached.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0", requires = "dns")]
+    dns_ttl: Duration,
+    /// TTL of one service's DNS answers, NAME=DURATION; NAME may end in `*` (a prefix).
+    /// Repeatable.
+    #[arg(long = "dns-service-ttl", value_name = "NAME=DURATION", value_parser = parse_service_ttl, requires = "dns")]
+    dns_service_ttl: Vec<(String, Duration)>,
+}
+
+/// `30`, `30s`, `5m`, `1h`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 30, 30s, 5m or 1h"))?;
+    let seconds = match unit {
+        "s" => value,
+        "m" => value.saturating_mul(60),
+        "h" => value.saturating_mul(3600),
+        _ => {
+            return Err(format!(
+                "{text:?} is not a duration such as 30, 30s, 5m or 1h"
+            ))
+        }
+    };
+    if seconds > u64::from(u32::MAX) {
+        return Err(format!("{text:?} is longer than a DNS TTL can be"));
+    }
+    Ok(Duration::from_secs(seconds))
+}
+
+fn parse_service_ttl(text: &str) -> Result<(String, Duration), String> {
+    let (name, ttl) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=DURATION"))?;
+    if name.is_empty() {
+        return Err(format!("{text:?} names no service"));
+    }
+    Ok((name.to_string(), parse_duration(ttl)?))
 }
 
 fn parse_service(text: &str) -> Result<Service, String> {
@@ -714,10 +764,30 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
         ),
         None => None,
     };
+    let dns = match args.dns {
+        Some(addr) => {
+            let options = grapevine::dns::DnsOptions {
+                domain: args.dns_domain.clone(),
+                ttl: args.dns_ttl,
+                node_ttl: args.dns_ttl,
+                service_ttl: args.dns_service_ttl.iter().cloned().collect(),
+                ..Default::default()
+            };
+            Some(
+                grapevine::dns::DnsServer::bind(node.clone(), addr, options)
+                    .await
+                    .map_err(|error| grapevine::Error::Config(error.to_string()))?,
+            )
+        }
+        None => None,
+    };
     tracing::info!(addr = %node.addr(), "agent running; press Ctrl-C to leave");
     wait_for_signal().await;
     tracing::info!("leaving the cluster");
-    // The HTTP API stops first: its watchers end before the node they read goes away.
+    // The HTTP API and DNS stop first: their readers end before the node goes away.
+    if let Some(dns) = dns {
+        dns.shutdown().await;
+    }
     if let Some(http) = http {
         http.shutdown().await;
     }
