@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run an agent until interrupted (SIGINT/SIGTERM), then leave the cluster gracefully.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// List the members a running agent sees.
     Members {
         /// The agent to ask (its gossip/TCP address).
@@ -348,7 +348,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> grapevine::Result<ExitCode> {
     match cli.command {
-        Command::Agent(args) => agent(args).await,
+        Command::Agent(args) => agent(*args).await,
         Command::Members { agent, json } => {
             let members = control::members(agent).await?;
             if json {
