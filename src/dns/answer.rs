@@ -879,6 +879,37 @@ mod tests {
         assert_eq!(answer.edns.map(|e| e.version()), Some(0));
     }
 
+    proptest::proptest! {
+        /// Any bytes, and valid queries with bytes flipped: an answer within the
+        /// transport's size, or a drop; never a panic.
+        #[test]
+        fn any_packet_is_answered_within_limits_or_dropped(
+            noise in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            flips in proptest::collection::vec((0usize..64, proptest::num::u8::ANY), 0..4),
+            qtype in proptest::sample::select(vec![RecordType::A, RecordType::SRV, RecordType::ANY]),
+        ) {
+            let mut dir = Fixture::with_nodes(30);
+            for i in 1..=30 {
+                dir.add("web", &format!("n{i}"), 80, &["v1"], Health::Passing, None);
+            }
+            let r = responder(DnsOptions::default());
+            let mut packet = query("_web._v1.service.consul.", qtype, Some(700));
+            for (at, byte) in flips {
+                if let Some(b) = packet.get_mut(at) {
+                    *b ^= byte;
+                }
+            }
+            for bytes in [&noise, &packet] {
+                for (transport, limit) in [(Transport::Udp, 4096), (Transport::Tcp, MAX_TCP_MESSAGE)] {
+                    if let Some(reply) = r.respond(&dir, bytes, transport) {
+                        proptest::prop_assert!(reply.len() <= limit);
+                        proptest::prop_assert!(Message::from_vec(&reply).is_ok());
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_bad_domain_is_refused() {
         for domain in [".", "", "a..b"] {
