@@ -768,6 +768,8 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
         Some(addr) => {
             let options = grapevine::dns::DnsOptions {
                 domain: args.dns_domain.clone(),
+                // Consul's datacenter is the cluster label: `web.service.LABEL.consul`.
+                datacenter: Some(args.cluster_label.clone()),
                 ttl: args.dns_ttl,
                 node_ttl: args.dns_ttl,
                 service_ttl: args.dns_service_ttl.iter().cloned().collect(),
