@@ -362,6 +362,19 @@ async fn limits_hold_and_bad_packets_are_counted() {
     }
     let (ok, _) = udp_query(server, "web.service.consul.", RecordType::A).await;
     assert_eq!(ok.answers.len(), 1);
+    // Catalog names are case-sensitive, DNS names are not.
+    node.register(Service::new("Mixed", "mixed-1", 81))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (mixed, _) = udp_query(server, "mIXED.service.consul.", RecordType::A).await;
+        if mixed.answers.len() == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{mixed:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(dns.stats().malformed_dropped, 3);
 
     // Two connections held open; the third is closed at once.

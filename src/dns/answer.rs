@@ -25,8 +25,9 @@ pub(crate) trait Directory {
     /// Instances of the service named exactly `service` on live nodes, whatever their
     /// health.
     fn instances(&self, service: &str) -> Vec<Instance>;
-    /// Names of the services with an instance on a live node.
-    fn service_names(&self) -> Vec<String>;
+    /// Names of the services with an instance on a live node that equal `name` but for
+    /// ASCII case.
+    fn names_like(&self, name: &str) -> Vec<String>;
     /// The member list.
     fn members(&self) -> Vec<Member>;
 }
@@ -297,8 +298,8 @@ impl Responder {
         let mut instances = directory.instances(name);
         if instances.is_empty() {
             // DNS names are case-insensitive; catalog names are not.
-            for other in directory.service_names() {
-                if other != name && other.eq_ignore_ascii_case(name) {
+            for other in directory.names_like(name) {
+                if other != name {
                     instances.extend(directory.instances(&other));
                 }
             }
@@ -558,11 +559,11 @@ pub(crate) mod fixture {
                 .collect()
         }
 
-        fn service_names(&self) -> Vec<String> {
+        fn names_like(&self, name: &str) -> Vec<String> {
             let names: std::collections::BTreeSet<String> = self
                 .instances
                 .iter()
-                .filter(|i| i.node_status.is_active())
+                .filter(|i| i.node_status.is_active() && i.service.eq_ignore_ascii_case(name))
                 .map(|i| i.service.clone())
                 .collect();
             names.into_iter().collect()

@@ -140,22 +140,52 @@ const PORT_ATTEMPTS: usize = 16;
 /// How long a shutdown waits for the tasks.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// Service names by their lowercase form.
+type FoldedNames = Arc<BTreeMap<String, Vec<String>>>;
+
 /// The catalog and members of a running node.
-struct NodeDirectory(Arc<Node>);
+struct NodeDirectory {
+    node: Arc<Node>,
+    /// Service names by their lowercase form, and the catalog index they were read at:
+    /// rebuilt only when the catalog changed, so that a flood of misses costs a map lookup
+    /// each, not a walk of the catalog.
+    folded: std::sync::Mutex<(Option<u64>, FoldedNames)>,
+}
 
 impl Directory for NodeDirectory {
     fn instances(&self, service: &str) -> Vec<Instance> {
-        self.0
+        self.node
             .catalog()
             .lookup_with(service, &Query::default().include_unhealthy())
     }
 
-    fn service_names(&self) -> Vec<String> {
-        self.0.catalog().services().into_keys().collect()
+    fn names_like(&self, name: &str) -> Vec<String> {
+        let catalog = self.node.catalog();
+        let index = catalog.index();
+        let folded = {
+            let mut folded = self
+                .folded
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if folded.0 != Some(index) {
+                let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for service in catalog.services().into_keys() {
+                    map.entry(service.to_ascii_lowercase())
+                        .or_default()
+                        .push(service);
+                }
+                *folded = (Some(index), Arc::new(map));
+            }
+            folded.1.clone()
+        };
+        folded
+            .get(&name.to_ascii_lowercase())
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn members(&self) -> Vec<Member> {
-        self.0.members()
+        self.node.members()
     }
 }
 
@@ -202,7 +232,10 @@ impl DnsServer {
         node.add_stats_source(Arc::downgrade(&source));
         let shutdown = CancellationToken::new();
         let serving = Arc::new(Serving {
-            directory: NodeDirectory(node),
+            directory: NodeDirectory {
+                node,
+                folded: Default::default(),
+            },
             responder,
             options,
             shutdown: shutdown.clone(),
