@@ -91,3 +91,9 @@ pub fn catalog_merge(bytes: &[u8]) {
     let _ = b.merge(&a);
     let _ = b.apply_sync(a.deltas_for(&b.digest(), 1 << 20));
 }
+
+/// A DNS query packet as the DNS interface answers it, over UDP and over TCP, against a
+/// small fixed catalog.
+pub fn dns_query(bytes: &[u8]) {
+    crate::dns::fuzz_query(bytes);
+}

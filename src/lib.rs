@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod dns;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;

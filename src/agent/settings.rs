@@ -17,6 +17,9 @@
 //! keyring = "/etc/grapevine/keyring.json"   # or: encrypt = "BASE64KEY"
 //! config_file = "/etc/grapevine/keys.toml"  # config keys imported at start
 //! allow_remote_control = false
+//! dns = "127.0.0.1:8600"
+//! dns_domain = "consul."
+//! dns_service_ttl = ["web=30s"]
 //!
 //! [[service]]
 //! name = "web"
@@ -122,6 +125,15 @@ pub struct AgentSettings {
     pub http: Option<String>,
     /// `--data-dir`.
     pub data_dir: Option<PathBuf>,
+    /// `--dns`.
+    pub dns: Option<String>,
+    /// `--dns-domain`.
+    pub dns_domain: Option<String>,
+    /// `--dns-ttl`.
+    pub dns_ttl: Option<String>,
+    /// `--dns-service-ttl` (a list of `NAME=DURATION`).
+    #[serde(default)]
+    pub dns_service_ttl: Vec<String>,
 }
 
 /// One `[[service]]` table.

@@ -210,6 +210,38 @@ struct AgentArgs {
     #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, num_args = 0..=1,
           default_missing_value = "127.0.0.1:8500")]
     http: Option<SocketAddr>,
+    /// Answer DNS queries for the catalog on this address, UDP and TCP (default
+    /// 127.0.0.1:8600 when given bare): `dig @127.0.0.1 -p 8600 web.service.consul SRV`.
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, num_args = 0..=1,
+          default_missing_value = grapevine::dns::DEFAULT_ADDR)]
+    dns: Option<SocketAddr>,
+    /// The domain the DNS interface answers for; every other name is refused.
+    /// [default: consul.]
+    #[arg(long, value_name = "DOMAIN")]
+    dns_domain: Option<String>,
+    /// TTL of DNS answers (seconds, or with a unit: 30s, 5m, 1h); 0 means never cached
+    /// [default: 0].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    dns_ttl: Option<Duration>,
+    /// TTL of one service's DNS answers, NAME=DURATION; NAME may end in `*` (a prefix).
+    /// Repeatable.
+    #[arg(long = "dns-service-ttl", value_name = "NAME=DURATION", value_parser = parse_service_ttl)]
+    dns_service_ttl: Vec<(String, Duration)>,
+}
+
+/// `30`, `30s`, `5m`, `1h` (Consul's durations; a bare number is seconds).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    grapevine::http::parse_duration(text).map_err(|error| format!("{text:?}: {error}"))
+}
+
+fn parse_service_ttl(text: &str) -> Result<(String, Duration), String> {
+    let (name, ttl) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=DURATION"))?;
+    if name.is_empty() {
+        return Err(format!("{text:?} names no service"));
+    }
+    Ok((name.to_string(), parse_duration(ttl)?))
 }
 
 fn parse_service(text: &str) -> Result<Service, String> {
@@ -372,6 +404,10 @@ async fn run(cli: Cli) -> grapevine::Result<ExitCode> {
                 println!("generation: {}", info.generation);
                 println!("profile:    {:?}", info.profile);
                 for (key, value) in info.stats.named() {
+                    println!("{key:<20} {value}");
+                }
+                // Counters of components layered on the node (the DNS interface).
+                for (key, value) in &info.extra {
                     println!("{key:<20} {value}");
                 }
             }
@@ -642,6 +678,10 @@ struct AgentSetup {
     cluster_label: String,
     http: Option<SocketAddr>,
     data_dir: Option<std::path::PathBuf>,
+    dns: Option<SocketAddr>,
+    dns_domain: String,
+    dns_ttl: Duration,
+    dns_service_ttl: Vec<(String, Duration)>,
 }
 
 /// Merges the flags over the `--config` file: a flag given wins; lists given on the command
@@ -703,6 +743,24 @@ fn agent_setup(args: AgentArgs) -> grapevine::Result<AgentSetup> {
         (None, Some(text)) => Some(parse_addr(text).map_err(|e| field("http", e))?),
         (None, None) => None,
     };
+    let dns = match (args.dns, &file.dns) {
+        (Some(addr), _) => Some(addr),
+        (None, Some(text)) => Some(parse_addr(text).map_err(|e| field("dns", e))?),
+        (None, None) => None,
+    };
+    let dns_ttl = match (args.dns_ttl, &file.dns_ttl) {
+        (Some(ttl), _) => ttl,
+        (None, Some(text)) => parse_duration(text).map_err(|e| field("dns_ttl", e))?,
+        (None, None) => Duration::ZERO,
+    };
+    let dns_service_ttl = if args.dns_service_ttl.is_empty() {
+        file.dns_service_ttl
+            .iter()
+            .map(|text| parse_service_ttl(text).map_err(|e| field("dns_service_ttl", e)))
+            .collect::<grapevine::Result<_>>()?
+    } else {
+        args.dns_service_ttl
+    };
     let (encrypt, keyring) = match (args.encrypt, args.keyring) {
         (None, None) => (file.encrypt, file.keyring),
         given => given,
@@ -731,6 +789,13 @@ fn agent_setup(args: AgentArgs) -> grapevine::Result<AgentSetup> {
             .unwrap_or_else(|| grapevine::node::DEFAULT_CLUSTER_LABEL.to_string()),
         http,
         data_dir: args.data_dir.or(file.data_dir),
+        dns,
+        dns_domain: args
+            .dns_domain
+            .or(file.dns_domain)
+            .unwrap_or_else(|| grapevine::dns::DEFAULT_DOMAIN.to_string()),
+        dns_ttl,
+        dns_service_ttl,
     })
 }
 
@@ -824,10 +889,32 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
         ),
         None => None,
     };
+    let dns = match args.dns {
+        Some(addr) => {
+            let options = grapevine::dns::DnsOptions {
+                domain: args.dns_domain.clone(),
+                // Consul's datacenter is the cluster label: `web.service.LABEL.consul`.
+                datacenter: Some(args.cluster_label.clone()),
+                ttl: args.dns_ttl,
+                node_ttl: args.dns_ttl,
+                service_ttl: args.dns_service_ttl.iter().cloned().collect(),
+                ..Default::default()
+            };
+            Some(
+                grapevine::dns::DnsServer::bind(node.clone(), addr, options)
+                    .await
+                    .map_err(|error| grapevine::Error::Config(error.to_string()))?,
+            )
+        }
+        None => None,
+    };
     tracing::info!(addr = %node.addr(), "agent running; press Ctrl-C to leave");
     wait_for_signal().await;
     tracing::info!("leaving the cluster");
-    // The HTTP API stops first: its watchers end before the node they read goes away.
+    // The HTTP API and DNS stop first: their readers end before the node goes away.
+    if let Some(dns) = dns {
+        dns.shutdown().await;
+    }
     if let Some(http) = http {
         http.shutdown().await;
     }

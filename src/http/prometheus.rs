@@ -219,6 +219,10 @@ impl Metrics {
         });
         let mut text = self.handle.render();
         render_rpc(&node.rpc_metrics(), &mut text);
+        // Components layered on the node (the DNS interface) render their own families.
+        for source in node.stats_sources() {
+            source.render_prometheus(&mut text);
+        }
         text
     }
 }

@@ -1,5 +1,6 @@
 //! Control requests: what the `grapevine` CLI asks a running agent over its TCP port.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -131,6 +132,7 @@ pub enum ControlResponse {
 
 /// Identity and counters of a node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(into = "NodeInfoWire", from = "NodeInfoWire")]
 pub struct NodeInfo {
     /// Node name.
     pub name: String,
@@ -140,9 +142,47 @@ pub struct NodeInfo {
     pub generation: u64,
     /// Timing profile.
     pub profile: Profile,
-    /// Traffic counters, by name on the wire (see `stats::by_name`).
-    #[serde(with = "super::stats::by_name")]
+    /// Traffic counters.
     pub stats: StatsSnapshot,
+    /// Counters of components layered on the node (see [`super::StatsSource`]), by name.
+    pub extra: BTreeMap<String, u64>,
+}
+
+/// [`NodeInfo`] on the wire: every counter in one map by name (see `stats::by_name`), so
+/// that builds with different counters still understand each other.
+#[derive(Serialize, Deserialize)]
+struct NodeInfoWire {
+    name: String,
+    addr: SocketAddr,
+    generation: u64,
+    profile: Profile,
+    stats: BTreeMap<String, u64>,
+}
+
+impl From<NodeInfo> for NodeInfoWire {
+    fn from(info: NodeInfo) -> Self {
+        NodeInfoWire {
+            stats: super::stats::by_name::to_map(&info.stats, &info.extra),
+            name: info.name,
+            addr: info.addr,
+            generation: info.generation,
+            profile: info.profile,
+        }
+    }
+}
+
+impl From<NodeInfoWire> for NodeInfo {
+    fn from(wire: NodeInfoWire) -> Self {
+        let (stats, extra) = super::stats::by_name::from_map(wire.stats);
+        NodeInfo {
+            name: wire.name,
+            addr: wire.addr,
+            generation: wire.generation,
+            profile: wire.profile,
+            stats,
+            extra,
+        }
+    }
 }
 
 /// Default time a control request may take.

@@ -27,7 +27,7 @@ pub use catalog::{CatalogHandle, Instance, Query, ServiceSummary, ServiceWatch};
 pub use checks::{Check, ServiceHandle};
 pub use config::{ConfigEvent, ConfigHandle, ConfigWatch};
 pub use seeds::{InvalidSeed, SeedName};
-pub use stats::StatsSnapshot;
+pub use stats::{StatsSnapshot, StatsSource};
 
 /// Decodes a request frame as a node's TCP port does (for fuzzing).
 #[doc(hidden)]
@@ -92,6 +92,8 @@ pub(crate) struct Shared {
     pub(crate) saved: Option<watch::Receiver<persist::Saved>>,
     /// Memory for inbound frames still arriving, shared by every accepted connection.
     pub(crate) frame_budget: Arc<crate::wire::FrameBudget>,
+    /// Counters of components layered on the node, held weakly.
+    pub(crate) stats_sources: Mutex<Vec<std::sync::Weak<dyn StatsSource>>>,
 }
 
 impl Shared {
@@ -108,6 +110,24 @@ impl Shared {
         }
         stats.tcp_refused_budget = self.frame_budget.refused();
         stats
+    }
+
+    /// The layered components still running.
+    pub(crate) fn stats_sources(&self) -> Vec<Arc<dyn StatsSource>> {
+        let mut sources = locked(&self.stats_sources);
+        sources.retain(|source| source.strong_count() > 0);
+        sources
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect()
+    }
+
+    /// Their counters, by name.
+    pub(crate) fn extra_counters(&self) -> BTreeMap<String, u64> {
+        self.stats_sources()
+            .iter()
+            .flat_map(|source| source.counters())
+            .collect()
     }
 
     pub(crate) fn change_keys(&self, op: &control::KeyOp) -> Result<Keyring> {
@@ -472,6 +492,7 @@ impl NodeBuilder {
             store: Mutex::new(store.as_ref().map(|(store, _)| store.clone())),
             saved,
             frame_budget: crate::wire::FrameBudget::new(crate::wire::frames::DEFAULT_FRAME_BUDGET),
+            stats_sources: Mutex::new(Vec::new()),
         });
         shared.rpc.add(rpc::builtin_service(&shared));
         let resolver = Arc::new(rpc::CatalogResolver {
@@ -868,6 +889,17 @@ impl Node {
     /// Counters of traffic sent, received and dropped.
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats_snapshot()
+    }
+
+    /// Shows a layered component's counters beside the node's, in `grapevine info` and the
+    /// HTTP API's `/metrics`, for as long as the source is alive (it is held weakly).
+    pub fn add_stats_source(&self, source: std::sync::Weak<dyn StatsSource>) {
+        locked(&self.shared.stats_sources).push(source);
+    }
+
+    /// The layered components' stats sources that are still alive.
+    pub fn stats_sources(&self) -> Vec<Arc<dyn StatsSource>> {
+        self.shared.stats_sources()
     }
 
     /// Saves the keyring to `path` after every change (e.g. a rotation from the CLI).

@@ -286,6 +286,7 @@ async fn control<T: Transport>(
                 generation: view.identity.generation,
                 profile: view.profile,
                 stats: shared.stats_snapshot(),
+                extra: shared.extra_counters(),
             })
         }
         ControlRequest::Services { service } => {

@@ -95,51 +95,66 @@ impl Stats {
     }
 }
 
+/// Counters of a component layered on a node (such as the DNS interface), shown beside the
+/// node's own: `grapevine info` lists [`StatsSource::counters`], `/metrics` appends
+/// [`StatsSource::render_prometheus`]. The node holds sources weakly (see
+/// [`crate::Node::add_stats_source`]): a component that stops drops out on its own.
+pub trait StatsSource: Send + Sync {
+    /// Named counters, `snake_case` and prefixed with the component (`dns_queries`).
+    fn counters(&self) -> Vec<(String, u64)>;
+    /// Prometheus text-format families, each with its `# HELP` and `# TYPE` lines.
+    fn render_prometheus(&self, out: &mut String);
+}
+
 /// Counters as a map from name to value, for the control protocol: a CLI and an agent of
 /// different builds still understand each other (counters one side lacks read as 0 or are
-/// skipped), and `grapevine info --json` prints an object.
+/// kept apart as extra counters), and `grapevine info --json` prints an object.
 pub(crate) mod by_name {
     use std::collections::BTreeMap;
 
-    use serde::ser::SerializeMap;
-    use serde::{Deserialize, Deserializer, Serializer};
-
     use super::StatsSnapshot;
 
-    pub(crate) fn serialize<S: Serializer>(
+    /// The node's counters and the extra ones, in one map.
+    pub(crate) fn to_map(
         stats: &StatsSnapshot,
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
-        let named = stats.named();
-        let mut map = serializer.serialize_map(Some(named.len()))?;
-        for (name, value) in named {
-            map.serialize_entry(name, &value)?;
+        extra: &BTreeMap<String, u64>,
+    ) -> BTreeMap<String, u64> {
+        let mut map = extra.clone();
+        for (name, value) in stats.named() {
+            map.insert(name.to_string(), value);
         }
-        map.end()
+        map
     }
 
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<StatsSnapshot, D::Error> {
-        let map = BTreeMap::<String, u64>::deserialize(deserializer)?;
+    /// Splits a map into the counters this build knows and the others (those of layered
+    /// components, or of a newer build).
+    pub(crate) fn from_map(map: BTreeMap<String, u64>) -> (StatsSnapshot, BTreeMap<String, u64>) {
         let mut stats = StatsSnapshot::default();
+        let mut extra = BTreeMap::new();
         for (name, value) in map {
-            // A newer agent's counter this build does not know: skipped.
-            stats.set_named(&name, value);
+            if !stats.set_named(&name, value) {
+                extra.insert(name, value);
+            }
         }
-        Ok(stats)
+        (stats, extra)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::control::NodeInfo;
     use crate::wire;
 
-    #[derive(Serialize, Deserialize, Debug, PartialEq)]
-    struct Carrier {
-        #[serde(with = "by_name")]
-        stats: StatsSnapshot,
+    fn info(stats: StatsSnapshot, extra: &[(&str, u64)]) -> NodeInfo {
+        NodeInfo {
+            name: "n".into(),
+            addr: ([127, 0, 0, 1], 7946).into(),
+            generation: 1,
+            profile: crate::Profile::Lan,
+            stats,
+            extra: extra.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
     }
 
     #[test]
@@ -149,23 +164,33 @@ mod tests {
             stalls: 3,
             ..StatsSnapshot::default()
         };
-        let carrier = Carrier { stats };
+        let sent = info(stats, &[("dns_queries", 9)]);
         let mut bytes = Vec::new();
-        wire::encode_datagram_into(&carrier, &mut bytes, wire::MAX_DATAGRAM).unwrap();
-        let (back, _): (Carrier, usize) = wire::decode_datagram_prefix(&bytes).unwrap();
-        assert_eq!(back, carrier);
+        wire::encode_datagram_into(&sent, &mut bytes, wire::MAX_DATAGRAM).unwrap();
+        let (back, _): (NodeInfo, usize) = wire::decode_datagram_prefix(&bytes).unwrap();
+        assert_eq!(back.stats, sent.stats);
+        assert_eq!(back.extra, sent.extra);
 
         // An agent of another build: one counter this build lacks, most of ours missing.
         let mut other: std::collections::BTreeMap<String, u64> = Default::default();
         other.insert("udp_received".into(), 11);
         other.insert("counter_of_a_newer_build".into(), 5);
+        let older = (
+            "n".to_string(),
+            std::net::SocketAddr::from(([127, 0, 0, 1], 7946)),
+            1u64,
+            crate::Profile::Lan,
+            other,
+        );
         let mut bytes = Vec::new();
-        wire::encode_datagram_into(&(other,), &mut bytes, wire::MAX_DATAGRAM).unwrap();
-        let (back, _): (Carrier, usize) = wire::decode_datagram_prefix(&bytes).unwrap();
+        wire::encode_datagram_into(&older, &mut bytes, wire::MAX_DATAGRAM).unwrap();
+        let (back, _): (NodeInfo, usize) = wire::decode_datagram_prefix(&bytes).unwrap();
         assert_eq!(back.stats.udp_received, 11);
         assert_eq!(back.stats.stalls, 0);
+        assert_eq!(back.extra.get("counter_of_a_newer_build"), Some(&5));
 
-        let json = serde_json::to_value(&carrier).unwrap();
+        let json = serde_json::to_value(&sent).unwrap();
         assert_eq!(json["stats"]["stalls"], 3);
+        assert_eq!(json["stats"]["dns_queries"], 9);
     }
 }
