@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run an agent until interrupted (SIGINT/SIGTERM), then leave the cluster gracefully.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// List the members a running agent sees.
     Members {
         /// The agent to ask (its gossip/TCP address).
@@ -193,11 +193,18 @@ struct AgentArgs {
     /// Label bound into every sealed message: clusters with different labels never mix.
     #[arg(long, default_value = grapevine::node::DEFAULT_CLUSTER_LABEL)]
     cluster_label: String,
-    /// Serve the sidecar HTTP API, /metrics and the status page on this address (default
-    /// 127.0.0.1:8500 when given bare). A non-loopback address needs --allow-remote-control.
+    /// Serve the Consul-compatible HTTP API, /metrics and the status page on this address
+    /// (default 127.0.0.1:8500 when given bare). A non-loopback address needs a token.
     #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, num_args = 0..=1,
           default_missing_value = "127.0.0.1:8500")]
     http: Option<SocketAddr>,
+    /// Require this token on every HTTP request (X-Consul-Token, Authorization: Bearer, or
+    /// ?token=); others get 403.
+    #[arg(long, value_name = "TOKEN", conflicts_with = "http_token_file")]
+    http_token: Option<String>,
+    /// Read the HTTP token from this file (first line), keeping it out of `ps`.
+    #[arg(long, value_name = "FILE")]
+    http_token_file: Option<std::path::PathBuf>,
 }
 
 fn parse_service(text: &str) -> Result<Service, String> {
@@ -298,7 +305,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> grapevine::Result<ExitCode> {
     match cli.command {
-        Command::Agent(args) => agent(args).await,
+        Command::Agent(args) => agent(*args).await,
         Command::Members { agent, json } => {
             let members = control::members(agent).await?;
             if json {
@@ -668,11 +675,31 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
             .keyring(keyring)
             .cluster_label(args.cluster_label.clone());
     }
+    let http_token = match (&args.http_token, &args.http_token_file) {
+        (Some(token), _) => Some(token.clone()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| {
+                    grapevine::Error::Config(format!("--http-token-file {}: {e}", path.display()))
+                })?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    if http_token.as_deref().is_some_and(str::is_empty) {
+        return Err(grapevine::Error::Config(
+            "the HTTP token is empty; give a non-empty --http-token".to_string(),
+        ));
+    }
     if let Some(addr) = args.http {
-        if !addr.ip().is_loopback() && !args.allow_remote_control {
+        if !addr.ip().is_loopback() && http_token.is_none() {
             return Err(grapevine::Error::Config(format!(
-                "--http {addr} is not a loopback address; the API has no authentication, so \
-                 also pass --allow-remote-control to expose it"
+                "--http {addr} is not a loopback address; give --http-token (or \
+                 --http-token-file) so that only holders of the token reach the API"
             )));
         }
     }
@@ -704,14 +731,38 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
     }
     let http = match args.http {
         Some(addr) => Some(
-            grapevine::http::HttpServer::start(node.clone(), addr, Default::default())
-                .await
-                .map_err(|error| grapevine::Error::Config(error.to_string()))?,
+            grapevine::http::HttpServer::start(
+                node.clone(),
+                addr,
+                grapevine::http::HttpOptions {
+                    datacenter: args.cluster_label.clone(),
+                    token: http_token.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|error| grapevine::Error::Config(error.to_string()))?,
         ),
         None => None,
     };
     tracing::info!(addr = %node.addr(), "agent running; press Ctrl-C to leave");
-    wait_for_signal().await;
+    let left = async {
+        match &http {
+            Some(http) => http.left().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        () = left => {
+            tracing::info!("left the cluster on request of the HTTP API (PUT /v1/agent/leave)");
+            if let Some(http) = http {
+                http.shutdown().await;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        () = wait_for_signal() => {}
+    }
     tracing::info!("leaving the cluster");
     // The HTTP API stops first: its watchers end before the node they read goes away.
     if let Some(http) = http {

@@ -32,7 +32,10 @@ enum CheckKind {
     Tcp {
         interval: Duration,
         timeout: Duration,
+        /// Where to connect; the instance's own address and port when `None`.
+        target: Option<SocketAddr>,
     },
+    Http(HttpCheck),
     Ttl(Duration),
     Custom {
         interval: Duration,
@@ -43,11 +46,17 @@ enum CheckKind {
 impl std::fmt::Debug for Check {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
-            CheckKind::Tcp { interval, timeout } => f
+            CheckKind::Tcp {
+                interval,
+                timeout,
+                target,
+            } => f
                 .debug_struct("Tcp")
                 .field("interval", interval)
                 .field("timeout", timeout)
+                .field("target", target)
                 .finish(),
+            CheckKind::Http(http) => http.fmt(f),
             CheckKind::Ttl(ttl) => f.debug_tuple("Ttl").field(ttl).finish(),
             CheckKind::Custom { interval, .. } => f
                 .debug_struct("Custom")
@@ -63,7 +72,32 @@ impl Check {
     pub fn tcp(interval: Duration) -> Self {
         let timeout = interval.min(Duration::from_secs(2));
         Check {
-            kind: CheckKind::Tcp { interval, timeout },
+            kind: CheckKind::Tcp {
+                interval,
+                timeout,
+                target: None,
+            },
+        }
+    }
+
+    /// Passing while a TCP connection to `target` succeeds within `timeout` (capped at
+    /// `interval`); checked every `interval`. Consul's `TCP` check.
+    pub fn tcp_to(target: SocketAddr, interval: Duration, timeout: Duration) -> Self {
+        Check {
+            kind: CheckKind::Tcp {
+                interval,
+                timeout: timeout.min(interval),
+                target: Some(target),
+            },
+        }
+    }
+
+    /// Consul's `HTTP` check: a `GET` of `check.url` every `check.interval`; a 2xx answer
+    /// is passing, 429 (Too Many Requests) is warning, any other answer, a refused
+    /// connection or no answer within `check.timeout` is critical.
+    pub fn http(check: HttpCheck) -> Self {
+        Check {
+            kind: CheckKind::Http(check),
         }
     }
 
@@ -98,12 +132,15 @@ impl Check {
 
     async fn run_once(&self, target: SocketAddr, connector: &Connector) -> Health {
         match &self.kind {
-            CheckKind::Tcp { timeout, .. } => {
-                match tokio::time::timeout(*timeout, connector(target)).await {
-                    Ok(Ok(())) => Health::Passing,
-                    _ => Health::Critical,
-                }
-            }
+            CheckKind::Tcp {
+                timeout,
+                target: to,
+                ..
+            } => match tokio::time::timeout(*timeout, connector(to.unwrap_or(target))).await {
+                Ok(Ok(())) => Health::Passing,
+                _ => Health::Critical,
+            },
+            CheckKind::Http(http) => http.run_once().await,
             CheckKind::Custom { interval, check } => tokio::time::timeout(*interval, check())
                 .await
                 .unwrap_or(Health::Critical),
@@ -150,6 +187,7 @@ impl Check {
         }
         let interval = match &self.kind {
             CheckKind::Tcp { interval, .. } | CheckKind::Custom { interval, .. } => *interval,
+            CheckKind::Http(http) => http.interval,
             CheckKind::Ttl(_) => return,
         };
         loop {
@@ -166,6 +204,110 @@ impl Check {
                 }
             }
         }
+    }
+}
+
+/// The definition of an HTTP check (plain data): what to `GET`, how often, how long to
+/// wait. Only `http://` URLs; the request carries `headers` and `Connection: close`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HttpCheck {
+    /// `http://host[:port]/path?query`.
+    pub url: String,
+    /// Extra request headers (name, value).
+    pub headers: Vec<(String, String)>,
+    /// Period between requests.
+    pub interval: Duration,
+    /// Longest wait for the connection and the status line.
+    pub timeout: Duration,
+}
+
+/// Longest status line and headers read from a checked service.
+const HTTP_CHECK_MAX_HEAD: usize = 8 * 1024;
+
+impl HttpCheck {
+    /// Splits an `http://` URL into `host:port` and the request target; `None` if it is not
+    /// one (https and others are refused at registration).
+    pub fn parse_url(url: &str) -> Option<(String, String)> {
+        let rest = url.strip_prefix("http://")?;
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(at) => (&rest[..at], &rest[at..]),
+            None => (rest, "/"),
+        };
+        if authority.is_empty()
+            || authority.contains('@')
+            || authority.contains(char::is_whitespace)
+        {
+            return None;
+        }
+        let path = if path.starts_with('?') {
+            format!("/{path}")
+        } else {
+            path.to_string()
+        };
+        if path.contains(char::is_whitespace) {
+            return None;
+        }
+        let host_port = if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            && !authority.ends_with(']')
+        {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        Some((host_port, path))
+    }
+
+    async fn run_once(&self) -> Health {
+        match tokio::time::timeout(self.timeout, self.status()).await {
+            Ok(Ok(status)) if (200..300).contains(&status) => Health::Passing,
+            Ok(Ok(429)) => Health::Warning,
+            _ => Health::Critical,
+        }
+    }
+
+    /// The status code of one `GET`.
+    async fn status(&self) -> std::io::Result<u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let invalid = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad answer");
+        let (host_port, path) = Self::parse_url(&self.url)
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad URL"))?;
+        let mut stream = tokio::net::TcpStream::connect(host_port.as_str()).await?;
+        let host = host_port.strip_suffix(":80").unwrap_or(&host_port);
+        let mut request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: grapevine health check\r\n\
+             Accept: text/plain, text/*, */*\r\nConnection: close\r\n"
+        );
+        for (name, value) in &self.headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut head = Vec::with_capacity(256);
+        let mut buf = [0u8; 1024];
+        while !head.windows(2).any(|w| w == b"\r\n") {
+            if head.len() > HTTP_CHECK_MAX_HEAD {
+                return Err(invalid());
+            }
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Err(invalid());
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        // `HTTP/1.1 200 OK`
+        let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+        let line = std::str::from_utf8(line).map_err(|_| invalid())?;
+        let mut parts = line.split(' ');
+        let version = parts.next().unwrap_or_default();
+        if !version.starts_with("HTTP/") {
+            return Err(invalid());
+        }
+        parts
+            .next()
+            .and_then(|code| code.parse::<u16>().ok())
+            .ok_or_else(invalid)
     }
 }
 

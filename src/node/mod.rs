@@ -22,7 +22,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use catalog::{CatalogHandle, Instance, Query, ServiceSummary, ServiceWatch};
-pub use checks::{Check, ServiceHandle};
+pub use checks::{Check, HttpCheck, ServiceHandle};
 pub use config::{ConfigEvent, ConfigHandle, ConfigWatch};
 pub use seeds::{InvalidSeed, SeedName};
 pub use stats::StatsSnapshot;
