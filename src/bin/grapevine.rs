@@ -205,6 +205,25 @@ struct AgentArgs {
     /// Read the HTTP token from this file (first line), keeping it out of `ps`.
     #[arg(long, value_name = "FILE")]
     http_token_file: Option<std::path::PathBuf>,
+    /// Longest wait of an HTTP blocking query (Consul's: 10m), e.g. 30s.
+    #[arg(long, value_name = "DURATION", value_parser = parse_wait, default_value = "10m")]
+    http_max_wait: Duration,
+}
+
+fn parse_wait(text: &str) -> Result<Duration, String> {
+    let (number, scale) = match text {
+        t if t.ends_with("ms") => (&t[..t.len() - 2], 0.001),
+        t if t.ends_with('s') => (&t[..t.len() - 1], 1.0),
+        t if t.ends_with('m') => (&t[..t.len() - 1], 60.0),
+        t => (t, 1.0),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 30s or 10m"))?;
+    if !(0.0..=3600.0).contains(&(value * scale)) {
+        return Err(format!("{text:?} must be at most 1 hour"));
+    }
+    Ok(Duration::from_secs_f64(value * scale))
 }
 
 fn parse_service(text: &str) -> Result<Service, String> {
@@ -737,6 +756,8 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
                 grapevine::http::HttpOptions {
                     datacenter: args.cluster_label.clone(),
                     token: http_token.clone(),
+                    max_wait: args.http_max_wait,
+                    default_wait: args.http_max_wait.min(Duration::from_secs(300)),
                     ..Default::default()
                 },
             )
