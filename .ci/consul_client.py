@@ -179,6 +179,17 @@ def run(clients, agents):
     a.agent.service.register("tcp-check", service_id="tcp-1", port=port,
                              check=consul.Check.tcp("127.0.0.1", port, "1s", "1s"))
     expect(a.agent.checks()["service:tcp-1"]["Status"] == "passing", "TCP check")
+    # Several checks (check + extra_checks): ids service:{id}:N, health the worst of them.
+    a.agent.service.register("multi", service_id="multi-1", port=port,
+                             check=consul.Check.ttl("30s"),
+                             extra_checks=[consul.Check.http(f"http://127.0.0.1:{port}/ok",
+                                                             interval="1s")])
+    checks = a.agent.checks()
+    expect(checks["service:multi-1:1"]["Status"] == "critical"
+           and checks["service:multi-1:2"]["Status"] == "passing", f"multi checks {checks}")
+    expect(a.health.service("multi", passing=True)[1] == [], "one critical check: not passing")
+    a.agent.check.ttl_pass("service:multi-1:1")
+    expect(len(a.health.service("multi", passing=True)[1]) == 1, "all passing")
     server.shutdown()
 
     # KV, as Consul's: base64 values decoded by the client, indexes, recurse, keys, delete.

@@ -413,6 +413,49 @@ async fn tcp_and_http_checks_and_deregister_critical() {
 }
 
 #[tokio::test]
+async fn several_checks_aggregate_to_the_worst() {
+    let a = node("a", &[]).await;
+    let http = serve(&a, HttpOptions::default()).await;
+    let addr = http.local_addr();
+    let body = br#"{"Name":"db","Port":5432,"Check":{"TTL":"1m","Status":"passing"},
+        "Checks":[{"TTL":"1m"},{"TTL":"1m","CheckID":"db-disk","Name":"disk"}]}"#;
+    let reply = put(addr, "/v1/agent/service/register", body).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let checks = get(addr, "/v1/agent/checks").await.json();
+    let ids: Vec<&String> = checks.as_object().unwrap().keys().collect();
+    assert_eq!(ids, ["db-disk", "service:db:1", "service:db:2"], "{checks}");
+    assert_eq!(checks["service:db:1"]["Status"], "passing");
+    assert_eq!(checks["service:db:2"]["Status"], "critical");
+    assert_eq!(checks["db-disk"]["Name"], "disk");
+    let health = || async {
+        let entries = get(addr, "/v1/health/service/db?passing").await.json();
+        entries.as_array().unwrap().len()
+    };
+    assert_eq!(health().await, 0, "one check critical: not passing");
+    for id in ["service:db:2", "db-disk"] {
+        let reply = put(addr, &format!("/v1/agent/check/pass/{id}"), b"").await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    assert_eq!(health().await, 1);
+    let entry = &get(addr, "/v1/health/service/db").await.json()[0];
+    assert_eq!(
+        entry["Checks"].as_array().unwrap().len(),
+        4,
+        "serfHealth + 3"
+    );
+    put(addr, "/v1/agent/check/warn/db-disk", b"").await;
+    let instance = &a
+        .catalog()
+        .lookup_with("db", &grapevine::Query::default().include_unhealthy())[0];
+    assert_eq!(instance.health, grapevine::Health::Warning);
+    assert_eq!(
+        get(addr, "/v1/health/state/warning").await.json()[0]["CheckID"],
+        "db-disk"
+    );
+    http.shutdown().await;
+}
+
+#[tokio::test]
 async fn bad_registrations_are_refused_with_reasons() {
     let a = node("a", &[]).await;
     let options = HttpOptions {
@@ -444,7 +487,7 @@ async fn bad_registrations_are_refused_with_reasons() {
         ("bad ttl", r#"{"Name":"web","Check":{"TTL":"soon"}}"#.into(), 400, "TTL"),
         ("ttl too short", r#"{"Name":"web","Check":{"TTL":"1ms"}}"#.into(), 400, "between"),
         ("bad status", r#"{"Name":"web","Check":{"TTL":"1s","Status":"great"}}"#.into(), 400, "status"),
-        ("two checks", r#"{"Name":"web","Checks":[{"TTL":"1s"},{"TTL":"2s"}]}"#.into(), 400, "at most 1 check"),
+        ("same check id", r#"{"Name":"web","Checks":[{"TTL":"1s","CheckID":"x"},{"TTL":"2s","CheckID":"x"}]}"#.into(), 400, "same CheckID"),
         ("too much meta", huge_meta, 400, "meta"),
         ("not JSON", "name=web".into(), 400, "Request decode failed"),
         ("not an object", "[1]".into(), 400, "JSON object"),

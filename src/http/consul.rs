@@ -45,7 +45,7 @@ const GLOBAL: &[&str] = &[
 const CHECK_PERIOD: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(86_400));
 /// Checks per service at most.
-const MAX_CHECKS: usize = 1;
+const MAX_CHECKS: usize = 32;
 
 /// Parses a Consul endpoint's query: its own parameters, the global ones, and (for reads)
 /// `index` and `wait`. `?dc` must name this datacenter; `?stale` and `?consistent` are
@@ -136,6 +136,8 @@ impl Default for Weights {
 /// A check of a service registered through this API.
 #[derive(Debug, Clone)]
 pub(crate) struct LocalCheck {
+    /// Position in the service's checks (the node's check number).
+    index: usize,
     id: String,
     name: String,
     notes: String,
@@ -291,6 +293,8 @@ struct Extras {
     enable_tag_override: bool,
     tagged_addresses: BTreeMap<String, Value>,
     checks: Vec<LocalCheck>,
+    /// Each check's status, by `LocalCheck::index`.
+    statuses: Vec<Health>,
 }
 
 /// One read of the agent's view: the members by name, the live instances, and the extras
@@ -325,6 +329,7 @@ impl View {
                     enable_tag_override: s.enable_tag_override,
                     tagged_addresses: s.tagged_addresses.clone(),
                     checks: s.checks.clone(),
+                    statuses: s.handle.check_statuses(),
                 };
                 (id.clone(), extras)
             })
@@ -365,8 +370,8 @@ impl View {
 
     /// The service checks of an instance (not `serfHealth`).
     fn checks(&self, instance: &Instance) -> Vec<HealthCheck> {
-        let status = status_text(instance.health);
-        let check = |id: String,
+        let check = |status: Health,
+                     id: String,
                      name: String,
                      notes: String,
                      output: String,
@@ -375,7 +380,7 @@ impl View {
             node: instance.node.clone(),
             check_id: id,
             name,
-            status,
+            status: status_text(status),
             notes,
             output,
             service_id: instance.id.clone(),
@@ -392,6 +397,11 @@ impl View {
                 .iter()
                 .map(|c| {
                     check(
+                        extras
+                            .statuses
+                            .get(c.index)
+                            .copied()
+                            .unwrap_or(instance.health),
                         c.id.clone(),
                         c.name.clone(),
                         c.notes.clone(),
@@ -402,6 +412,7 @@ impl View {
                 })
                 .collect(),
             None => vec![check(
+                instance.health,
                 format!("service:{}", instance.id),
                 format!("Service '{}' check", instance.service),
                 format!(
@@ -895,7 +906,6 @@ async fn check_definition(
     service_id: &str,
     service_name: &str,
     number: Option<usize>,
-    target: (Option<IpAddr>, u16),
 ) -> Result<CheckDef, ApiError> {
     let f = fields(value, "Check", CHECK_FIELDS)?;
     for kind in UNSUPPORTED_CHECKS {
@@ -1043,10 +1053,10 @@ async fn check_definition(
             Value::String(format!("{after:?}")),
         );
     }
-    let _ = target;
     Ok(CheckDef {
         check,
         local: LocalCheck {
+            index: number.map_or(0, |n| n - 1),
             id,
             name,
             notes,
@@ -1188,24 +1198,33 @@ pub(crate) async fn register(
     let numbered = raw_checks.len() > 1;
     let mut defs = Vec::new();
     for (n, raw) in raw_checks.into_iter().enumerate() {
-        let number = numbered.then_some(n + 1);
-        defs.push(check_definition(raw, &id, &name, number, (addr, port)).await?);
+        let mut def = check_definition(raw, &id, &name, numbered.then_some(n + 1)).await?;
+        def.local.index = n;
+        defs.push(def);
     }
-    let def = defs.pop();
-    let (handle, local_checks, initial, deregister_after) = match def {
-        Some(def) => {
-            let handle = state.node.register_with_check(service, def.check).await?;
-            (handle, vec![def.local], def.initial, def.deregister_after)
-        }
-        None => (state.node.register(service).await?, Vec::new(), None, None),
+    let ids: BTreeSet<&str> = defs.iter().map(|d| d.local.id.as_str()).collect();
+    if ids.len() < defs.len() {
+        return Err(ApiError::bad_request(
+            "two checks of the service have the same CheckID",
+        ));
+    }
+    // Consul's DeregisterCriticalServiceAfter: the shortest one given.
+    let deregister_after = defs.iter().filter_map(|d| d.deregister_after).min();
+    let initial: Vec<(usize, Health)> = defs
+        .iter()
+        .filter(|d| d.local.ttl)
+        .filter_map(|d| d.initial.map(|h| (d.local.index, h)))
+        .collect();
+    let (checks, local_checks): (Vec<Check>, Vec<LocalCheck>) =
+        defs.into_iter().map(|d| (d.check, d.local)).unzip();
+    let handle = if checks.is_empty() {
+        state.node.register(service).await?
+    } else {
+        state.node.register_with_checks(service, checks).await?
     };
     // A TTL check starts critical unless the registration gave its status.
-    if local_checks.first().is_some_and(|c| c.ttl) {
-        match initial {
-            Some(Health::Passing) => handle.pass().await?,
-            Some(Health::Warning) => handle.warn().await?,
-            _ => {}
-        }
+    for (n, health) in initial {
+        handle.report_check(n, health).await?;
     }
     let reaper = deregister_after.map(|after| tokio::spawn(reap(state.clone(), id.clone(), after)));
     let local = LocalService {
@@ -1293,7 +1312,7 @@ async fn report(
     health: Health,
     output: Option<String>,
 ) -> Result<Response, ApiError> {
-    let (handle, service_id) = {
+    let (handle, service_id, n) = {
         let mut services = lock(&state.services);
         let found = services.iter_mut().find_map(|(sid, s)| {
             let handle = s.handle.clone();
@@ -1316,15 +1335,12 @@ async fn report(
         if let Some(output) = output {
             check.output = output;
         }
-        (handle, sid)
+        (handle, sid, check.index)
     };
-    match health {
-        Health::Passing => handle.pass().await?,
-        Health::Warning => handle.warn().await?,
-        Health::Critical => handle.fail().await?,
-    }
+    handle.report_check(n, health).await?;
+    let want = crate::node::worst_health(&handle.check_statuses());
     settle(&state.node, &service_id, |found| {
-        found.is_some_and(|i| i.health == health)
+        found.is_some_and(|i| i.health == want)
     })
     .await;
     Ok(ok_empty())

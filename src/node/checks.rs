@@ -160,10 +160,23 @@ impl Check {
     pub(crate) async fn run(
         self,
         id: String,
-        mut status: Health,
+        status: Health,
         target: SocketAddr,
         connector: Connector,
         commands: mpsc::Sender<Command>,
+        ttl_deadline: Option<watch::Receiver<Instant>>,
+    ) {
+        let reporter = Reporter::Direct { id, commands };
+        self.run_with(reporter, status, target, connector, ttl_deadline)
+            .await
+    }
+
+    async fn run_with(
+        self,
+        reporter: Reporter,
+        mut status: Health,
+        target: SocketAddr,
+        connector: Connector,
         ttl_deadline: Option<watch::Receiver<Instant>>,
     ) {
         if let (CheckKind::Ttl(_), Some(mut deadline)) = (&self.kind, ttl_deadline) {
@@ -173,8 +186,7 @@ impl Check {
                     biased;
                     changed = deadline.changed() => if changed.is_err() { return },
                     () = tokio::time::sleep_until(at) => {
-                        let health = Health::Critical;
-                        if commands.send(Command::SetHealth { id: id.clone(), health }).await.is_err() {
+                        if !reporter.send(Health::Critical).await {
                             return;
                         }
                         // Wait for the service to report in again.
@@ -195,16 +207,131 @@ impl Check {
             let health = self.run_once(target, &connector).await;
             if health != status {
                 status = health;
-                let command = Command::SetHealth {
-                    id: id.clone(),
-                    health,
-                };
-                if commands.send(command).await.is_err() {
+                if !reporter.send(health).await {
                     return;
                 }
             }
         }
     }
+}
+
+/// Where a check task sends its verdicts: straight to the driver (one check), or into its
+/// service's [`CheckSet`] (several).
+enum Reporter {
+    Direct {
+        id: String,
+        commands: mpsc::Sender<Command>,
+    },
+    InSet(Arc<CheckSet>, usize),
+}
+
+impl Reporter {
+    /// `false` once the node has stopped.
+    async fn send(&self, health: Health) -> bool {
+        match self {
+            Reporter::Direct { id, commands } => commands
+                .send(Command::SetHealth {
+                    id: id.clone(),
+                    health,
+                })
+                .await
+                .is_ok(),
+            Reporter::InSet(set, n) => set.set(*n, health).await,
+        }
+    }
+}
+
+/// The checks of a service that has several: each one's status, and the service's health,
+/// which is the worst of them (as Consul's aggregate).
+#[derive(Debug)]
+pub(crate) struct CheckSet {
+    id: String,
+    commands: mpsc::Sender<Command>,
+    statuses: std::sync::Mutex<Vec<Health>>,
+    /// The health last sent to the driver; held across the send, so that sends keep order.
+    sent: tokio::sync::Mutex<Health>,
+    /// Per check: its TTL and the deadline its task waits on (TTL checks only).
+    ttls: Vec<Option<(Duration, watch::Sender<Instant>)>>,
+}
+
+/// The worst of some check statuses (passing when there are none): a service's health.
+pub fn worst(statuses: &[Health]) -> Health {
+    statuses.iter().copied().max().unwrap_or(Health::Passing)
+}
+
+impl CheckSet {
+    async fn set(&self, n: usize, health: Health) -> bool {
+        let mut sent = self.sent.lock().await;
+        let now = {
+            let mut statuses = self
+                .statuses
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(status) = statuses.get_mut(n) {
+                *status = health;
+            }
+            worst(&statuses)
+        };
+        if now == *sent {
+            return true;
+        }
+        *sent = now;
+        self.commands
+            .send(Command::SetHealth {
+                id: self.id.clone(),
+                health: now,
+            })
+            .await
+            .is_ok()
+    }
+}
+
+/// Builds the check set of a service registered with `checks` whose first statuses are
+/// `statuses`, and the task that runs them all.
+pub(crate) fn check_set(
+    id: String,
+    commands: mpsc::Sender<Command>,
+    checks: Vec<Check>,
+    statuses: Vec<Health>,
+    target: SocketAddr,
+    connector: Connector,
+) -> (Arc<CheckSet>, impl Future<Output = ()> + Send) {
+    let mut ttls = Vec::new();
+    let mut deadlines = Vec::new();
+    for check in &checks {
+        match check.ttl_period() {
+            Some(ttl) => {
+                let (tx, rx) = watch::channel(Instant::now() + ttl);
+                ttls.push(Some((ttl, tx)));
+                deadlines.push(Some(rx));
+            }
+            None => {
+                ttls.push(None);
+                deadlines.push(None);
+            }
+        }
+    }
+    let set = Arc::new(CheckSet {
+        id,
+        commands,
+        sent: tokio::sync::Mutex::new(worst(&statuses)),
+        statuses: std::sync::Mutex::new(statuses.clone()),
+        ttls,
+    });
+    let runs: Vec<_> = checks
+        .into_iter()
+        .zip(deadlines)
+        .zip(statuses)
+        .enumerate()
+        .map(|(n, ((check, deadline), status))| {
+            let reporter = Reporter::InSet(set.clone(), n);
+            check.run_with(reporter, status, target, connector.clone(), deadline)
+        })
+        .collect();
+    let task = async move {
+        futures_util::future::join_all(runs).await;
+    };
+    (set, task)
 }
 
 /// The definition of an HTTP check (plain data): what to `GET`, how often, how long to
@@ -318,6 +445,8 @@ pub struct ServiceHandle {
     pub(crate) commands: mpsc::Sender<Command>,
     /// For TTL checks: the TTL and the deadline the check task waits on.
     pub(crate) ttl: Option<(Duration, Arc<watch::Sender<Instant>>)>,
+    /// The checks of a service registered with several ([`crate::Node::register_with_checks`]).
+    pub(crate) set: Option<Arc<CheckSet>>,
 }
 
 impl ServiceHandle {
@@ -341,7 +470,64 @@ impl ServiceHandle {
         self.report(Health::Critical).await
     }
 
+    /// The status of each check, in registration order, for a service registered with
+    /// [`crate::Node::register_with_checks`]; empty otherwise.
+    pub fn check_statuses(&self) -> Vec<Health> {
+        match &self.set {
+            Some(set) => set
+                .statuses
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Whether check `n` (registration order) of a service registered with
+    /// [`crate::Node::register_with_checks`] is a TTL check.
+    pub fn is_ttl_check(&self, n: usize) -> bool {
+        self.set
+            .as_ref()
+            .is_some_and(|set| matches!(set.ttls.get(n), Some(Some(_))))
+    }
+
+    /// Reports check `n` (registration order) of a service registered with
+    /// [`crate::Node::register_with_checks`]; a TTL check is alive for another TTL. The
+    /// service's health becomes the worst of its checks.
+    pub async fn report_check(&self, n: usize, health: Health) -> Result<()> {
+        let Some(set) = &self.set else {
+            return self.report(health).await;
+        };
+        if n >= set.ttls.len() {
+            return Err(Error::Config(format!(
+                "service {:?} has {} checks; there is no check {n}",
+                self.id,
+                set.ttls.len()
+            )));
+        }
+        if let Some(Some((ttl, deadline))) = set.ttls.get(n) {
+            deadline.send_replace(Instant::now() + *ttl);
+        }
+        if set.set(n, health).await {
+            Ok(())
+        } else {
+            Err(Error::Stopped)
+        }
+    }
+
     async fn report(&self, health: Health) -> Result<()> {
+        if let Some(set) = &self.set {
+            // Several checks: the report goes to every TTL check.
+            let ttl_checks: Vec<usize> = (0..set.ttls.len())
+                .filter(|n| set.ttls[*n].is_some())
+                .collect();
+            if !ttl_checks.is_empty() {
+                for n in ttl_checks {
+                    Box::pin(self.report_check(n, health)).await?;
+                }
+                return Ok(());
+            }
+        }
         if let Some((ttl, deadline)) = &self.ttl {
             deadline.send_replace(Instant::now() + *ttl);
         }

@@ -22,7 +22,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use catalog::{CatalogHandle, Instance, Query, ServiceSummary, ServiceWatch};
-pub use checks::{Check, HttpCheck, ServiceHandle};
+pub use checks::{worst as worst_health, Check, HttpCheck, ServiceHandle};
 pub use config::{ConfigEvent, ConfigHandle, ConfigWatch};
 pub use seeds::{InvalidSeed, SeedName};
 pub use stats::StatsSnapshot;
@@ -504,6 +504,47 @@ impl Node {
             .await
     }
 
+    /// Registers (or replaces) a service instance with several checks, as Consul's
+    /// `Checks`: its health is the worst of theirs. Report a TTL check with
+    /// [`ServiceHandle::report_check`]; read each check's status with
+    /// [`ServiceHandle::check_statuses`].
+    pub async fn register_with_checks(
+        &self,
+        service: Service,
+        checks: Vec<Check>,
+    ) -> Result<ServiceHandle> {
+        service.validate()?;
+        let target = SocketAddr::new(service.addr.unwrap_or(self.addr().ip()), service.port);
+        let mut statuses = Vec::with_capacity(checks.len());
+        for check in &checks {
+            statuses.push(check.first_status(target, &self.connector).await);
+        }
+        let id = service.id.clone();
+        let record = ServiceRecord::new(service, checks::worst(&statuses));
+        ask(&self.shared.commands, |reply| Command::Register {
+            record,
+            reply,
+        })
+        .await??;
+        let (set, run) = checks::check_set(
+            id.clone(),
+            self.shared.commands.clone(),
+            checks,
+            statuses,
+            target,
+            self.connector.clone(),
+        );
+        if let Some(old) = locked(&self.checks).insert(id.clone(), tokio::spawn(run)) {
+            old.abort();
+        }
+        Ok(ServiceHandle {
+            id,
+            commands: self.shared.commands.clone(),
+            ttl: None,
+            set: Some(set),
+        })
+    }
+
     async fn register_record(
         &self,
         service: Service,
@@ -521,6 +562,7 @@ impl Node {
             id: id.clone(),
             commands: self.shared.commands.clone(),
             ttl: None,
+            set: None,
         };
         let task = check.map(|(check, target)| {
             let deadline = check.ttl_period().map(|ttl| {
