@@ -1180,10 +1180,10 @@ fn config_commands_work_across_agents() {
         "config list prod on A:\n{stdout}"
     );
 
-    // A one-segment key is refused with one line.
-    let output = config(a.addr, &["set", "bad", "1"]);
-    let line = assert_one_line_error(&output, "config set of a one-segment key");
-    assert!(line.contains("bad"), "refused key not named: {line}");
+    // A key with an empty segment is refused with one line.
+    let output = config(a.addr, &["set", "bad//x", "1"]);
+    let line = assert_one_line_error(&output, "config set of a key with an empty segment");
+    assert!(line.contains("bad//x"), "refused key not named: {line}");
     assert_eq!(config_value(a.addr, "bad/x"), Ok(None));
 
     // `config import` through B: its keys reach A.

@@ -106,7 +106,9 @@ async fn set_get_list_delete_reach_every_node() {
     let long_key = format!("prod/{}", "k".repeat(600));
     let error = config.set(&long_key, "v").await.unwrap_err();
     assert!(error.to_string().contains("512"), "{error}");
-    let error = config.set("nonamespace", "v").await.unwrap_err();
+    // One-segment keys are accepted, as Consul does; empty segments are not.
+    config.set("nonamespace", "v").await.unwrap();
+    let error = config.set("prod//x", "v").await.unwrap_err();
     assert!(error.to_string().contains("segment"), "{error}");
     assert!(config.get_as::<u32>("staging/orders/max_conn").unwrap() == Some(5));
 }

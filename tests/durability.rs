@@ -220,6 +220,12 @@ async fn registrations_come_back_with_their_checks() {
         .await
         .unwrap();
     api.pass().await.unwrap();
+    b.register_with_checks(
+        Service::new("multi", "multi-1", 9001),
+        vec![Check::ttl(WAIT), Check::ttl(WAIT)],
+    )
+    .await
+    .unwrap();
     b.register(Service::new("tmp", "tmp-1", 1)).await.unwrap();
     b.deregister("tmp-1").await.unwrap();
     b.register_declared(Service::new("cli", "cli-1", 2), None)
@@ -227,7 +233,7 @@ async fn registrations_come_back_with_their_checks() {
         .unwrap();
     let a = &nodes[0];
     eventually(a, "b's services", |n| {
-        n.catalog().all_instances().len() == 3
+        n.catalog().all_instances().len() == 4
     })
     .await;
     b.shutdown().await;
@@ -251,15 +257,21 @@ async fn registrations_come_back_with_their_checks() {
         own(n)
             == [
                 ("api-1".to_string(), Health::Critical),
+                ("multi-1".to_string(), Health::Critical),
                 ("web-1".to_string(), Health::Passing),
             ]
     })
     .await;
+    let multi = b.service_handle("multi-1").unwrap();
+    assert_eq!(multi.check_statuses().len(), 2, "both checks are back");
+    multi.report_check(0, Health::Passing).await.unwrap();
+    multi.report_check(1, Health::Passing).await.unwrap();
     b.service_handle("api-1").unwrap().pass().await.unwrap();
     eventually(a, "the restored services, passing", |n| {
         own(n)
             == [
                 ("api-1".to_string(), Health::Passing),
+                ("multi-1".to_string(), Health::Passing),
                 ("web-1".to_string(), Health::Passing),
             ]
     })

@@ -51,97 +51,256 @@ where
     }
 }
 
+/// Every answer carries Consul's headers, errors included.
+fn consul_headers(reply: &http_support::Reply) {
+    assert!(reply.index() >= 1, "{reply:?}");
+    assert_eq!(
+        reply.header("x-consul-knownleader"),
+        Some("true"),
+        "{reply:?}"
+    );
+    assert_eq!(reply.header("x-consul-lastcontact"), Some("0"), "{reply:?}");
+}
+
 #[tokio::test]
-async fn register_lookup_check_deregister() {
+async fn agent_catalog_and_health_answer_in_consul_shapes() {
     let a = node("a", &[]).await;
     let http = serve(&a, HttpOptions::default()).await;
     let addr = http.local_addr();
 
-    // Good registrations: no check (passing), TTL (critical until passed), TCP.
+    // Consul's registration body; keys are case-insensitive, as Consul decodes them.
     let reply = put(
         addr,
         "/v1/agent/service/register",
-        br#"{"name":"web","id":"web-1","port":8080,"tags":["v1","eu"],"meta":{"zone":"eu-1"}}"#,
+        br#"{"Name":"web","ID":"web-1","Port":8080,"Tags":["v1","eu"],"Meta":{"team":"core"},
+             "Weights":{"Passing":3,"Warning":1},"EnableTagOverride":true}"#,
     )
     .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_eq!(reply.json(), json!({"id": "web-1", "health": "passing"}));
+    assert!(reply.body.is_empty());
+    consul_headers(&reply);
     let reply = put(
         addr,
         "/v1/agent/service/register",
-        br#"{"name":"web","id":"web-2","port":8081,"tags":["v2"],"check":{"ttl":"30s"}}"#,
-    )
-    .await;
-    assert_eq!(reply.json()["health"], "critical");
-    let reply = put(
-        addr,
-        "/v1/agent/service/register",
-        br#"{"name":"db","port":1,"address":"127.0.0.1","check":{"tcp":"10s"}}"#,
+        br#"{"name":"web","id":"web-2","port":8081,"tags":["v2"],"check":{"ttl":"1m","notes":"reports in"}}"#,
     )
     .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_eq!(reply.json()["id"], "db", "the id defaults to the name");
 
-    // Lookups: all instances by default, ?passing, tag filters, unknown service.
-    let all = get(addr, "/v1/health/service/web").await;
-    assert_eq!(all.status, 200);
-    assert_eq!(all.json().as_array().unwrap().len(), 2);
+    let services = get(addr, "/v1/agent/services").await;
+    consul_headers(&services);
+    let services = services.json();
+    let web1 = &services["web-1"];
+    assert_eq!(web1["ID"], "web-1");
+    assert_eq!(web1["Service"], "web");
+    assert_eq!(web1["Port"], 8080);
+    assert_eq!(web1["Tags"], json!(["v1", "eu"]));
+    assert_eq!(web1["Meta"], json!({"team": "core"}));
+    assert_eq!(web1["Weights"], json!({"Passing": 3, "Warning": 1}));
+    assert_eq!(web1["EnableTagOverride"], true);
+    assert_eq!(web1["Datacenter"], "dc1");
+    assert_eq!(web1["Address"], "127.0.0.1");
+    assert_eq!(
+        get(addr, "/v1/agent/service/web-2").await.json()["Port"],
+        8081
+    );
+    let missing = get(addr, "/v1/agent/service/nope").await;
+    assert_eq!(missing.status, 404);
+    consul_headers(&missing);
+
+    // The TTL check: id `service:{id}`, critical until passed.
+    let checks = get(addr, "/v1/agent/checks").await.json();
+    let check = &checks["service:web-2"];
+    assert_eq!(check["CheckID"], "service:web-2");
+    assert_eq!(check["Status"], "critical");
+    assert_eq!(check["ServiceID"], "web-2");
+    assert_eq!(check["ServiceName"], "web");
+    assert_eq!(check["Notes"], "reports in");
+    assert_eq!(check["Type"], "ttl");
+    assert_eq!(check["Node"], "a");
+    assert_eq!(checks.as_object().unwrap().len(), 1, "{checks}");
+
+    // health/service: Node, Service, Checks (serfHealth first); ?passing, ?tag, ?near.
+    let all = get(addr, "/v1/health/service/web").await.json();
+    assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
+    let entry = &all[0];
+    assert_eq!(entry["Node"]["Node"], "a");
+    assert_eq!(entry["Node"]["Address"], "127.0.0.1");
+    assert_eq!(entry["Node"]["Datacenter"], "dc1");
+    assert_eq!(entry["Node"]["ID"].as_str().unwrap().len(), 36);
+    assert_eq!(entry["Service"]["ID"], "web-1");
+    assert_eq!(entry["Checks"][0]["CheckID"], "serfHealth");
+    assert_eq!(entry["Checks"][0]["Status"], "passing");
+    assert_eq!(all[1]["Checks"][1]["CheckID"], "service:web-2");
     let passing = get(addr, "/v1/health/service/web?passing").await.json();
     assert_eq!(passing.as_array().unwrap().len(), 1);
-    assert_eq!(passing[0]["id"], "web-1");
-    assert_eq!(passing[0]["meta"]["zone"], "eu-1");
-    let tagged = get(addr, "/v1/health/service/web?tag=v1&tag=eu")
+    let tagged = get(addr, "/v1/health/service/web?tag=v1&tag=eu&near=_agent")
         .await
         .json();
-    assert_eq!(tagged.as_array().unwrap().len(), 1);
-    let none = get(addr, "/v1/health/service/web?tag=v1&tag=v2")
-        .await
-        .json();
-    assert_eq!(none, json!([]));
-    let unknown = get(addr, "/v1/health/service/nothing-here").await;
-    assert_eq!((unknown.status, unknown.json()), (200, json!([])));
+    assert_eq!(tagged[0]["Service"]["ID"], "web-1");
+    assert_eq!(
+        get(addr, "/v1/health/service/web?tag=v1&tag=v2")
+            .await
+            .json(),
+        json!([])
+    );
+    assert_eq!(
+        get(addr, "/v1/health/service/nothing").await.json(),
+        json!([])
+    );
 
-    // The TTL check: pass, warn, fail, each visible in lookups.
-    for (verdict, health) in [
-        ("pass", "passing"),
+    // Pass, warn, fail, update; the note becomes the output.
+    for (verdict, status) in [
         ("warn", "warning"),
         ("fail", "critical"),
+        ("pass", "passing"),
     ] {
-        let reply = put(addr, &format!("/v1/agent/check/{verdict}/web-2"), b"").await;
-        assert_eq!(reply.status, 200, "{}", reply.text());
-        eventually(&format!("web-2 {health}"), || async {
-            get(addr, "/v1/health/service/web").await.json()[1]["health"] == health
-        })
+        let reply = put(
+            addr,
+            &format!("/v1/agent/check/{verdict}/service:web-2?note=ok"),
+            b"",
+        )
         .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let checks = get(addr, "/v1/agent/checks").await.json();
+        assert_eq!(checks["service:web-2"]["Status"], status);
+        assert_eq!(checks["service:web-2"]["Output"], "ok");
     }
-    let reply = put(addr, "/v1/agent/check/pass/web-2?note=fine", b"").await;
-    assert_eq!(reply.status, 200);
-    let reply = put(addr, "/v1/agent/check/pass/nope", b"").await;
-    assert_eq!(reply.status, 404);
-    assert!(reply.error().contains("nope"), "{}", reply.error());
-    let reply = put(addr, "/v1/agent/check/maybe/web-2", b"").await;
-    assert_eq!(reply.status, 404);
-
-    // Listings.
-    let services = get(addr, "/v1/catalog/services").await;
-    assert_eq!(services.status, 200);
-    assert!(services.index() > 0);
-    let services = services.json();
-    assert_eq!(services["web"]["instances"], 2);
-    assert_eq!(services["web"]["tags"], json!(["eu", "v1", "v2"]));
-    let local = get(addr, "/v1/agent/services").await.json();
+    let reply = put(
+        addr,
+        "/v1/agent/check/update/service:web-2",
+        br#"{"Status":"warning","Output":"slow disk"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let check = &get(addr, "/v1/agent/checks").await.json()["service:web-2"];
     assert_eq!(
-        local.as_object().unwrap().keys().collect::<Vec<_>>(),
-        ["db", "web-1", "web-2"]
+        (check["Status"].clone(), check["Output"].clone()),
+        (json!("warning"), json!("slow disk"))
     );
-    let members = get(addr, "/v1/agent/members").await.json();
-    assert_eq!(members[0]["name"], "a");
-    assert_eq!(members[0]["status"], "alive");
-    let me = get(addr, "/v1/agent/self").await.json();
-    assert_eq!(me["node"]["name"], "a");
-    assert!(me["stats"]["udp_sent"].is_u64());
+    let reply = put(
+        addr,
+        "/v1/agent/check/update/service:web-2",
+        br#"{"Status":"fine"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+    let reply = put(addr, "/v1/agent/check/pass/service:nope", b"").await;
+    assert_eq!(reply.status, 404);
+    assert!(reply.error().contains("Unknown check ID"));
+    consul_headers(&reply);
+    let reply = put(addr, "/v1/agent/check/maybe/service:web-2", b"").await;
+    assert_eq!(reply.status, 404);
 
-    // Deregistration, then the id is unknown.
+    // health/checks, health/node, health/state.
+    let checks = get(addr, "/v1/health/checks/web").await.json();
+    assert_eq!(checks.as_array().unwrap().len(), 1, "{checks}");
+    assert_eq!(checks[0]["Status"], "warning");
+    let node_checks = get(addr, "/v1/health/node/a").await.json();
+    assert_eq!(node_checks[0]["CheckID"], "serfHealth");
+    assert_eq!(node_checks.as_array().unwrap().len(), 2);
+    assert_eq!(get(addr, "/v1/health/node/zz").await.json(), json!([]));
+    let warning = get(addr, "/v1/health/state/warning").await.json();
+    assert_eq!(warning[0]["CheckID"], "service:web-2");
+    assert_eq!(
+        get(addr, "/v1/health/state/any")
+            .await
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(get(addr, "/v1/health/state/bogus").await.status, 400);
+
+    // Catalog.
+    assert_eq!(
+        get(addr, "/v1/catalog/services").await.json(),
+        json!({"web": ["eu", "v1", "v2"]})
+    );
+    let listed = get(addr, "/v1/catalog/service/web?tag=v1").await.json();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let service = &listed[0];
+    assert_eq!(service["Node"], "a");
+    assert_eq!(service["ServiceID"], "web-1");
+    assert_eq!(service["ServiceName"], "web");
+    assert_eq!(service["ServicePort"], 8080);
+    assert_eq!(service["ServiceAddress"], "127.0.0.1");
+    assert_eq!(service["ServiceTags"], json!(["v1", "eu"]));
+    assert_eq!(
+        service["ServiceWeights"],
+        json!({"Passing": 3, "Warning": 1})
+    );
+    assert_eq!(service["Datacenter"], "dc1");
+    assert_eq!(
+        get(addr, "/v1/catalog/service/nothing").await.json(),
+        json!([])
+    );
+    let nodes = get(addr, "/v1/catalog/nodes").await.json();
+    assert_eq!(nodes[0]["Node"], "a");
+    assert_eq!(nodes[0]["TaggedAddresses"]["lan"], "127.0.0.1");
+    let node = get(addr, "/v1/catalog/node/a").await.json();
+    assert_eq!(node["Node"]["Node"], "a");
+    assert_eq!(node["Services"]["web-2"]["Port"], 8081);
+    assert_eq!(get(addr, "/v1/catalog/node/zz").await.json(), Value::Null);
+    assert_eq!(
+        get(addr, "/v1/catalog/datacenters").await.json(),
+        json!(["dc1"])
+    );
+
+    // Agent, status.
+    let members = get(addr, "/v1/agent/members").await.json();
+    assert_eq!(members[0]["Name"], "a");
+    assert_eq!(members[0]["Addr"], "127.0.0.1");
+    assert_eq!(members[0]["Port"], a.addr().port());
+    assert_eq!(members[0]["Status"], 1);
+    let me = get(addr, "/v1/agent/self").await.json();
+    assert_eq!(me["Config"]["Datacenter"], "dc1");
+    assert_eq!(me["Config"]["NodeName"], "a");
+    assert_eq!(me["Member"]["Name"], "a");
+    assert_eq!(
+        get(addr, "/v1/status/leader").await.json(),
+        json!(a.addr().to_string())
+    );
+    assert_eq!(
+        get(addr, "/v1/status/peers").await.json(),
+        json!([a.addr().to_string()])
+    );
+    assert_eq!(
+        put(addr, &format!("/v1/agent/join/{}", a.addr()), b"")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        put(addr, "/v1/agent/join/127.0.0.1:1", b"").await.status,
+        400
+    );
+    assert_eq!(put(addr, "/v1/agent/force-leave/zz", b"").await.status, 404);
+    assert_eq!(put(addr, "/v1/agent/force-leave/a", b"").await.status, 400);
+    let pretty = get(addr, "/v1/catalog/datacenters?pretty").await.text();
+    assert!(pretty.contains('\n'), "{pretty}");
+
+    // ?dc must be this one; ?stale and ?consistent are accepted, not together.
+    assert_eq!(
+        get(addr, "/v1/catalog/services?dc=dc1&stale").await.status,
+        200
+    );
+    assert_eq!(
+        get(addr, "/v1/catalog/services?consistent").await.status,
+        200
+    );
+    let other = get(addr, "/v1/catalog/services?dc=dc2").await;
+    assert_eq!(other.status, 400);
+    assert!(other.error().contains("datacenter"));
+    assert_eq!(
+        get(addr, "/v1/catalog/services?stale&consistent")
+            .await
+            .status,
+        400
+    );
+
+    // Deregister.
     let reply = put(addr, "/v1/agent/service/deregister/web-2", b"").await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(
@@ -153,10 +312,146 @@ async fn register_lookup_check_deregister() {
             .len(),
         1
     );
+    assert_eq!(get(addr, "/v1/agent/checks").await.json(), json!({}));
     let reply = put(addr, "/v1/agent/service/deregister/web-2", b"").await;
     assert_eq!(reply.status, 404);
-    let reply = put(addr, "/v1/agent/check/pass/web-2", b"").await;
-    assert_eq!(reply.status, 404, "a deregistered service has no check");
+    http.shutdown().await;
+}
+
+#[tokio::test]
+async fn tcp_and_http_checks_and_deregister_critical() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = node("a", &[]).await;
+    let http = serve(&a, HttpOptions::default()).await;
+    let addr = http.local_addr();
+    // A tiny HTTP server: /ok 200, /busy 429, anything else 503.
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = target.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = target.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let code = if head.starts_with("GET /ok ") {
+                    "200 OK"
+                } else if head.starts_with("GET /busy ") {
+                    "429 Too Many Requests"
+                } else {
+                    "503 Service Unavailable"
+                };
+                let _ = stream
+                    .write_all(format!("HTTP/1.1 {code}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                    .await;
+            });
+        }
+    });
+    for (path, status) in [("ok", "passing"), ("busy", "warning"), ("down", "critical")] {
+        let body = json!({"Name": "api", "ID": format!("api-{path}"), "Port": port,
+            "Checks": [{"HTTP": format!("http://127.0.0.1:{port}/{path}"), "Interval": "200ms", "Timeout": "1s"}]});
+        let reply = put(
+            addr,
+            "/v1/agent/service/register",
+            body.to_string().as_bytes(),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let checks = get(addr, "/v1/agent/checks").await.json();
+        let check = &checks[format!("service:api-{path}")];
+        assert_eq!(check["Status"], status, "{path}: {check}");
+        assert_eq!(check["Type"], "http");
+        assert_eq!(
+            check["Definition"]["HTTP"],
+            format!("http://127.0.0.1:{port}/{path}")
+        );
+    }
+    // TCP: passing while the port answers.
+    let body = json!({"Name": "tcp", "Port": port,
+        "Check": {"TCP": format!("127.0.0.1:{port}"), "Interval": "200ms", "Timeout": "1s"}});
+    assert_eq!(
+        put(
+            addr,
+            "/v1/agent/service/register",
+            body.to_string().as_bytes()
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        get(addr, "/v1/agent/checks").await.json()["service:tcp"]["Status"],
+        "passing"
+    );
+    // The server goes away: HTTP checks turn critical; then one with
+    // DeregisterCriticalServiceAfter leaves the catalog by itself.
+    let body = json!({"Name": "reaped", "Port": port, "Check": {"HTTP": format!("http://127.0.0.1:{port}/ok"),
+        "Interval": "100ms", "Timeout": "500ms", "DeregisterCriticalServiceAfter": "300ms"}});
+    assert_eq!(
+        put(
+            addr,
+            "/v1/agent/service/register",
+            body.to_string().as_bytes()
+        )
+        .await
+        .status,
+        200
+    );
+    server.abort();
+    let _ = server.await;
+    eventually("the HTTP check of api-ok turned critical", || async {
+        get(addr, "/v1/agent/checks").await.json()["service:api-ok"]["Status"] == "critical"
+    })
+    .await;
+    eventually("reaped deregistered itself", || async {
+        get(addr, "/v1/agent/service/reaped").await.status == 404
+    })
+    .await;
+    http.shutdown().await;
+}
+
+#[tokio::test]
+async fn several_checks_aggregate_to_the_worst() {
+    let a = node("a", &[]).await;
+    let http = serve(&a, HttpOptions::default()).await;
+    let addr = http.local_addr();
+    let body = br#"{"Name":"db","Port":5432,"Check":{"TTL":"1m","Status":"passing"},
+        "Checks":[{"TTL":"1m"},{"TTL":"1m","CheckID":"db-disk","Name":"disk"}]}"#;
+    let reply = put(addr, "/v1/agent/service/register", body).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let checks = get(addr, "/v1/agent/checks").await.json();
+    let ids: Vec<&String> = checks.as_object().unwrap().keys().collect();
+    assert_eq!(ids, ["db-disk", "service:db:1", "service:db:2"], "{checks}");
+    assert_eq!(checks["service:db:1"]["Status"], "passing");
+    assert_eq!(checks["service:db:2"]["Status"], "critical");
+    assert_eq!(checks["db-disk"]["Name"], "disk");
+    let health = || async {
+        let entries = get(addr, "/v1/health/service/db?passing").await.json();
+        entries.as_array().unwrap().len()
+    };
+    assert_eq!(health().await, 0, "one check critical: not passing");
+    for id in ["service:db:2", "db-disk"] {
+        let reply = put(addr, &format!("/v1/agent/check/pass/{id}"), b"").await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    assert_eq!(health().await, 1);
+    let entry = &get(addr, "/v1/health/service/db").await.json()[0];
+    assert_eq!(
+        entry["Checks"].as_array().unwrap().len(),
+        4,
+        "serfHealth + 3"
+    );
+    put(addr, "/v1/agent/check/warn/db-disk", b"").await;
+    let instance = &a
+        .catalog()
+        .lookup_with("db", &grapevine::Query::default().include_unhealthy())[0];
+    assert_eq!(instance.health, grapevine::Health::Warning);
+    assert_eq!(
+        get(addr, "/v1/health/state/warning").await.json()[0]["CheckID"],
+        "db-disk"
+    );
     http.shutdown().await;
 }
 
@@ -170,93 +465,36 @@ async fn bad_registrations_are_refused_with_reasons() {
     let http = serve(&a, options).await;
     let addr = http.local_addr();
     let huge_meta = json!({
-        "name": "web", "port": 1,
-        "meta": (0..100).map(|i| (format!("k{i}"), "v".to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+        "Name": "web", "Port": 1,
+        "Meta": (0..100).map(|i| (format!("k{i}"), "v".to_string())).collect::<std::collections::BTreeMap<_, _>>(),
     })
     .to_string();
     let cases: Vec<(&str, String, u16, &str)> = vec![
-        (
-            "missing name",
-            r#"{"port":1}"#.into(),
-            400,
-            "missing field `name`",
-        ),
-        (
-            "missing port",
-            r#"{"name":"web"}"#.into(),
-            400,
-            "missing field `port`",
-        ),
-        (
-            "port as string",
-            r#"{"name":"web","port":"80"}"#.into(),
-            400,
-            "invalid type",
-        ),
-        (
-            "port out of range",
-            r#"{"name":"web","port":70000}"#.into(),
-            400,
-            "invalid value",
-        ),
-        (
-            "port zero",
-            r#"{"name":"web","port":0}"#.into(),
-            400,
-            "port",
-        ),
-        (
-            "tags not a list",
-            r#"{"name":"web","port":1,"tags":"v1"}"#.into(),
-            400,
-            "invalid type",
-        ),
-        (
-            "unknown field",
-            r#"{"name":"web","port":1,"Port":2}"#.into(),
-            400,
-            "unknown field",
-        ),
-        ("bad name", r#"{"name":"we b","port":1}"#.into(), 400, "' '"),
-        (
-            "bad address",
-            r#"{"name":"web","port":1,"address":"x"}"#.into(),
-            400,
-            "invalid",
-        ),
-        (
-            "two checks",
-            r#"{"name":"web","port":1,"check":{"ttl":"1s","tcp":"1s"}}"#.into(),
-            400,
-            "exactly one",
-        ),
-        (
-            "no check kind",
-            r#"{"name":"web","port":1,"check":{}}"#.into(),
-            400,
-            "exactly one",
-        ),
-        (
-            "bad ttl",
-            r#"{"name":"web","port":1,"check":{"ttl":"soon"}}"#.into(),
-            400,
-            "check.ttl",
-        ),
-        (
-            "ttl too short",
-            r#"{"name":"web","port":1,"check":{"ttl":"1ms"}}"#.into(),
-            400,
-            "between",
-        ),
+        ("missing name", r#"{"Port":1}"#.into(), 400, "Missing service name"),
+        ("port as string", r#"{"Name":"web","Port":"80"}"#.into(), 400, "Port"),
+        ("port out of range", r#"{"Name":"web","Port":70000}"#.into(), 400, "Port"),
+        ("tags not a list", r#"{"Name":"web","Port":1,"Tags":"v1"}"#.into(), 400, "Tags"),
+        ("unknown field", r#"{"Name":"web","Prot":1}"#.into(), 400, "unknown field"),
+        ("connect", r#"{"Name":"web","Connect":{"Native":true}}"#.into(), 400, "Connect"),
+        ("bad name", r#"{"Name":"we b","Port":1}"#.into(), 400, "' '"),
+        ("bad address", r#"{"Name":"web","Port":1,"Address":"x"}"#.into(), 400, "Address"),
+        ("two kinds", r#"{"Name":"web","Check":{"TTL":"1s","TCP":"127.0.0.1:1","Interval":"1s"}}"#.into(), 400, "exactly one"),
+        ("no kind", r#"{"Name":"web","Check":{"Name":"x"}}"#.into(), 400, "one of TTL, TCP or HTTP"),
+        ("script", r#"{"Name":"web","Check":{"Args":["/bin/true"],"Interval":"1s"}}"#.into(), 400, "Args checks are not supported"),
+        ("tcp without interval", r#"{"Name":"web","Check":{"TCP":"127.0.0.1:1"}}"#.into(), 400, "Interval is required"),
+        ("https", r#"{"Name":"web","Check":{"HTTP":"https://x/","Interval":"1s"}}"#.into(), 400, "https"),
+        ("post", r#"{"Name":"web","Check":{"HTTP":"http://127.0.0.1/","Method":"POST","Interval":"1s"}}"#.into(), 400, "Method"),
+        ("bad ttl", r#"{"Name":"web","Check":{"TTL":"soon"}}"#.into(), 400, "TTL"),
+        ("ttl too short", r#"{"Name":"web","Check":{"TTL":"1ms"}}"#.into(), 400, "between"),
+        ("bad status", r#"{"Name":"web","Check":{"TTL":"1s","Status":"great"}}"#.into(), 400, "status"),
+        ("same check id", r#"{"Name":"web","Checks":[{"TTL":"1s","CheckID":"x"},{"TTL":"2s","CheckID":"x"}]}"#.into(), 400, "same CheckID"),
         ("too much meta", huge_meta, 400, "meta"),
-        ("not JSON", "name=web".into(), 400, "invalid JSON"),
+        ("not JSON", "name=web".into(), 400, "Request decode failed"),
+        ("not an object", "[1]".into(), 400, "JSON object"),
         ("empty body", String::new(), 400, "JSON body is required"),
         (
             "oversized body",
-            format!(
-                r#"{{"name":"web","port":1,"tags":["{}"]}}"#,
-                "x".repeat(20_000)
-            ),
+            format!(r#"{{"Name":"web","Port":1,"Tags":["{}"]}}"#, "x".repeat(20_000)),
             413,
             "too large",
         ),
@@ -264,6 +502,7 @@ async fn bad_registrations_are_refused_with_reasons() {
     for (what, body, status, needle) in cases {
         let reply = put(addr, "/v1/agent/service/register", body.as_bytes()).await;
         assert_eq!(reply.status, status, "{what}: {}", reply.text());
+        consul_headers(&reply);
         assert!(
             reply.error().contains(needle),
             "{what}: {:?} lacks {needle:?}",
@@ -283,8 +522,10 @@ async fn bad_registrations_are_refused_with_reasons() {
     // Wrong method and unknown routes.
     let reply = get(addr, "/v1/agent/service/register").await;
     assert_eq!(reply.status, 405);
+    consul_headers(&reply);
     let reply = get(addr, "/v1/nothing").await;
     assert_eq!(reply.status, 404);
+    consul_headers(&reply);
     assert!(reply.error().contains("no such endpoint"));
     // Bad query parameters.
     for path in [
@@ -294,8 +535,10 @@ async fn bad_registrations_are_refused_with_reasons() {
         "/v1/health/service/web?index=1&wait=forever",
         "/v1/health/service/bad%20name",
         "/v1/catalog/services?wait=10x",
+        "/v1/catalog/services?ns=team",
         "/metrics?x=1",
         "/v1/agent/members?index=x",
+        "/v1/agent/members?wan",
         "/v1/agent/services?wait=-1s",
         "/v1/agent/self?verbose",
         "/v1/status?x=1",
@@ -310,218 +553,310 @@ async fn bad_registrations_are_refused_with_reasons() {
 }
 
 #[tokio::test]
-async fn config_endpoints() {
+async fn kv_answers_as_consul() {
+    use base64::Engine;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
     let a = node("a", &[]).await;
     let http = serve(&a, HttpOptions::default()).await;
     let addr = http.local_addr();
 
     let reply = put(addr, "/v1/kv/prod/orders/max_conn", b"100").await;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_eq!(reply.json()["seq"], 1);
+    assert_eq!(reply.json(), json!(true));
+    consul_headers(&reply);
     put(addr, "/v1/kv/prod/orders/limits", b"[10,20]").await;
-    put(addr, "/v1/kv/prod/payments/url", b"http://pay").await;
-    let binary = put(addr, "/v1/kv/prod/blob/key", &[0xff, 0x00, 0xfe]).await;
-    assert_eq!(binary.status, 200);
+    put(addr, "/v1/kv/prod/ordersx", b"x").await;
+    assert_eq!(
+        put(addr, "/v1/kv/toplevel", b"one segment").await.json(),
+        json!(true)
+    );
+    assert_eq!(
+        put(addr, "/v1/kv/prod/blob", &[0xff, 0x00, 0xfe])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(put(addr, "/v1/kv/prod/empty", b"").await.status, 200);
 
     let reply = get(addr, "/v1/kv/prod/orders/max_conn").await;
     assert_eq!(reply.status, 200);
-    assert_eq!(reply.index(), 4);
+    let entries = reply.json();
+    assert_eq!(entries.as_array().unwrap().len(), 1);
+    let entry = &entries[0];
+    assert_eq!(entry["Key"], "prod/orders/max_conn");
+    assert_eq!(entry["Value"], b64(b"100"));
+    assert_eq!(entry["Flags"], 0);
+    assert_eq!(entry["LockIndex"], 0);
+    assert_eq!(entry["CreateIndex"], 1);
+    assert_eq!(entry["ModifyIndex"], 1);
+    assert!(reply.index() >= 1);
     assert_eq!(
-        reply.json(),
-        json!({"key": "prod/orders/max_conn", "value": "100"})
+        get(addr, "/v1/kv/prod/blob").await.json()[0]["Value"],
+        b64(&[0xff, 0x00, 0xfe])
     );
+    assert_eq!(
+        get(addr, "/v1/kv/prod/empty").await.json()[0]["Value"],
+        Value::Null
+    );
+    // A rewrite keeps CreateIndex and moves ModifyIndex.
+    put(addr, "/v1/kv/prod/orders/max_conn", b"200").await;
+    let entry = &get(addr, "/v1/kv/prod/orders/max_conn").await.json()[0];
+    assert_eq!(
+        (entry["CreateIndex"].clone(), entry["ModifyIndex"].clone()),
+        (json!(1), json!(7))
+    );
+
     let raw = get(addr, "/v1/kv/prod/orders/max_conn?raw").await;
-    assert_eq!(raw.body, b"100");
-    assert_eq!(
-        get(addr, "/v1/kv/prod/blob/key").await.json()["value_base64"],
-        "/wD+"
-    );
+    assert_eq!(raw.body, b"200");
+    consul_headers(&raw);
+    // Plain-string prefixes, as Consul: `prod/orders` also lists `prod/ordersx`.
     let listed = get(addr, "/v1/kv/prod/orders?recurse").await.json();
-    assert_eq!(listed.as_array().unwrap().len(), 2);
-    assert_eq!(listed[0]["key"], "prod/orders/limits");
-    let keys = get(addr, "/v1/kv?keys").await.json();
+    let keys: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["Key"].as_str().unwrap())
+        .collect();
     assert_eq!(
         keys,
-        json!([
-            "prod/blob/key",
-            "prod/orders/limits",
-            "prod/orders/max_conn",
-            "prod/payments/url"
-        ])
+        ["prod/orders/limits", "prod/orders/max_conn", "prod/ordersx"]
+    );
+    let keys = get(addr, "/v1/kv/prod/?keys&separator=/").await.json();
+    assert_eq!(
+        keys,
+        json!(["prod/blob", "prod/empty", "prod/orders/", "prod/ordersx"])
+    );
+    let all = get(addr, "/v1/kv/?keys").await.json();
+    assert_eq!(all.as_array().unwrap().len(), 6);
+    assert_eq!(
+        get(addr, "/v1/kv?recurse")
+            .await
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        6
     );
 
-    // Absent keys: 404, with the index to block on.
     let absent = get(addr, "/v1/kv/prod/orders/nothing").await;
     assert_eq!(absent.status, 404);
-    assert!(absent.error().contains("not set"));
-    assert_eq!(absent.index(), 4);
+    assert!(absent.body.is_empty());
+    consul_headers(&absent);
     assert_eq!(get(addr, "/v1/kv/staging?recurse").await.status, 404);
-    assert_eq!(
-        request(addr, "DELETE", "/v1/kv/prod/orders/nothing", b"")
-            .await
-            .status,
-        404
-    );
+    assert_eq!(get(addr, "/v1/kv/staging?keys").await.status, 404);
 
-    // Bad input.
-    for (what, method, path, body, status) in [
-        ("one-segment key", "PUT", "/v1/kv/prod", &b"1"[..], 400),
-        ("bad char", "PUT", "/v1/kv/prod/a%20b", b"1", 400),
-        ("empty segment", "GET", "/v1/kv/prod//x", b"", 400),
-        ("listing without a key", "GET", "/v1/kv", b"", 400),
-        ("raw listing", "GET", "/v1/kv/prod?recurse&raw", b"", 400),
+    // Consensus-only operations are refused, saying why.
+    for path in [
+        "/v1/kv/prod/orders/max_conn?cas=1",
+        "/v1/kv/prod/orders/max_conn?acquire=abc",
+        "/v1/kv/prod/orders/max_conn?release=abc",
+    ] {
+        let reply = put(addr, path, b"1").await;
+        assert_eq!(reply.status, 400, "{path}");
+        assert!(
+            reply.error().contains("consensus"),
+            "{path}: {}",
+            reply.error()
+        );
+    }
+    let reply = request(addr, "DELETE", "/v1/kv/prod/orders/max_conn?cas=3", b"").await;
+    assert!(reply.error().contains("consensus"));
+    let cases: Vec<(&str, &str, String, &[u8], u16)> = vec![
+        ("bad char", "PUT", "/v1/kv/prod/a%20b".into(), b"1", 400),
+        ("empty segment", "GET", "/v1/kv/prod//x".into(), b"", 400),
+        ("listing without a key", "GET", "/v1/kv".into(), b"", 400),
+        ("put without a key", "PUT", "/v1/kv/".into(), b"1", 400),
         (
-            "unknown parameter",
+            "flags not a number",
+            "PUT",
+            "/v1/kv/prod/f?flags=x".into(),
+            b"1",
+            400,
+        ),
+        (
+            "non-zero flags",
+            "PUT",
+            "/v1/kv/prod/f?flags=7".into(),
+            b"1",
+            400,
+        ),
+        ("delete without a key", "DELETE", "/v1/kv".into(), b"", 400),
+        (
+            "too long",
             "GET",
-            "/v1/kv/prod/orders/max_conn?cas=1",
+            format!("/v1/kv/{}", "k".repeat(600)),
             b"",
             400,
         ),
         (
-            "value over 64 KiB",
+            "too large",
             "PUT",
-            "/v1/kv/prod/big/value",
-            &[b'x'; 70_000][..],
+            "/v1/kv/prod/big".into(),
+            &[b'x'; 70_000],
             413,
         ),
-        (
-            "body over the limit",
-            "PUT",
-            "/v1/kv/prod/big/value",
-            &[b'x'; 200_000][..],
-            413,
-        ),
-    ] {
-        let reply = request(addr, method, path, body).await;
+    ];
+    for (what, method, path, body, status) in cases {
+        let reply = request(addr, method, &path, body).await;
         assert_eq!(reply.status, status, "{what}: {}", reply.text());
-        assert!(!reply.error().is_empty(), "{what}");
+        consul_headers(&reply);
     }
+    assert_eq!(put(addr, "/v1/kv/prod/f?flags=0", b"1").await.status, 200);
 
-    // Delete.
+    // DELETE answers true, absent keys included; ?recurse deletes a prefix.
     let reply = request(addr, "DELETE", "/v1/kv/prod/orders/max_conn", b"").await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!((reply.status, reply.json()), (200, json!(true)));
     assert_eq!(get(addr, "/v1/kv/prod/orders/max_conn").await.status, 404);
+    let reply = request(addr, "DELETE", "/v1/kv/prod/orders/max_conn", b"").await;
+    assert_eq!((reply.status, reply.json()), (200, json!(true)));
+    let reply = request(addr, "DELETE", "/v1/kv/prod/?recurse", b"").await;
+    assert_eq!((reply.status, reply.json()), (200, json!(true)));
+    assert_eq!(get(addr, "/v1/kv/?keys").await.json(), json!(["toplevel"]));
     http.shutdown().await;
 }
 
 #[tokio::test]
 async fn blocking_queries_return_on_change_and_on_timeout() {
     let a = node("a", &[]).await;
+    let http = serve(&a, HttpOptions::default()).await;
+    let addr = http.local_addr();
+
+    // health/service blocks until the service changes, not on unrelated changes.
+    let index = get(addr, "/v1/health/service/web").await.index();
+    let waiting = tokio::spawn(async move {
+        let started = tokio::time::Instant::now();
+        let reply = get(
+            addr,
+            &format!("/v1/health/service/web?index={index}&wait=30s"),
+        )
+        .await;
+        (reply, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    put(
+        addr,
+        "/v1/agent/service/register",
+        br#"{"Name":"other","Port":1}"#,
+    )
+    .await;
+    put(addr, "/v1/kv/unrelated", b"1").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "woken by an unrelated change");
+    put(
+        addr,
+        "/v1/agent/service/register",
+        br#"{"Name":"web","Port":80}"#,
+    )
+    .await;
+    let (reply, took) = waiting.await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert!(reply.index() > index);
+    assert_eq!(reply.json()[0]["Service"]["Service"], "web");
+    assert!(took >= Duration::from_millis(500), "{took:?}");
+
+    // Without a change, the wait ends with the same answer and an index at least as high.
+    let index = reply.index();
+    let started = tokio::time::Instant::now();
+    let quiet = get(
+        addr,
+        &format!("/v1/catalog/service/web?index={index}&wait=400ms"),
+    )
+    .await;
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert_eq!(quiet.status, 200);
+    assert!(quiet.index() >= index);
+    // An index from the future (an earlier run) answers at once; wait is capped at 10 min.
+    let started = tokio::time::Instant::now();
+    let reply = get(addr, "/v1/catalog/services?index=999999&wait=10s").await;
+    assert_eq!(reply.status, 200);
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // KV: a blocked read of a key wakes on its change, not on another key's.
+    put(addr, "/v1/kv/app/flag", b"off").await;
+    let first = get(addr, "/v1/kv/app/flag").await;
+    let index = first.index();
+    let waiting =
+        tokio::spawn(
+            async move { get(addr, &format!("/v1/kv/app/flag?index={index}&wait=30s")).await },
+        );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    put(addr, "/v1/kv/app/flagpole", b"1").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "woken by another key");
+    put(addr, "/v1/kv/app/flag", b"on").await;
+    let reply = waiting.await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert!(reply.index() > index);
+    assert_eq!(reply.json()[0]["Value"], "b24=");
+    // A 404 blocks too: it wakes when the key appears.
+    let absent = get(addr, "/v1/kv/app/later").await;
+    assert_eq!(absent.status, 404);
+    let index = absent.index();
+    let waiting = tokio::spawn(async move {
+        get(addr, &format!("/v1/kv/app/later?index={index}&wait=30s")).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    put(addr, "/v1/kv/app/later", b"now").await;
+    assert_eq!(waiting.await.unwrap().status, 200);
+    // A recurse read times out quietly.
+    let index = get(addr, "/v1/kv/app?recurse").await.index();
+    let quiet = get(
+        addr,
+        &format!("/v1/kv/app?recurse&index={index}&wait=300ms"),
+    )
+    .await;
+    assert_eq!((quiet.status, quiet.index()), (200, index));
+    http.shutdown().await;
+}
+
+#[tokio::test]
+async fn tokens_are_required_when_set() {
+    let a = node("a", &[]).await;
     let options = HttpOptions {
-        max_wait: Duration::from_secs(2),
+        token: Some("s3cret".to_string()),
         ..HttpOptions::default()
     };
     let http = serve(&a, options).await;
     let addr = http.local_addr();
-
-    // Catalog: block on the current index, then register: the query returns with more.
-    let first = get(addr, "/v1/health/service/web").await;
-    let index = first.index();
-    let started = tokio::time::Instant::now();
-    let waiting = tokio::spawn(async move {
-        get(
-            addr,
-            &format!("/v1/health/service/web?index={index}&wait=30s"),
-        )
-        .await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!waiting.is_finished(), "the query did not block");
-    put(
-        addr,
-        "/v1/agent/service/register",
-        br#"{"name":"web","port":80}"#,
-    )
-    .await;
-    let changed = waiting.await.unwrap();
-    assert_eq!(changed.status, 200);
-    assert!(changed.index() > index);
-    assert_eq!(changed.json()[0]["port"], 80);
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "returned on change, not on timeout"
+    let refused = get(addr, "/v1/agent/services").await;
+    assert_eq!(refused.status, 403);
+    consul_headers(&refused);
+    assert!(refused.error().contains("token"));
+    assert_eq!(
+        get(addr, "/v1/agent/services?token=wrong").await.status,
+        403
     );
-
-    // A change elsewhere in the catalog moves the index but does not answer the query.
-    let index = changed.index();
-    let waiting = tokio::spawn(async move {
-        get(
-            addr,
-            &format!("/v1/health/service/web?index={index}&wait=30s"),
-        )
-        .await
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    put(
-        addr,
-        "/v1/agent/service/register",
-        br#"{"name":"other","port":81}"#,
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!waiting.is_finished(), "woken by another service");
-    put(
-        addr,
-        "/v1/agent/service/register",
-        br#"{"name":"web","id":"web-2","port":82}"#,
-    )
-    .await;
-    let changed = waiting.await.unwrap();
-    assert_eq!(changed.json().as_array().unwrap().len(), 2);
-    assert!(changed.index() >= index + 2);
-
-    // Timeout: nothing changes, the query answers the same view with the same index.
-    let index = changed.index();
-    let started = tokio::time::Instant::now();
-    let quiet = get(
-        addr,
-        &format!("/v1/health/service/web?index={index}&wait=500ms"),
-    )
-    .await;
-    let took = started.elapsed();
-    assert_eq!(quiet.status, 200);
-    assert_eq!(quiet.index(), index);
-    assert!(
-        took >= Duration::from_millis(450),
-        "returned after {took:?}"
+    assert_eq!(get(addr, "/metrics").await.status, 403);
+    assert_eq!(put(addr, "/v1/kv/x", b"1").await.status, 403);
+    assert_eq!(a.config().get("x"), None);
+    assert_eq!(
+        get(addr, "/v1/agent/services?token=s3cret").await.status,
+        200
     );
-    // `wait` is capped (2 s here).
-    let started = tokio::time::Instant::now();
-    let capped = get(
-        addr,
-        &format!("/v1/catalog/services?index={index}&wait=10m"),
-    )
-    .await;
-    assert_eq!(capped.status, 200);
-    let took = started.elapsed();
+    for header in [
+        ("X-Consul-Token", "s3cret"),
+        ("Authorization", "Bearer s3cret"),
+    ] {
+        let reply =
+            http_support::request_with(addr, "GET", "/v1/agent/services", &[header], b"").await;
+        assert_eq!(reply.status, 200, "{header:?}");
+    }
+    for header in [
+        ("X-Consul-Token", "s3cre"),
+        ("Authorization", "Basic s3cret"),
+    ] {
+        let reply =
+            http_support::request_with(addr, "GET", "/v1/agent/services", &[header], b"").await;
+        assert_eq!(reply.status, 403, "{header:?}");
+    }
+    // The page itself loads (it holds no data); its reads need the token.
+    assert_eq!(get(addr, "/").await.status, 200);
+    assert_eq!(get(addr, "/v1/status").await.status, 403);
+    let metrics = get(addr, "/metrics?token=s3cret").await.text();
     assert!(
-        took >= Duration::from_millis(1900) && took < Duration::from_secs(8),
-        "capped wait took {took:?}"
+        metrics.contains("grapevine_http_token_refused_total 7"),
+        "{metrics}"
     );
-    // An index from the future answers at once with the current one.
-    let reply = get(addr, "/v1/catalog/services?index=999999&wait=10s").await;
-    assert_eq!(reply.index(), index);
-
-    // Config: a blocking read of one key returns when that key changes, not another one.
-    let set = put(addr, "/v1/kv/prod/app/flag", b"off").await;
-    let seq = set.json()["seq"].as_u64().unwrap();
-    let waiting = tokio::spawn(async move {
-        get(addr, &format!("/v1/kv/prod/app/flag?index={seq}&wait=30s")).await
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    put(addr, "/v1/kv/prod/other/key", b"x").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!waiting.is_finished(), "woken by another key");
-    put(addr, "/v1/kv/prod/app/flag", b"on").await;
-    let changed = waiting.await.unwrap();
-    assert_eq!(changed.json()["value"], "on");
-    assert_eq!(changed.index(), seq + 2);
-    let quiet = get(
-        addr,
-        &format!("/v1/kv/prod/app/flag?index={}&wait=300ms", seq + 2),
-    )
-    .await;
-    assert_eq!((quiet.status, quiet.index()), (200, seq + 2));
     http.shutdown().await;
 }
 
@@ -608,7 +943,7 @@ async fn sse_streams_deliver_changes_and_end_with_the_server() {
         br#"{"name":"other","port":81}"#,
     )
     .await;
-    put(addr, "/v1/agent/check/pass/web", b"").await;
+    put(addr, "/v1/agent/check/pass/service:web", b"").await;
     let passing = catalog.next(EVENT_WAIT).await.expect("catalog change");
     assert_eq!(passing.json()[0]["id"], "web", "{passing:?}");
     assert_eq!(passing.json()[0]["health"], "passing");

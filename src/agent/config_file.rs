@@ -175,8 +175,10 @@ mod tests {
     #[test]
     fn bad_files_are_clear_errors() {
         assert!(matches!(parse("[prod"), Err(ParseError::Toml(_))));
-        // A top-level scalar has no namespace.
-        assert!(matches!(parse("x = 1"), Err(ParseError::Invalid(_))));
+        // A top-level scalar is a one-segment key, as Consul allows.
+        let top = parse("x = 1").unwrap();
+        assert_eq!(top.len(), 1);
+        assert_eq!(top[0].0, "x");
         assert!(matches!(
             parse("[prod]\n\"bad key!\" = 1"),
             Err(ParseError::Invalid(_))

@@ -125,6 +125,12 @@ pub struct AgentSettings {
     pub http: Option<String>,
     /// `--data-dir`.
     pub data_dir: Option<PathBuf>,
+    /// `--http-token`.
+    pub http_token: Option<String>,
+    /// `--http-token-file`.
+    pub http_token_file: Option<PathBuf>,
+    /// `--http-max-wait`.
+    pub http_max_wait: Option<String>,
     /// `--dns`.
     pub dns: Option<String>,
     /// `--dns-domain`.

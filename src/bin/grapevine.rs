@@ -205,11 +205,21 @@ struct AgentArgs {
     /// of the whole cluster) loses nothing. Without it, everything is in memory.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<std::path::PathBuf>,
-    /// Serve the sidecar HTTP API, /metrics and the status page on this address (default
-    /// 127.0.0.1:8500 when given bare). A non-loopback address needs --allow-remote-control.
+    /// Serve the Consul-compatible HTTP API, /metrics and the status page on this address
+    /// (default 127.0.0.1:8500 when given bare). A non-loopback address needs a token.
     #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, num_args = 0..=1,
           default_missing_value = "127.0.0.1:8500")]
     http: Option<SocketAddr>,
+    /// Require this token on every HTTP request (X-Consul-Token, Authorization: Bearer, or
+    /// ?token=); others get 403.
+    #[arg(long, value_name = "TOKEN", conflicts_with = "http_token_file")]
+    http_token: Option<String>,
+    /// Read the HTTP token from this file (first line), keeping it out of `ps`.
+    #[arg(long, value_name = "FILE")]
+    http_token_file: Option<std::path::PathBuf>,
+    /// Longest wait of an HTTP blocking query, e.g. 30s [default: 10m, as Consul's].
+    #[arg(long, value_name = "DURATION", value_parser = parse_wait)]
+    http_max_wait: Option<Duration>,
     /// Answer DNS queries for the catalog on this address, UDP and TCP (default
     /// 127.0.0.1:8600 when given bare): `dig @127.0.0.1 -p 8600 web.service.consul SRV`.
     #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, num_args = 0..=1,
@@ -242,6 +252,14 @@ fn parse_service_ttl(text: &str) -> Result<(String, Duration), String> {
         return Err(format!("{text:?} names no service"));
     }
     Ok((name.to_string(), parse_duration(ttl)?))
+}
+
+fn parse_wait(text: &str) -> Result<Duration, String> {
+    let wait = parse_duration(text)?;
+    if wait > Duration::from_secs(3600) {
+        return Err(format!("{text:?} must be at most 1 hour"));
+    }
+    Ok(wait)
 }
 
 fn parse_service(text: &str) -> Result<Service, String> {
@@ -682,6 +700,9 @@ struct AgentSetup {
     dns_domain: String,
     dns_ttl: Duration,
     dns_service_ttl: Vec<(String, Duration)>,
+    http_token: Option<String>,
+    http_token_file: Option<std::path::PathBuf>,
+    http_max_wait: Duration,
 }
 
 /// Merges the flags over the `--config` file: a flag given wins; lists given on the command
@@ -761,6 +782,11 @@ fn agent_setup(args: AgentArgs) -> grapevine::Result<AgentSetup> {
     } else {
         args.dns_service_ttl
     };
+    let http_max_wait = match (args.http_max_wait, &file.http_max_wait) {
+        (Some(wait), _) => wait,
+        (None, Some(text)) => parse_wait(text).map_err(|e| field("http_max_wait", e))?,
+        (None, None) => Duration::from_secs(600),
+    };
     let (encrypt, keyring) = match (args.encrypt, args.keyring) {
         (None, None) => (file.encrypt, file.keyring),
         given => given,
@@ -796,6 +822,9 @@ fn agent_setup(args: AgentArgs) -> grapevine::Result<AgentSetup> {
             .unwrap_or_else(|| grapevine::dns::DEFAULT_DOMAIN.to_string()),
         dns_ttl,
         dns_service_ttl,
+        http_token: args.http_token.or(file.http_token),
+        http_token_file: args.http_token_file.or(file.http_token_file),
+        http_max_wait,
     })
 }
 
@@ -853,11 +882,31 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
         // Read at start and saved back after every rotation.
         builder = builder.keyring_file(path);
     }
+    let http_token = match (&args.http_token, &args.http_token_file) {
+        (Some(token), _) => Some(token.clone()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| {
+                    grapevine::Error::Config(format!("--http-token-file {}: {e}", path.display()))
+                })?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    if http_token.as_deref().is_some_and(str::is_empty) {
+        return Err(grapevine::Error::Config(
+            "the HTTP token is empty; give a non-empty --http-token".to_string(),
+        ));
+    }
     if let Some(addr) = args.http {
-        if !addr.ip().is_loopback() && !args.allow_remote_control {
+        if !addr.ip().is_loopback() && http_token.is_none() {
             return Err(grapevine::Error::Config(format!(
-                "--http {addr} is not a loopback address; the API has no authentication, so \
-                 also pass --allow-remote-control to expose it"
+                "--http {addr} is not a loopback address; give --http-token (or \
+                 --http-token-file) so that only holders of the token reach the API"
             )));
         }
     }
@@ -883,9 +932,19 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
     }
     let http = match args.http {
         Some(addr) => Some(
-            grapevine::http::HttpServer::start(node.clone(), addr, Default::default())
-                .await
-                .map_err(|error| grapevine::Error::Config(error.to_string()))?,
+            grapevine::http::HttpServer::start(
+                node.clone(),
+                addr,
+                grapevine::http::HttpOptions {
+                    datacenter: args.cluster_label.clone(),
+                    token: http_token.clone(),
+                    max_wait: args.http_max_wait,
+                    default_wait: args.http_max_wait.min(Duration::from_secs(300)),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|error| grapevine::Error::Config(error.to_string()))?,
         ),
         None => None,
     };
@@ -909,7 +968,23 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
         None => None,
     };
     tracing::info!(addr = %node.addr(), "agent running; press Ctrl-C to leave");
-    wait_for_signal().await;
+    let left = async {
+        match &http {
+            Some(http) => http.left().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        () = left => {
+            tracing::info!("left the cluster on request of the HTTP API (PUT /v1/agent/leave)");
+            if let Some(http) = http {
+                http.shutdown().await;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        () = wait_for_signal() => {}
+    }
     tracing::info!("leaving the cluster");
     // The HTTP API and DNS stop first: their readers end before the node goes away.
     if let Some(dns) = dns {

@@ -1,8 +1,7 @@
 //! The routes of the HTTP API and their handlers.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,13 +16,13 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use base64::Engine;
 use futures_util::Stream;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::query::{parse_duration, Params};
+use super::query::Params;
 use super::{ApiError, AppState, INDEX_HEADER};
-use crate::node::{Check, ConfigEvent, Instance, Node, Query};
-use crate::state::catalog::{Health, Service};
-use crate::state::config::{validate_key, MAX_KEY_LEN};
+use crate::node::{ConfigEvent, Instance, Node, Query};
+use crate::state::catalog::Service;
+use crate::state::config::MAX_KEY_LEN;
 
 type Shared = State<Arc<AppState>>;
 
@@ -33,26 +32,50 @@ const STATUS_PAGE: &str = include_str!("status.html");
 const STATUS_KEYS: usize = 500;
 /// Bytes of each config value the status page shows.
 const STATUS_PREVIEW: usize = 80;
-/// Shortest and longest check period accepted at registration.
-const CHECK_PERIOD: (Duration, Duration) =
-    (Duration::from_millis(100), Duration::from_secs(86_400));
 
 /// Builds the router of the whole API.
 pub(crate) fn router(state: Arc<AppState>) -> Router {
+    use super::consul as c;
+    use super::kv;
     Router::new()
         .route("/", get(status_page))
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
-        .route("/v1/agent/self", get(agent_self))
-        .route("/v1/agent/members", get(members))
-        .route("/v1/agent/services", get(agent_services))
-        .route("/v1/agent/service/register", put(register))
-        .route("/v1/agent/service/deregister/{id}", put(deregister))
-        .route("/v1/agent/check/{verdict}/{id}", put(check))
-        .route("/v1/catalog/services", get(catalog_services))
-        .route("/v1/health/service/{name}", get(health_service))
-        .route("/v1/kv", get(kv_list_all))
-        .route("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
+        .route("/v1/status/leader", get(c::status_leader))
+        .route("/v1/status/peers", get(c::status_peers))
+        .route("/v1/agent/self", get(c::agent_self))
+        .route("/v1/agent/members", get(c::members))
+        .route("/v1/agent/join/{address}", put(c::join))
+        .route("/v1/agent/leave", put(c::leave))
+        .route("/v1/agent/force-leave/{node}", put(c::force_leave))
+        .route("/v1/agent/services", get(c::agent_services))
+        .route("/v1/agent/service/register", put(c::register))
+        .route("/v1/agent/service/deregister/{id}", put(c::deregister))
+        .route("/v1/agent/service/{id}", get(c::agent_service))
+        .route("/v1/agent/checks", get(c::agent_checks))
+        .route("/v1/agent/check/update/{id}", put(c::check_update))
+        .route("/v1/agent/check/{verdict}/{id}", put(c::check_verdict))
+        .route("/v1/catalog/services", get(c::catalog_services))
+        .route("/v1/catalog/service/{name}", get(c::catalog_service))
+        .route("/v1/catalog/nodes", get(c::catalog_nodes))
+        .route("/v1/catalog/node/{node}", get(c::catalog_node_services))
+        .route("/v1/catalog/datacenters", get(c::datacenters))
+        .route("/v1/health/service/{name}", get(c::health_service))
+        .route("/v1/health/checks/{name}", get(c::health_checks))
+        .route("/v1/health/node/{node}", get(c::health_node))
+        .route("/v1/health/state/{state}", get(c::health_state))
+        .route(
+            "/v1/kv",
+            get(kv::get_root).put(kv::put_root).delete(kv::delete_root),
+        )
+        .route(
+            "/v1/kv/",
+            get(kv::get_root).put(kv::put_root).delete(kv::delete_root),
+        )
+        .route(
+            "/v1/kv/{*key}",
+            get(kv::get).put(kv::put).delete(kv::delete),
+        )
         .route("/v1/stream/catalog", get(stream_catalog))
         .route("/v1/stream/kv", get(stream_kv_all))
         .route("/v1/stream/kv/{*prefix}", get(stream_kv))
@@ -61,7 +84,10 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Times every request into the server's metrics.
+/// Checks the token, times every request into the server's metrics, and stamps Consul's
+/// headers on every answer (errors too): `X-Consul-Index` (the catalog index unless the
+/// handler set one), `X-Consul-KnownLeader: true` and `X-Consul-LastContact: 0`, as a
+/// one-server Consul whose server is this agent.
 async fn record(State(state): Shared, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
@@ -74,7 +100,30 @@ async fn record(State(state): Shared, request: Request, next: Next) -> Response 
         .get::<axum::extract::ConnectInfo<super::ConnectionRequests>>()
         .map(|info| info.0.start());
     let started = tokio::time::Instant::now();
-    let response = next.run(request).await;
+    let allowed = match &state.options.token {
+        // The page itself holds no data; its reads carry the token.
+        Some(token) if request.uri().path() != "/" => super::token::presented(&request)
+            .is_some_and(|given| super::token::equal(&given, token)),
+        _ => true,
+    };
+    let mut response = if allowed {
+        next.run(request).await
+    } else {
+        state.metrics.token_refused();
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "Permission denied: this agent requires its token \
+             (X-Consul-Token header, Authorization: Bearer, or ?token=)",
+        )
+        .into_response()
+    };
+    let headers = response.headers_mut();
+    if !headers.contains_key(INDEX_HEADER) {
+        let index = state.node.catalog().index().max(1);
+        headers.insert(INDEX_HEADER, HeaderValue::from(index));
+    }
+    headers.insert("x-consul-knownleader", HeaderValue::from_static("true"));
+    headers.insert("x-consul-lastcontact", HeaderValue::from_static("0"));
     let status = response.status().as_u16();
     state
         .metrics
@@ -86,13 +135,26 @@ async fn unknown_route() -> ApiError {
     ApiError::not_found("no such endpoint; see docs/openapi.yaml")
 }
 
-/// JSON with the index of the view it was read from.
-fn indexed<T: Serialize>(index: u64, body: &T) -> Response {
+/// JSON with the index of the view it was read from (`?pretty` indents it).
+pub(crate) fn indexed<T: Serialize>(index: u64, body: &T) -> Response {
     let mut response = Json(body).into_response();
     response
         .headers_mut()
-        .insert(INDEX_HEADER, HeaderValue::from(index));
+        .insert(INDEX_HEADER, HeaderValue::from(index.max(1)));
     response
+}
+
+/// As [`indexed`], indented when the query asked for `?pretty`.
+pub(crate) fn answer<T: Serialize>(params: &Params, index: u64, body: &T) -> Response {
+    if params.has("pretty") {
+        let text = serde_json::to_string_pretty(body).unwrap_or_default();
+        let mut response = ([(header::CONTENT_TYPE, "application/json")], text).into_response();
+        response
+            .headers_mut()
+            .insert(INDEX_HEADER, HeaderValue::from(index.max(1)));
+        return response;
+    }
+    indexed(index, body)
 }
 
 async fn status_page() -> Html<&'static str> {
@@ -128,17 +190,6 @@ fn node_info(state: &AppState) -> NodeInfo {
         generation: identity.generation,
         version: env!("CARGO_PKG_VERSION"),
     }
-}
-
-async fn agent_self(State(state): Shared, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
-    Params::parse(query.as_deref(), &[])?;
-    let body = serde_json::json!({
-        "node": node_info(&state),
-        "stats": state.node.stats(),
-        "catalog_index": state.node.catalog().index(),
-        "config_seq": state.node.config().current_seq(),
-    });
-    Ok(Json(body).into_response())
 }
 
 #[derive(Serialize)]
@@ -181,14 +232,15 @@ async fn status(State(state): Shared, RawQuery(query): RawQuery) -> Result<Respo
 /// Answers a catalog read, as a blocking query when an index is given: it waits until the
 /// catalog index passes that one *and* `read` answers something different from what it
 /// answered at that index (or the wait ends), so that changes elsewhere in the cluster do
-/// not wake every watcher. The index answered is the current one.
-async fn block_catalog<T, F>(
+/// not wake every watcher. Returns the index to answer with (the current one, at least 1)
+/// and the answer.
+pub(crate) async fn block_catalog<T, F>(
     state: &AppState,
     params: &Params,
     read: F,
-) -> Result<Response, ApiError>
+) -> Result<(u64, T), ApiError>
 where
-    T: PartialEq + Serialize,
+    T: PartialEq,
     F: Fn(&Node) -> T,
 {
     let catalog = state.node.catalog();
@@ -197,8 +249,8 @@ where
     let before = read(&state.node);
     // No index, an older one (the view moved on) or one from the future (an earlier run of
     // the agent): answer at once; the client then blocks on the current index.
-    if params.index()? != Some(index) {
-        return Ok(indexed(index, &before));
+    if params.index()? != Some(index.max(1)) {
+        return Ok((index.max(1), before));
     }
     let _permit = state.watcher()?;
     let deadline = tokio::time::Instant::now() + wait;
@@ -220,104 +272,50 @@ where
         }
     }
     // Without a change, the answer is still what it was at the index given.
-    Ok(indexed(index, &changed.unwrap_or(before)))
+    Ok((index.max(1), changed.unwrap_or(before)))
 }
 
-/// Waits, for a blocking query on the config store, until something under `prefix` changed
-/// after the index given (or the wait ends); returns the index to answer with.
-async fn block_config(state: &AppState, params: &Params, prefix: &str) -> Result<u64, ApiError> {
+/// Waits, for a blocking query on the config store, until a key that `matches` changed
+/// after the index given (or the wait ends); returns the index to answer with (the store's
+/// current change seq, at least 1). `prefix` is a plain-string prefix of every key
+/// `matches` accepts.
+pub(crate) async fn block_config(
+    state: &AppState,
+    params: &Params,
+    prefix: &str,
+    matches: impl Fn(&str) -> bool,
+) -> Result<u64, ApiError> {
     let config = state.node.config();
     let wait = params.wait(state.options.default_wait, state.options.max_wait)?;
+    let current = config.current_seq();
     let Some(after) = params.index()? else {
-        return Ok(config.current_seq());
+        return Ok(current.max(1));
     };
-    if after > config.current_seq() {
-        return Ok(config.current_seq());
+    // Only the index last answered blocks (1 stands for 0, an empty store).
+    if after != current.max(1) {
+        return Ok(current.max(1));
     }
     let _permit = state.watcher()?;
-    let mut watch = config.watch_prefix_from(prefix, after);
+    // Watches match whole segments: watch the last whole segment above the prefix.
+    let parent = prefix.rfind('/').map_or("", |at| &prefix[..at]);
+    let mut watch = config.watch_prefix_from(parent, current);
+    let changed = async {
+        loop {
+            match watch.next().await {
+                Some(ConfigEvent::Changed(change)) if !matches(&change.key) => continue,
+                _ => return,
+            }
+        }
+    };
     tokio::select! {
         biased;
         () = state.shutdown.cancelled() => {}
-        _ = tokio::time::timeout(wait, watch.next()) => {}
+        _ = tokio::time::timeout(wait, changed) => {}
     }
-    Ok(config.current_seq())
+    Ok(config.current_seq().max(1))
 }
 
-async fn members(State(state): Shared, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref(), &["index", "wait"])?;
-    // Member changes republish the catalog view, so its index covers them.
-    block_catalog(&state, &params, Node::members).await
-}
-
-async fn agent_services(
-    State(state): Shared,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref(), &["index", "wait"])?;
-    block_catalog(&state, &params, |node| {
-        let local = node.identity().name;
-        node.catalog()
-            .all_instances()
-            .into_iter()
-            .filter(|i| i.node == local)
-            .map(|i| (i.id.clone(), i))
-            .collect::<BTreeMap<String, Instance>>()
-    })
-    .await
-}
-
-/// A service registration, as `PUT /v1/agent/service/register` takes it.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Registration {
-    name: String,
-    /// Defaults to the name.
-    id: Option<String>,
-    port: u16,
-    /// Defaults to the agent's advertised address.
-    address: Option<IpAddr>,
-    #[serde(default)]
-    tags: Vec<String>,
-    #[serde(default)]
-    meta: BTreeMap<String, String>,
-    check: Option<CheckSpec>,
-}
-
-/// A health check: exactly one of `ttl` (the service reports in) or `tcp` (the agent
-/// connects to the port every period).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CheckSpec {
-    ttl: Option<String>,
-    tcp: Option<String>,
-}
-
-fn check_period(field: &str, text: &str) -> Result<Duration, ApiError> {
-    let period = parse_duration(text)
-        .map_err(|error| ApiError::bad_request(format!("check.{field}={text:?}: {error}")))?;
-    let (min, max) = CHECK_PERIOD;
-    if period < min || period > max {
-        return Err(ApiError::bad_request(format!(
-            "check.{field}={text:?} must be between {min:?} and {max:?}"
-        )));
-    }
-    Ok(period)
-}
-
-/// Reads a JSON body, with errors a client can act on (400, or 413 when too large).
-fn json_body<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let body = body_bytes(body)?;
-    if body.is_empty() {
-        return Err(ApiError::bad_request("a JSON body is required"));
-    }
-    serde_json::from_slice(&body)
-        .map_err(|error| ApiError::bad_request(format!("invalid JSON body: {error}")))
-}
-
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         let status = rejection.status();
         let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -329,69 +327,13 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     })
 }
 
-async fn register(
-    State(state): Shared,
-    RawQuery(query): RawQuery,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    Params::parse(query.as_deref(), &[])?;
-    let registration: Registration = json_body(body)?;
-    if registration.port == 0 {
-        return Err(ApiError::bad_request("port must be 1-65535"));
-    }
-    let id = registration.id.unwrap_or_else(|| registration.name.clone());
-    let (port, tags, meta, address) = (
-        registration.port,
-        registration.tags.clone(),
-        registration.meta.clone(),
-        registration.address,
-    );
-    let mut service = Service::new(registration.name, id.clone(), registration.port);
-    service.addr = registration.address;
-    service.tags = registration.tags;
-    service.meta = registration.meta;
-    service.validate().map_err(crate::Error::from)?;
-    let check = match registration.check {
-        None => None,
-        Some(CheckSpec {
-            ttl: Some(ttl),
-            tcp: None,
-        }) => Some(Check::ttl(check_period("ttl", &ttl)?)),
-        Some(CheckSpec {
-            ttl: None,
-            tcp: Some(tcp),
-        }) => Some(Check::tcp(check_period("tcp", &tcp)?)),
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "check needs exactly one of \"ttl\" or \"tcp\"",
-            ))
-        }
-    };
-    let handle = match check {
-        Some(check) => state.node.register_with_check(service, check).await?,
-        None => state.node.register(service).await?,
-    };
-    super::lock(&state.handles).insert(id.clone(), handle);
-    let registered = settle(&state.node, &id, |found| {
-        found.is_some_and(|i| {
-            i.port == port
-                && i.tags == tags
-                && i.meta == meta
-                && address.is_none_or(|a| a == i.addr)
-        })
-    })
-    .await;
-    let health = registered.map(|i| i.health);
-    Ok(Json(serde_json::json!({ "id": id, "health": health })).into_response())
-}
-
 /// How long a write waits to show in this agent's own reads.
-const SETTLE: Duration = Duration::from_secs(2);
+pub(crate) const SETTLE: Duration = Duration::from_secs(2);
 
 /// Waits (at most [`SETTLE`]) until this node's published catalog shows the instance `id`
 /// as `done` wants, so that a client reads its own write on its next request; returns the
 /// instance as last seen.
-async fn settle(
+pub(crate) async fn settle(
     node: &Node,
     id: &str,
     done: impl Fn(Option<&Instance>) -> bool,
@@ -420,112 +362,10 @@ async fn settle(
     }
 }
 
-async fn deregister(
-    State(state): Shared,
-    Path(id): Path<String>,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    Params::parse(query.as_deref(), &[])?;
-    state.node.deregister(&id).await?;
-    super::lock(&state.handles).remove(&id);
-    settle(&state.node, &id, |found| found.is_none()).await;
-    Ok(Json(serde_json::json!({ "deregistered": id })).into_response())
-}
-
-async fn check(
-    State(state): Shared,
-    Path((verdict, id)): Path<(String, String)>,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    Params::parse(query.as_deref(), &["note"])?;
-    let health = match verdict.as_str() {
-        "pass" => Health::Passing,
-        "warn" => Health::Warning,
-        "fail" => Health::Critical,
-        other => {
-            return Err(ApiError::not_found(format!(
-                "no check verdict {other:?}; use pass, warn or fail"
-            )))
-        }
-    };
-    // Services restored from the data dir or declared at start have only the node's handle.
-    let handle = super::lock(&state.handles).get(&id).cloned();
-    let handle = handle.or_else(|| state.node.service_handle(&id));
-    let handle = handle.ok_or_else(|| {
-        ApiError::not_found(format!(
-            "no service with id {id:?} is registered on this agent"
-        ))
-    })?;
-    match health {
-        Health::Passing => handle.pass().await?,
-        Health::Warning => handle.warn().await?,
-        Health::Critical => handle.fail().await?,
-    }
-    settle(&state.node, &id, |found| {
-        found.is_some_and(|i| i.health == health)
-    })
-    .await;
-    Ok(Json(serde_json::json!({ "id": id, "health": health })).into_response())
-}
-
-#[derive(Serialize, PartialEq)]
-struct ServiceEntry {
-    instances: usize,
-    passing: usize,
-    tags: BTreeSet<String>,
-}
-
-async fn catalog_services(
-    State(state): Shared,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref(), &["index", "wait"])?;
-    block_catalog(&state, &params, service_summaries).await
-}
-
-fn service_summaries(node: &Node) -> BTreeMap<String, ServiceEntry> {
-    let mut services: BTreeMap<String, ServiceEntry> = BTreeMap::new();
-    for instance in node.catalog().all_instances() {
-        if !instance.node_status.is_active() {
-            continue;
-        }
-        let entry = services
-            .entry(instance.service.clone())
-            .or_insert_with(|| ServiceEntry {
-                instances: 0,
-                passing: 0,
-                tags: BTreeSet::new(),
-            });
-        entry.instances += 1;
-        entry.passing += usize::from(instance.health == Health::Passing);
-        entry.tags.extend(instance.tags);
-    }
-    services
-}
-
-fn check_service_name(name: &str) -> Result<(), ApiError> {
+pub(crate) fn check_service_name(name: &str) -> Result<(), ApiError> {
     Service::new(name, "x", 1)
         .validate()
         .map_err(|error| ApiError::bad_request(error.to_string()))
-}
-
-async fn health_service(
-    State(state): Shared,
-    Path(name): Path<String>,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref(), &["passing", "tag", "index", "wait"])?;
-    check_service_name(&name)?;
-    let mut lookup = Query {
-        tags: params.all("tag"),
-        include_unhealthy: !params.flag("passing")?,
-    };
-    lookup.tags.sort();
-    lookup.tags.dedup();
-    block_catalog(&state, &params, |node| {
-        node.catalog().lookup_with(&name, &lookup)
-    })
-    .await
 }
 
 /// A config entry as JSON: the value as text when it is UTF-8, else as base64.
@@ -565,116 +405,6 @@ fn check_prefix(prefix: &str) -> Result<(), ApiError> {
         )));
     }
     Ok(())
-}
-
-const KV_READ_PARAMS: &[&str] = &["recurse", "keys", "raw", "index", "wait"];
-
-async fn kv_list_all(
-    State(state): Shared,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref(), KV_READ_PARAMS)?;
-    if !(params.flag("recurse")? || params.flag("keys")?) {
-        return Err(ApiError::bad_request(
-            "give a key (/v1/kv/KEY), or ?recurse or ?keys to list every key",
-        ));
-    }
-    kv_read(&state, &params, "").await
-}
-
-async fn kv_get(
-    State(state): Shared,
-    Path(key): Path<String>,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref(), KV_READ_PARAMS)?;
-    kv_read(&state, &params, &key).await
-}
-
-async fn kv_read(state: &AppState, params: &Params, key: &str) -> Result<Response, ApiError> {
-    let recurse = params.flag("recurse")?;
-    let keys_only = params.flag("keys")?;
-    let raw = params.flag("raw")?;
-    if recurse || keys_only {
-        if raw {
-            return Err(ApiError::bad_request(
-                "raw reads one key; drop recurse/keys",
-            ));
-        }
-        check_prefix(key)?;
-    } else {
-        validate_key(key).map_err(|error| ApiError::bad_request(error.to_string()))?;
-    }
-    let index = block_config(state, params, key).await?;
-    let config = state.node.config();
-    if keys_only {
-        let keys = config.keys(key);
-        if keys.is_empty() {
-            return Err(not_found_at(index, format!("no keys under {key:?}")));
-        }
-        return Ok(indexed(index, &keys));
-    }
-    if recurse {
-        let entries: Vec<KvEntry> = config
-            .list(key)
-            .into_iter()
-            .map(|(key, value)| KvEntry::new(key, value))
-            .collect();
-        if entries.is_empty() {
-            return Err(not_found_at(index, format!("no keys under {key:?}")));
-        }
-        return Ok(indexed(index, &entries));
-    }
-    let Some(value) = config.get(key) else {
-        return Err(not_found_at(index, format!("key {key:?} is not set")));
-    };
-    if raw {
-        let mut response =
-            ([(header::CONTENT_TYPE, "application/octet-stream")], value).into_response();
-        response
-            .headers_mut()
-            .insert(INDEX_HEADER, HeaderValue::from(index));
-        return Ok(response);
-    }
-    Ok(indexed(index, &KvEntry::new(key.to_string(), value)))
-}
-
-/// A 404 that still carries the index, so that a client can block on the key appearing.
-fn not_found_at(index: u64, message: String) -> ApiError {
-    ApiError::not_found(message).with_index(index)
-}
-
-async fn kv_put(
-    State(state): Shared,
-    Path(key): Path<String>,
-    RawQuery(query): RawQuery,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    Params::parse(query.as_deref(), &[])?;
-    let value = body_bytes(body)?;
-    let change = state.node.config().set(&key, value.to_vec()).await?;
-    Ok(indexed(
-        change.seq,
-        &serde_json::json!({ "key": key, "seq": change.seq }),
-    ))
-}
-
-async fn kv_delete(
-    State(state): Shared,
-    Path(key): Path<String>,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    Params::parse(query.as_deref(), &[])?;
-    validate_key(&key).map_err(|error| ApiError::bad_request(error.to_string()))?;
-    let config = state.node.config();
-    if !config.delete(&key).await? {
-        return Err(ApiError::not_found(format!("key {key:?} is not set")));
-    }
-    let seq = config.current_seq();
-    Ok(indexed(
-        seq,
-        &serde_json::json!({ "deleted": key, "seq": seq }),
-    ))
 }
 
 type BoxedEvents = std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>>;

@@ -2,16 +2,23 @@
 //! them up, reads and writes config and watches both, over JSON on loopback. It also serves
 //! Prometheus metrics (`/metrics`) and a live status page (`/`).
 //!
-//! The endpoints follow the shape of Consul's agent API under `/v1/` (see `docs/openapi.yaml`
-//! and the README's "Sidecar HTTP API" section). Reads are served from the node's published
-//! views; blocking queries (`?index=N&wait=30s`) and Server-Sent Events streams wait on the
-//! node's own change counters, never on polling. Every wait is bounded: `wait` is capped,
-//! concurrent watchers are capped (429 beyond), bodies are size-limited (413), and the
-//! server stops with the agent.
+//! The endpoints under `/v1/` answer as Consul's agent does (its JSON shapes, status codes,
+//! `X-Consul-*` headers and blocking queries), so that Consul clients work unchanged; see
+//! `docs/openapi.yaml` and the README's "HTTP API" section. Consul's names live here only:
+//! datacenter = the cluster label, Consul node = member, a service's check id =
+//! `service:{id}`, indexes = this agent's own monotonic counters. Grapevine's extras
+//! (`/v1/status`, the SSE streams, `/metrics`) sit beside them. Reads are served from the
+//! node's published views; blocking queries (`?index=N&wait=30s`) and Server-Sent Events
+//! streams wait on the node's own change counters, never on polling. Every wait is bounded:
+//! `wait` is capped, concurrent watchers are capped (429 beyond), bodies are size-limited
+//! (413), and the server stops with the agent.
 
 mod api;
+mod consul;
+mod kv;
 mod prometheus;
 mod query;
+mod token;
 
 pub use query::parse_duration;
 
@@ -26,7 +33,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::node::{Node, ServiceHandle};
+use crate::node::Node;
 
 /// Limits of the HTTP API.
 #[derive(Debug, Clone)]
@@ -47,6 +54,11 @@ pub struct HttpOptions {
     /// least twice `keep_alive`): idle keep-alive connections and clients that never finish
     /// their request free their slot.
     pub idle_timeout: Duration,
+    /// The datacenter answered to Consul clients (the cluster label; default `dc1`).
+    pub datacenter: String,
+    /// When set, every request but the status page itself must carry this token
+    /// (`X-Consul-Token`, `Authorization: Bearer`, or `?token=`); others get 403.
+    pub token: Option<String>,
 }
 
 impl Default for HttpOptions {
@@ -59,6 +71,8 @@ impl Default for HttpOptions {
             keep_alive: Duration::from_secs(15),
             max_connections: 1024,
             idle_timeout: Duration::from_secs(60),
+            datacenter: "dc1".to_string(),
+            token: None,
         }
     }
 }
@@ -76,8 +90,8 @@ pub enum HttpError {
     },
 }
 
-/// The response header carrying the index of a blocking query's view.
-pub const INDEX_HEADER: &str = "x-grapevine-index";
+/// The response header carrying the index of a blocking query's view (on every answer).
+pub const INDEX_HEADER: &str = "x-consul-index";
 
 /// State shared by the handlers.
 pub(crate) struct AppState {
@@ -86,8 +100,10 @@ pub(crate) struct AppState {
     /// Permits for blocking queries and streams.
     watchers: Arc<Semaphore>,
     /// Services registered through this API, by id, for their check endpoints.
-    pub(crate) handles: Mutex<std::collections::BTreeMap<String, ServiceHandle>>,
+    pub(crate) services: Mutex<std::collections::BTreeMap<String, consul::LocalService>>,
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled once `PUT /v1/agent/leave` made the node leave: the agent then exits.
+    pub(crate) left: CancellationToken,
     pub(crate) metrics: prometheus::Metrics,
 }
 
@@ -112,7 +128,7 @@ impl AppState {
     }
 }
 
-/// An error answered as JSON: `{"error": "..."}` with a fitting status code.
+/// An error answered as Consul does: the message as plain text, with a fitting status code.
 #[derive(Debug)]
 pub(crate) struct ApiError {
     status: StatusCode,
@@ -146,8 +162,15 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": self.message });
-        let mut response = (self.status, axum::Json(body)).into_response();
+        let mut response = (
+            self.status,
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; charset=utf-8",
+            )],
+            self.message,
+        )
+            .into_response();
         if let Some(index) = self.index {
             response
                 .headers_mut()
@@ -358,6 +381,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// A running HTTP API. Stops when [`HttpServer::shutdown`] is called or it is dropped.
 pub struct HttpServer {
     addr: SocketAddr,
+    left: CancellationToken,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -387,11 +411,13 @@ impl HttpServer {
             .local_addr()
             .map_err(|source| HttpError::Bind { addr, source })?;
         let shutdown = CancellationToken::new();
+        let left = CancellationToken::new();
         let state = Arc::new(AppState {
             node,
             watchers: Arc::new(Semaphore::new(options.max_watchers)),
-            handles: Mutex::new(Default::default()),
+            services: Mutex::new(Default::default()),
             shutdown: shutdown.clone(),
+            left: left.clone(),
             metrics: prometheus::Metrics::new(),
             options: options.clone(),
         });
@@ -414,6 +440,7 @@ impl HttpServer {
         tracing::info!(addr = %bound, "HTTP API listening");
         Ok(HttpServer {
             addr: bound,
+            left,
             shutdown,
             task: Some(task),
         })
@@ -422,6 +449,12 @@ impl HttpServer {
     /// The address the API listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Completes once a client made the node leave (`PUT /v1/agent/leave`); the agent
+    /// should then exit, as Consul's does.
+    pub async fn left(&self) {
+        self.left.cancelled().await
     }
 
     /// Stops accepting requests, ends open watches and streams, and waits (at most 2 s)

@@ -108,6 +108,10 @@ fn describe() {
         "grapevine_http_watchers_refused_total",
         "Blocking queries and streams refused (429) at the watcher limit."
     );
+    describe_counter!(
+        "grapevine_http_token_refused_total",
+        "Requests refused (403) for a missing or wrong token."
+    );
     describe_histogram!(
         "grapevine_http_request_duration_seconds",
         Unit::Seconds,
@@ -136,6 +140,13 @@ impl Metrics {
     pub(crate) fn watcher_refused(&self) {
         with_local_recorder(&self.recorder, || {
             counter!("grapevine_http_watchers_refused_total").increment(1);
+        });
+    }
+
+    /// Counts a request refused for a missing or wrong token.
+    pub(crate) fn token_refused(&self) {
+        with_local_recorder(&self.recorder, || {
+            counter!("grapevine_http_token_refused_total").increment(1);
         });
     }
 

@@ -24,7 +24,8 @@ impl Params {
                     "more than {MAX_PARAMS} query parameters"
                 )));
             }
-            if !allowed.contains(&name.as_ref()) {
+            // The token is read (and checked) before any handler, for every route.
+            if !allowed.contains(&name.as_ref()) && name != "token" {
                 return Err(ApiError::bad_request(format!(
                     "unknown query parameter {name:?}; this endpoint takes {}",
                     if allowed.is_empty() {
@@ -47,6 +48,11 @@ impl Params {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Whether the parameter is present (with any value).
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.last(name).is_some()
+    }
+
     /// Every value of a repeatable parameter.
     pub(crate) fn all(&self, name: &str) -> Vec<String> {
         self.pairs
@@ -58,7 +64,7 @@ impl Params {
 
     /// A flag: present bare (`?passing`) or as `true`/`false`/`1`/`0`.
     pub(crate) fn flag(&self, name: &str) -> Result<bool, ApiError> {
-        match self.last(name) {
+        match self.last(name).map(str::to_ascii_lowercase).as_deref() {
             None => Ok(false),
             Some("" | "true" | "1") => Ok(true),
             Some("false" | "0") => Ok(false),

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, watch};
 use super::checks::ask;
 use super::driver::Command;
 use crate::error::Result;
-use crate::state::config::{Change, ConfigError};
+use crate::state::config::{Change, ConfigError, KeyValue};
 use crate::sync::{self, SharedState};
 
 /// Access to the cluster-wide configuration store through this node. Cheap to clone.
@@ -151,6 +151,24 @@ impl ConfigHandle {
     /// their values.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
         sync::lock(&self.state).config.keys(prefix)
+    }
+
+    /// The value of `key` with its local seqs (Consul's `CreateIndex`/`ModifyIndex`).
+    pub fn get_entry(&self, key: &str) -> Option<KeyValue> {
+        let state = sync::lock(&self.state);
+        let value = state.config.get(key)?.to_vec();
+        let indexes = state.config.indexes(key)?;
+        Some(KeyValue {
+            key: key.to_string(),
+            value,
+            indexes,
+        })
+    }
+
+    /// Live keys starting with `prefix` as a plain string (Consul's KV prefix, not whole
+    /// segments), with values and local seqs, in key order; at most `limit`.
+    pub fn scan(&self, prefix: &str, limit: usize) -> Vec<KeyValue> {
+        sync::lock(&self.state).config.scan(prefix, limit)
     }
 
     /// How many keys are set (deleted keys excluded).

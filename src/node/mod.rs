@@ -24,7 +24,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use catalog::{CatalogHandle, Instance, Query, ServiceSummary, ServiceWatch};
-pub use checks::{Check, ServiceHandle};
+pub use checks::{worst as worst_health, Check, HttpCheck, ServiceHandle};
 pub use config::{ConfigEvent, ConfigHandle, ConfigWatch};
 pub use seeds::{InvalidSeed, SeedName};
 pub use stats::{StatsSnapshot, StatsSource};
@@ -730,9 +730,15 @@ impl Node {
     /// re-armed (TTL checks start critical until the service reports in, as in Consul).
     async fn restore_services(&self, services: Vec<StoredService>) {
         let count = services.len();
-        let registrations = services.into_iter().map(|stored| {
-            let check = stored.check.as_ref().map(Check::from_stored);
-            self.register_checked(stored.service, check, Saving::AlreadySaved)
+        let registrations = services.into_iter().map(|stored| async move {
+            let mut checks: Vec<Check> = stored.checks.iter().map(Check::from_stored).collect();
+            if checks.len() > 1 {
+                self.register_many(stored.service, checks, Saving::AlreadySaved)
+                    .await
+            } else {
+                self.register_checked(stored.service, checks.pop(), Saving::AlreadySaved)
+                    .await
+            }
         });
         for result in futures_util::future::join_all(registrations).await {
             if let Err(error) = result {
@@ -758,6 +764,82 @@ impl Node {
         Ok(())
     }
 
+    /// Registers (or replaces) a service instance with several checks, as Consul's
+    /// `Checks`: its health is the worst of theirs. Report a TTL check with
+    /// [`ServiceHandle::report_check`]; read each check's status with
+    /// [`ServiceHandle::check_statuses`].
+    /// With a data dir, the registration and its checks are saved (unless one is a
+    /// [`Check::custom`]).
+    pub async fn register_with_checks(
+        &self,
+        service: Service,
+        checks: Vec<Check>,
+    ) -> Result<ServiceHandle> {
+        self.register_many(service, checks, Saving::Save).await
+    }
+
+    async fn register_many(
+        &self,
+        service: Service,
+        checks: Vec<Check>,
+        saving: Saving,
+    ) -> Result<ServiceHandle> {
+        service.validate()?;
+        let stored: Option<Vec<_>> = checks.iter().map(Check::to_stored).collect();
+        let stored = stored.map(|checks| StoredService {
+            service: service.clone(),
+            checks,
+        });
+        let target = SocketAddr::new(service.addr.unwrap_or(self.addr().ip()), service.port);
+        let mut statuses = Vec::with_capacity(checks.len());
+        for check in &checks {
+            statuses.push(check.first_status(target, &self.connector).await);
+        }
+        let id = service.id.clone();
+        let record = ServiceRecord::new(service, checks::worst(&statuses));
+        ask(&self.shared.commands, |reply| Command::Register {
+            record,
+            reply,
+        })
+        .await??;
+        let saved = match (saving, stored) {
+            (Saving::Save, Some(stored)) => {
+                self.with_store(move |store| store.put_service(&stored))
+                    .await
+            }
+            (Saving::AlreadySaved, _) => Ok(()),
+            _ => {
+                let id = id.clone();
+                self.with_store(move |store| store.remove_service(&id))
+                    .await
+            }
+        };
+        if let Err(error) = saved {
+            // Not kept across restarts: undo, so that what runs matches what is saved.
+            let _ = self.deregister(&id).await;
+            return Err(error);
+        }
+        let (set, run) = checks::check_set(
+            id.clone(),
+            self.shared.commands.clone(),
+            checks,
+            statuses,
+            target,
+            self.connector.clone(),
+        );
+        if let Some(old) = locked(&self.checks).insert(id.clone(), tokio::spawn(run)) {
+            old.abort();
+        }
+        let handle = ServiceHandle {
+            id: id.clone(),
+            commands: self.shared.commands.clone(),
+            ttl: None,
+            set: Some(set),
+        };
+        locked(&self.handles).insert(id, handle.clone());
+        Ok(handle)
+    }
+
     async fn register_record(
         &self,
         service: Service,
@@ -769,7 +851,11 @@ impl Node {
         let stored = match saving {
             Saving::Save => Some(StoredService {
                 service: service.clone(),
-                check: check.as_ref().and_then(|(check, _)| check.to_stored()),
+                checks: check
+                    .as_ref()
+                    .and_then(|(check, _)| check.to_stored())
+                    .into_iter()
+                    .collect(),
             }),
             Saving::Forget | Saving::AlreadySaved => None,
         };
@@ -801,6 +887,7 @@ impl Node {
             id: id.clone(),
             commands: self.shared.commands.clone(),
             ttl: None,
+            set: None,
         };
         let task = check.map(|(check, target)| {
             let deadline = check.ttl_period().map(|ttl| {

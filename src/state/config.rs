@@ -73,8 +73,6 @@ use super::hlc::{HybridClock, Timestamp, DEFAULT_MAX_DRIFT_MS};
 
 /// Maximum length of a key, in bytes.
 pub const MAX_KEY_LEN: usize = 512;
-/// Minimum number of `/`-separated segments in a key (`environment/name`).
-pub const MIN_KEY_SEGMENTS: usize = 2;
 /// Maximum length of a value, in bytes (64 KiB).
 pub const MAX_VALUE_LEN: usize = 64 * 1024;
 /// Maximum length of a writer id, in bytes.
@@ -123,18 +121,6 @@ pub enum ConfigError {
     EmptySegment {
         /// The refused key.
         key: String,
-    },
-    /// The key has fewer than [`MIN_KEY_SEGMENTS`] segments.
-    #[error(
-        "config key {key:?} has {segments} segment(s); at least {min} are required \
-         (`environment/name`)",
-        min = MIN_KEY_SEGMENTS
-    )]
-    TooFewSegments {
-        /// The refused key.
-        key: String,
-        /// Number of segments it has.
-        segments: usize,
     },
     /// The value is longer than [`MAX_VALUE_LEN`].
     #[error("value for config key {key:?} is {len} bytes; the limit is {max} bytes (64 KiB)", max = MAX_VALUE_LEN)]
@@ -186,9 +172,9 @@ pub struct Compacted {
     pub current: u64,
 }
 
-/// Checks a key against the rules: 1..=[`MAX_KEY_LEN`] bytes, at least [`MIN_KEY_SEGMENTS`]
-/// non-empty `/`-separated segments of `[A-Za-z0-9._-]`. The first segment is the
-/// environment namespace (`prod/orders/max_conn`).
+/// Checks a key against the rules: 1..=[`MAX_KEY_LEN`] bytes, non-empty `/`-separated
+/// segments of `[A-Za-z0-9._-]`. Any number of segments is accepted, as Consul does; by
+/// convention the first one is the environment namespace (`prod/orders/max_conn`).
 pub fn validate_key(key: &str) -> Result<(), ConfigError> {
     if key.is_empty() {
         return Err(ConfigError::EmptyKey);
@@ -209,13 +195,6 @@ pub fn validate_key(key: &str) -> Result<(), ConfigError> {
     if key.split('/').any(str::is_empty) {
         return Err(ConfigError::EmptySegment {
             key: key.to_owned(),
-        });
-    }
-    let segments = key.split('/').count();
-    if segments < MIN_KEY_SEGMENTS {
-        return Err(ConfigError::TooFewSegments {
-            key: key.to_owned(),
-            segments,
         });
     }
     Ok(())
@@ -361,6 +340,29 @@ struct Slot {
     entry: Entry,
     /// Cached `entry_hash(key, entry)`, so that replacing the entry updates its bucket in O(1).
     hash: u64,
+    /// Local seqs of the change that created the current value and of the last change.
+    indexes: LocalIndexes,
+}
+
+/// The local seqs of a key's value: not replicated (another replica numbers the same writes
+/// differently), they are what Consul's `CreateIndex` and `ModifyIndex` mean on one agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalIndexes {
+    /// Seq of the change that set the key after it was absent or deleted.
+    pub create: u64,
+    /// Seq of the key's last change.
+    pub modify: u64,
+}
+
+/// A live key, its value and its local seqs, as [`ConfigStore::scan`] lists them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyValue {
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: Vec<u8>,
+    /// Local seqs of the value.
+    pub indexes: LocalIndexes,
 }
 
 /// The configuration store of one replica. See the [module docs](self).
@@ -500,6 +502,29 @@ impl ConfigStore {
     /// The current value of `key`; `None` if absent or deleted.
     pub fn get(&self, key: &str) -> Option<&[u8]> {
         self.entries.get(key)?.entry.value.as_deref()
+    }
+
+    /// The local seqs of `key`'s current entry (a tombstone's too), if known.
+    pub fn indexes(&self, key: &str) -> Option<LocalIndexes> {
+        self.entries.get(key).map(|s| s.indexes)
+    }
+
+    /// Live keys that start with `prefix` as a plain string (not whole segments: `app`
+    /// lists `app/x` and `apple`, as Consul's KV does), with values and local seqs, in key
+    /// order; at most `limit` of them.
+    pub fn scan(&self, prefix: &str, limit: usize) -> Vec<KeyValue> {
+        self.entries
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .filter_map(|(k, s)| {
+                s.entry.value.as_ref().map(|v| KeyValue {
+                    key: k.clone(),
+                    value: v.clone(),
+                    indexes: s.indexes,
+                })
+            })
+            .take(limit)
+            .collect()
     }
 
     /// The full entry of `key`, tombstones included.
@@ -657,7 +682,22 @@ impl ConfigStore {
         if let Some(dirty) = &mut self.dirty {
             dirty.insert(key.clone());
         }
-        let old = self.entries.insert(key, Slot { entry, hash });
+        let create = match self.entries.get(&key) {
+            Some(old) if old.entry.value.is_some() && entry.value.is_some() => old.indexes.create,
+            _ => self.seq,
+        };
+        let indexes = LocalIndexes {
+            create,
+            modify: self.seq,
+        };
+        let old = self.entries.insert(
+            key,
+            Slot {
+                entry,
+                hash,
+                indexes,
+            },
+        );
         let b = &mut self.bucket_hashes[bucket];
         *b = b.wrapping_add(hash);
         if let Some(old) = old {
@@ -809,10 +849,19 @@ impl ConfigStore {
             let hash = entry_hash(&key, &entry);
             let b = &mut self.bucket_hashes[bucket_of(&key)];
             *b = b.wrapping_add(hash);
-            if let Some(old) = self.entries.insert(key, Slot { entry, hash }) {
+            self.seq += 1;
+            let indexes = LocalIndexes {
+                create: self.seq,
+                modify: self.seq,
+            };
+            let slot = Slot {
+                entry,
+                hash,
+                indexes,
+            };
+            if let Some(old) = self.entries.insert(key, slot) {
                 *b = b.wrapping_sub(old.hash);
             }
-            self.seq += 1;
         }
         self.compacted_through = self.seq;
     }
@@ -1008,12 +1057,7 @@ mod tests {
         assert!(matches!(err, ConfigError::KeyTooLong { len: 513 }));
         assert!(err.to_string().contains("limit is 512 bytes"), "{err}");
         assert!(matches!(validate_key(""), Err(ConfigError::EmptyKey)));
-        let err = validate_key("prod").unwrap_err();
-        assert!(matches!(
-            err,
-            ConfigError::TooFewSegments { segments: 1, .. }
-        ));
-        assert!(err.to_string().contains("at least 2"), "{err}");
+        validate_key("prod").unwrap();
         for bad in ["/prod/x", "prod/x/", "prod//x", "/"] {
             assert!(
                 matches!(validate_key(bad), Err(ConfigError::EmptySegment { .. })),
@@ -1026,6 +1070,31 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn local_indexes_and_string_prefix_scans() {
+        let mut s = ConfigStore::new("n1".into());
+        s.set("app", "1", NOW).unwrap();
+        s.set("app/x", "2", NOW).unwrap();
+        s.set("apple", "3", NOW).unwrap();
+        s.set("app/x", "4", NOW).unwrap();
+        let at = |s: &ConfigStore, key: &str| s.indexes(key).map(|i| (i.create, i.modify));
+        assert_eq!(at(&s, "app/x"), Some((2, 4)));
+        assert_eq!(at(&s, "apple"), Some((3, 3)));
+        let keys: Vec<String> = s
+            .scan("app", usize::MAX)
+            .into_iter()
+            .map(|kv| kv.key)
+            .collect();
+        assert_eq!(keys, ["app", "app/x", "apple"]);
+        assert_eq!(s.scan("app/", usize::MAX).len(), 1);
+        assert_eq!(s.scan("", 2).len(), 2);
+        // Deleted then set again: a new CreateIndex.
+        s.delete("app/x", NOW).unwrap();
+        assert!(s.scan("app/", usize::MAX).is_empty());
+        s.set("app/x", "5", NOW).unwrap();
+        assert_eq!(at(&s, "app/x"), Some((6, 6)));
     }
 
     #[test]
@@ -1123,7 +1192,7 @@ mod tests {
         assert_eq!(keys(s.list("prod/orders")), ["prod/orders/max_conn"]);
         assert_eq!(s.delete("prod/orders/timeout", NOW).unwrap(), None);
         assert_eq!(s.delete("prod/never", NOW).unwrap(), None);
-        assert!(s.delete("bad", NOW).is_err());
+        assert!(s.delete("bad//key", NOW).is_err());
         // The tombstone is part of the replicable state.
         assert_eq!(s.snapshot("prod/orders").1.len(), 2);
         assert_eq!(s.len(), 5);

@@ -135,11 +135,24 @@ pub enum StoredCheck {
         interval_ms: u64,
         /// Milliseconds each attempt may take.
         timeout_ms: u64,
+        /// Where to connect; the instance's address and port when `None`.
+        target: Option<SocketAddr>,
     },
     /// A TTL check: the service must report in once per `ttl_ms`.
     Ttl {
         /// The TTL, in milliseconds.
         ttl_ms: u64,
+    },
+    /// An HTTP `GET` check.
+    Http {
+        /// `http://host[:port]/path`.
+        url: String,
+        /// Extra request headers.
+        headers: Vec<(String, String)>,
+        /// Milliseconds between requests.
+        interval_ms: u64,
+        /// Milliseconds each request may take.
+        timeout_ms: u64,
     },
 }
 
@@ -148,8 +161,8 @@ pub enum StoredCheck {
 pub struct StoredService {
     /// The registration.
     pub service: Service,
-    /// Its check, if any.
-    pub check: Option<StoredCheck>,
+    /// Its checks (none: always passing unless reported otherwise).
+    pub checks: Vec<StoredCheck>,
 }
 
 /// A member remembered from the last run, to rejoin through.

@@ -51,13 +51,13 @@ fn what_is_committed_comes_back() {
         store
             .put_service(&StoredService {
                 service: web,
-                check: Some(StoredCheck::Ttl { ttl_ms: 500 }),
+                checks: vec![StoredCheck::Ttl { ttl_ms: 500 }],
             })
             .unwrap();
         store
             .put_service(&StoredService {
                 service: Service::new("db", "db-1", 5432),
-                check: None,
+                checks: vec![],
             })
             .unwrap();
         store.remove_service("db-1").unwrap();
@@ -84,8 +84,8 @@ fn what_is_committed_comes_back() {
     assert_eq!(loaded.services.len(), 1);
     assert_eq!(loaded.services[0].service.id, "web-1");
     assert_eq!(
-        loaded.services[0].check,
-        Some(StoredCheck::Ttl { ttl_ms: 500 })
+        loaded.services[0].checks,
+        [StoredCheck::Ttl { ttl_ms: 500 }]
     );
     assert_eq!(loaded.members.len(), 1);
     assert_eq!(loaded.members[0].addr.port(), 3);

@@ -29,7 +29,7 @@ impl Reply {
     }
 
     pub fn index(&self) -> u64 {
-        self.header("x-grapevine-index")
+        self.header("x-consul-index")
             .unwrap_or_else(|| panic!("no index header in {self:?}"))
             .parse()
             .unwrap()
@@ -48,12 +48,14 @@ impl Reply {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
-    /// The message of a JSON error answer.
+    /// The message of an error answer (plain text, as Consul's).
     pub fn error(&self) -> String {
-        self.json()["error"]
-            .as_str()
-            .unwrap_or_else(|| panic!("not an error answer: {self:?}"))
-            .to_string()
+        assert!(
+            self.header("content-type")
+                .is_some_and(|t| t.starts_with("text/plain")),
+            "not an error answer: {self:?}"
+        );
+        self.text()
     }
 }
 
@@ -71,11 +73,22 @@ fn head(method: &str, path: &str, extra: &[(&str, &str)], length: Option<usize>)
 
 /// Sends one request and reads the whole answer.
 pub async fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Reply {
+    request_with(addr, method, path, &[], body).await
+}
+
+/// Sends one request with extra headers and reads the whole answer.
+pub async fn request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
     tokio::time::timeout(REQUEST_TIMEOUT, async {
         let mut stream = TcpStream::connect(addr).await.expect("connect");
         let length = (method != "GET" || !body.is_empty()).then_some(body.len());
         stream
-            .write_all(head(method, path, &[], length).as_bytes())
+            .write_all(head(method, path, extra, length).as_bytes())
             .await
             .unwrap();
         // A refused body may be answered before it is all sent: ignore write errors.
