@@ -750,6 +750,34 @@ impl Node {
         }
     }
 
+    /// Saves a registration just made (or forgets a saved one when `stored` is `None`, a
+    /// declared or unsaveable registration); on failure undoes the registration, so that
+    /// what runs matches what comes back after a restart.
+    async fn save_registration(
+        &self,
+        id: &str,
+        saving: Saving,
+        stored: Option<StoredService>,
+    ) -> Result<()> {
+        let saved = match (saving, stored) {
+            (Saving::AlreadySaved, _) => Ok(()),
+            (Saving::Save, Some(stored)) => {
+                self.with_store(move |store| store.put_service(&stored))
+                    .await
+            }
+            _ => {
+                let id = id.to_string();
+                self.with_store(move |store| store.remove_service(&id))
+                    .await
+            }
+        };
+        if let Err(error) = saved {
+            let _ = self.deregister(id).await;
+            return Err(error);
+        }
+        Ok(())
+    }
+
     /// Runs a blocking data-dir operation, if the node has a data dir.
     async fn with_store(
         &self,
@@ -802,23 +830,7 @@ impl Node {
             reply,
         })
         .await??;
-        let saved = match (saving, stored) {
-            (Saving::Save, Some(stored)) => {
-                self.with_store(move |store| store.put_service(&stored))
-                    .await
-            }
-            (Saving::AlreadySaved, _) => Ok(()),
-            _ => {
-                let id = id.clone();
-                self.with_store(move |store| store.remove_service(&id))
-                    .await
-            }
-        };
-        if let Err(error) = saved {
-            // Not kept across restarts: undo, so that what runs matches what is saved.
-            let _ = self.deregister(&id).await;
-            return Err(error);
-        }
+        self.save_registration(&id, saving, stored).await?;
         let (set, run) = checks::check_set(
             id.clone(),
             self.shared.commands.clone(),
@@ -866,23 +878,8 @@ impl Node {
             reply,
         })
         .await??;
-        let saved = match (saving, stored) {
-            (Saving::Save, Some(stored)) if !custom_check => {
-                self.with_store(move |store| store.put_service(&stored))
-                    .await
-            }
-            (Saving::AlreadySaved, _) => Ok(()),
-            _ => {
-                let id = id.clone();
-                self.with_store(move |store| store.remove_service(&id))
-                    .await
-            }
-        };
-        if let Err(error) = saved {
-            // Not kept across restarts: undo, so that what runs matches what is saved.
-            let _ = self.deregister(&id).await;
-            return Err(error);
-        }
+        let stored = stored.filter(|_| !custom_check);
+        self.save_registration(&id, saving, stored).await?;
         let mut handle = ServiceHandle {
             id: id.clone(),
             commands: self.shared.commands.clone(),
