@@ -143,27 +143,30 @@ async fn commit_config(
         }
         (through, batch)
     };
+    // Kept aside: whatever goes wrong in the commit (an error, or its task dying), these
+    // keys must be marked again so that a later commit saves them.
+    let keys: Vec<String> = batch
+        .upserts
+        .iter()
+        .map(|(key, _)| key)
+        .chain(&batch.removed)
+        .cloned()
+        .collect();
     let writer = store.clone();
-    let (result, batch) = tokio::task::spawn_blocking(move || {
-        let result = writer.commit_config(&batch);
-        (result, batch)
-    })
-    .await
-    .map_err(|error| StoreError::Write {
-        file: store.dir().to_path_buf(),
-        reason: error.to_string(),
-    })?;
+    let result = tokio::task::spawn_blocking(move || writer.commit_config(&batch))
+        .await
+        .unwrap_or_else(|error| {
+            Err(StoreError::Write {
+                file: store.dir().to_path_buf(),
+                reason: error.to_string(),
+            })
+        });
     match result {
         Ok(()) => {
             saved.send_modify(|saved| saved.through = through);
             Ok(())
         }
         Err(error) => {
-            let keys = batch
-                .upserts
-                .into_iter()
-                .map(|(key, _)| key)
-                .chain(batch.removed);
             sync::lock(state).config.mark_dirty(keys);
             saved.send_modify(|saved| saved.failed = Some((through, error.to_string())));
             Err(error)
