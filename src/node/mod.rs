@@ -291,10 +291,10 @@ impl NodeBuilder {
         let durable = match self.data_dir.clone() {
             Some(dir) => {
                 let (name, label) = (self.name.clone(), self.cluster_label.clone());
+                let at = dir.clone();
                 let opened =
-                    tokio::task::spawn_blocking(move || DataDir::open(&dir, &name, &label))
-                        .await
-                        .map_err(|error| Error::Store(error.to_string()))??;
+                    persist::on_blocking_pool(&at, move || DataDir::open(&dir, &name, &label))
+                        .await?;
                 Some(opened)
             }
             None => None,
@@ -409,10 +409,9 @@ impl NodeBuilder {
             // Above every earlier life, whatever the clock says, so peers take this
             // incarnation as the newer one; saved before anyone can see it.
             generation = generation.max(loaded.generation.saturating_add(1));
-            let store = store.clone();
-            tokio::task::spawn_blocking(move || store.set_generation(generation))
-                .await
-                .map_err(|error| Error::Store(error.to_string()))??;
+            let writer = store.clone();
+            persist::on_blocking_pool(store.dir(), move || writer.set_generation(generation))
+                .await?;
             let own = advertise;
             let remembered = loaded.members.iter().map(|m| m.addr).filter(|a| *a != own);
             for addr in remembered {
@@ -786,9 +785,8 @@ impl Node {
         let Some(store) = locked(&self.shared.store).clone() else {
             return Ok(());
         };
-        tokio::task::spawn_blocking(move || operation(&store))
-            .await
-            .map_err(|error| Error::Store(error.to_string()))??;
+        let dir = store.dir().to_path_buf();
+        persist::on_blocking_pool(&dir, move || operation(&store)).await?;
         Ok(())
     }
 

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,22 @@ const RETRY_PAUSE: Duration = Duration::from_secs(1);
 const MEMBERS_EVERY: Duration = Duration::from_secs(2);
 /// At most this many members are remembered (the ones to rejoin through).
 pub(crate) const MAX_REMEMBERED: usize = 1024;
+
+/// Runs a data-dir operation on tokio's blocking pool (redb commits fsync). A task that dies
+/// (a panic inside redb) becomes a write error naming the data dir, never a lost result.
+pub(crate) async fn on_blocking_pool<T: Send + 'static>(
+    dir: &Path,
+    operation: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(operation)
+        .await
+        .unwrap_or_else(|error| {
+            Err(StoreError::Write {
+                file: dir.to_path_buf(),
+                reason: error.to_string(),
+            })
+        })
+}
 
 /// How far the config store is saved.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -153,14 +170,7 @@ async fn commit_config(
         .cloned()
         .collect();
     let writer = store.clone();
-    let result = tokio::task::spawn_blocking(move || writer.commit_config(&batch))
-        .await
-        .unwrap_or_else(|error| {
-            Err(StoreError::Write {
-                file: store.dir().to_path_buf(),
-                reason: error.to_string(),
-            })
-        });
+    let result = on_blocking_pool(store.dir(), move || writer.commit_config(&batch)).await;
     match result {
         Ok(()) => {
             saved.send_modify(|saved| saved.through = through);
@@ -208,7 +218,7 @@ async fn remember(
             addr: *addr,
         })
         .collect();
-    tokio::task::spawn_blocking(move || {
+    on_blocking_pool(store.dir(), move || {
         if generation_changed {
             writer.set_generation(generation)?;
         }
@@ -217,11 +227,7 @@ async fn remember(
         }
         Ok(())
     })
-    .await
-    .map_err(|error| StoreError::Write {
-        file: store.dir().to_path_buf(),
-        reason: error.to_string(),
-    })??;
+    .await?;
     remembered.members = members;
     remembered.generation = generation;
     Ok(())
