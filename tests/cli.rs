@@ -284,6 +284,23 @@ impl Drop for Agent {
     }
 }
 
+/// The JSON a successful CLI command printed; `what` names the command in errors.
+fn json_output(what: &str, output: Output) -> Result<Value, String> {
+    if !output.status.success() {
+        return Err(format!(
+            "{what} exited with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| {
+        format!(
+            "{what} printed invalid JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct MemberRow {
     name: String,
@@ -295,19 +312,7 @@ struct MemberRow {
 /// `grapevine members --agent ADDR --json`, parsed.
 fn members(agent: SocketAddr) -> Result<Vec<MemberRow>, String> {
     let output = cli(&["members", "--agent", &agent.to_string(), "--json"]);
-    if !output.status.success() {
-        return Err(format!(
-            "members exited with {}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    let value: Value = serde_json::from_slice(&output.stdout).map_err(|e| {
-        format!(
-            "members --json printed invalid JSON ({e}): {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })?;
+    let value = json_output("members --json", output)?;
     let array = value
         .as_array()
         .ok_or_else(|| format!("members --json is not an array: {value}"))?;
@@ -335,15 +340,10 @@ fn members(agent: SocketAddr) -> Result<Vec<MemberRow>, String> {
 
 /// `grapevine info --agent ADDR --json`, parsed.
 fn info(agent: SocketAddr) -> Result<Value, String> {
-    let output = cli(&["info", "--agent", &agent.to_string(), "--json"]);
-    if !output.status.success() {
-        return Err(format!(
-            "info exited with {}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    serde_json::from_slice(&output.stdout).map_err(|e| format!("info --json: {e}"))
+    json_output(
+        "info --json",
+        cli(&["info", "--agent", &agent.to_string(), "--json"]),
+    )
 }
 
 /// One row of `grapevine services --json`.
@@ -365,20 +365,7 @@ fn services(agent: SocketAddr, service: Option<&str>) -> Result<Vec<ServiceRow>,
     let mut args = vec!["services"];
     args.extend(service);
     args.extend(["--agent", &agent, "--json"]);
-    let output = cli(&args);
-    if !output.status.success() {
-        return Err(format!(
-            "services exited with {}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    let value: Value = serde_json::from_slice(&output.stdout).map_err(|e| {
-        format!(
-            "services --json printed invalid JSON ({e}): {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })?;
+    let value = json_output("services --json", cli(&args))?;
     let array = value
         .as_array()
         .ok_or_else(|| format!("services --json is not an array: {value}"))?;
@@ -1037,20 +1024,7 @@ fn config_ok(agent: SocketAddr, args: &[&str]) -> String {
 
 /// `grapevine config list --json --agent ADDR`, parsed.
 fn config_map(agent: SocketAddr) -> Result<BTreeMap<String, String>, String> {
-    let output = config(agent, &["list", "--json"]);
-    if !output.status.success() {
-        return Err(format!(
-            "config list exited with {}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    let value: Value = serde_json::from_slice(&output.stdout).map_err(|e| {
-        format!(
-            "config list --json printed invalid JSON ({e}): {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })?;
+    let value = json_output("config list --json", config(agent, &["list", "--json"]))?;
     let object = value
         .as_object()
         .ok_or_else(|| format!("config list --json is not an object: {value}"))?;
