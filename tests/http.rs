@@ -272,8 +272,18 @@ async fn agent_catalog_and_health_answer_in_consul_shapes() {
             .status,
         200
     );
+    // Nothing answers on port 1: a Consul-style error after the bounded wait.
+    let refused = put(addr, "/v1/agent/join/127.0.0.1:1", b"").await;
+    assert_eq!(refused.status, 500);
+    assert!(
+        refused.text().contains("Failed to join 127.0.0.1:1"),
+        "{}",
+        refused.text()
+    );
     assert_eq!(
-        put(addr, "/v1/agent/join/127.0.0.1:1", b"").await.status,
+        put(addr, &format!("/v1/agent/join/{}?wan", a.addr()), b"")
+            .await
+            .status,
         400
     );
     assert_eq!(put(addr, "/v1/agent/force-leave/zz", b"").await.status, 404);
@@ -319,6 +329,39 @@ async fn agent_catalog_and_health_answer_in_consul_shapes() {
 }
 
 #[tokio::test]
+async fn join_at_run_time_merges_two_lone_agents() {
+    let a = node("a", &[]).await;
+    let b = node("b", &[]).await;
+    let http_a = serve(&a, HttpOptions::default()).await;
+    let addr = http_a.local_addr();
+    put(
+        http_a.local_addr(),
+        "/v1/agent/service/register",
+        br#"{"name":"web","port":80}"#,
+    )
+    .await;
+    let joined = put(addr, &format!("/v1/agent/join/{}", b.addr()), b"").await;
+    assert_eq!(joined.status, 200, "{}", joined.text());
+    let members = get(addr, "/v1/agent/members").await.json();
+    let names: Vec<_> = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["Name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(names.contains(&"b".to_string()), "{members}");
+    // The join is mutual and the state flows: b learns a's service.
+    tokio::time::timeout(EVENT_WAIT, b.wait_for_members(|m| m.len() == 2))
+        .await
+        .expect("b sees a");
+    eventually("b sees a's service", || async {
+        b.catalog().lookup("web").len() == 1
+    })
+    .await;
+    http_a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_and_http_checks_and_deregister_critical() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let a = node("a", &[]).await;

@@ -613,24 +613,64 @@ pub(crate) async fn agent_self(
     Ok(answer(&params, state.node.catalog().index(), &body))
 }
 
+/// How long `PUT /v1/agent/join` waits for the address to answer and show up as a member.
+const JOIN_WAIT: Duration = Duration::from_secs(5);
+
+/// Joins the cluster through `address` (`host:port`, `ip:port`, or a bare host/IP on this
+/// agent's own gossip port, as Consul defaults to its own port), waiting at most
+/// [`JOIN_WAIT`] for it to answer.
 pub(crate) async fn join(
     State(state): Shared,
     Path(address): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    params(&state, query.as_deref(), &["wan"], false)?;
-    let known = state.node.members().iter().any(|m| {
-        m.status.is_active()
-            && (m.addr.to_string() == address || m.addr.ip().to_string() == address)
-    });
-    if known {
-        // Already a member: joining again changes nothing, as in Consul.
-        return Ok(ok_empty());
+    let params = params(&state, query.as_deref(), &["wan"], false)?;
+    if params.flag("wan")? {
+        return Err(ApiError::bad_request(
+            "?wan: this agent has no WAN pool (one datacenter only); join without ?wan",
+        ));
     }
-    Err(ApiError::bad_request(format!(
-        "cannot join {address}: this agent joins only through its seeds (--join at start); \
-         joining a new address at run time is not supported"
-    )))
+    let failed = |why: String| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("1 error occurred:\n\t* Failed to join {address}: {why}\n\n"),
+        )
+    };
+    let addr = resolve_join_address(&address, state.node.identity().addr.port())
+        .await
+        .map_err(failed)?;
+    state
+        .node
+        .join(addr, JOIN_WAIT)
+        .await
+        .map_err(|error| failed(format!("{addr}: {error}")))?;
+    Ok(ok_empty())
+}
+
+/// The socket address `PUT /v1/agent/join/{address}` names; a name is resolved within
+/// [`JOIN_WAIT`].
+async fn resolve_join_address(address: &str, default_port: u16) -> Result<SocketAddr, String> {
+    if let Ok(addr) = address.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if let Ok(ip) = address.trim_matches(['[', ']']).parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, default_port));
+    }
+    let target = if address
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+    {
+        address.to_string()
+    } else {
+        format!("{address}:{default_port}")
+    };
+    match tokio::time::timeout(JOIN_WAIT, tokio::net::lookup_host(target)).await {
+        Err(_) => Err(format!("resolving the name timed out after {JOIN_WAIT:?}")),
+        Ok(Err(error)) => Err(format!("cannot resolve the name: {error}")),
+        Ok(Ok(mut addrs)) => addrs
+            .next()
+            .ok_or_else(|| "the name resolves to no address".to_string()),
+    }
 }
 
 pub(crate) async fn leave(

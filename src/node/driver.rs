@@ -75,6 +75,9 @@ pub(crate) enum Command {
     StateChanged,
     /// Leave the cluster gracefully, then report.
     Leave { done: oneshot::Sender<Result<()>> },
+    /// Join the cluster through `addr` (announce over UDP, push-pull over TCP), as a seed
+    /// given at start would; the caller waits for the member list to show it.
+    Join { addr: SocketAddr },
 }
 
 /// What a finished outbound TCP exchange brought back.
@@ -236,6 +239,7 @@ impl<T: Transport> Driver<T> {
                         let _ = done.send(result);
                         return;
                     }
+                    Some(Command::Join { addr }) => self.join_through(addr, &mut tasks),
                     Some(command) => self.handle_command(command),
                     // Every handle is gone: the node was dropped.
                     None => return,
@@ -364,7 +368,9 @@ impl<T: Transport> Driver<T> {
                 }
             }
             Command::StateChanged => {}
-            Command::Leave { .. } => unreachable!("handled by the loop"),
+            Command::Leave { .. } | Command::Join { .. } => {
+                unreachable!("handled by the loop")
+            }
         }
     }
 
@@ -543,6 +549,17 @@ impl<T: Transport> Driver<T> {
         progress.seed_cursor = progress.seed_cursor.wrapping_add(1);
         tracing::debug!(%seed, "joining through seed");
         self.start_push_pull_with(seed, tasks, PushPullKind::Join);
+    }
+
+    /// A join asked at run time (`PUT /v1/agent/join`): the same two paths as a seed's.
+    fn join_through(&mut self, addr: SocketAddr, tasks: &mut JoinSet<Result<Outcome>>) {
+        if addr == self.membership.identity().addr {
+            return;
+        }
+        if let Err(error) = self.membership.announce_to(addr, now()) {
+            tracing::debug!(%addr, %error, "announce failed");
+        }
+        self.start_push_pull_with(addr, tasks, PushPullKind::Join);
     }
 
     fn random_peer(&mut self) -> Option<SocketAddr> {

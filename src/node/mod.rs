@@ -1002,6 +1002,31 @@ impl Node {
         self.shared.change_keys(op)
     }
 
+    /// Joins the cluster through the node at `addr` at run time, as a seed given at start
+    /// would, and waits until `addr` is an active member (at once if it already is).
+    /// Fails with [`Error::Timeout`] when `addr` does not answer within `wait`.
+    pub async fn join(&self, addr: SocketAddr, wait: Duration) -> Result<()> {
+        let joined = |members: &[Member]| {
+            members
+                .iter()
+                .any(|m| m.addr == addr && m.status.is_active())
+        };
+        if addr == self.identity().addr || joined(&self.members()) {
+            return Ok(());
+        }
+        self.shared
+            .commands
+            .send(Command::Join { addr })
+            .await
+            .map_err(|_| Error::Stopped)?;
+        tokio::time::timeout(wait, self.wait_for_members(joined))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "join",
+                after: wait,
+            })
+    }
+
     /// Leaves the cluster gracefully (peers see this node as `left`, never `down`), then
     /// stops the node.
     pub async fn leave(&self) -> Result<()> {
