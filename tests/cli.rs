@@ -1767,3 +1767,37 @@ fn slow_huge_frames_from_256_connections_cannot_grow_the_agent() {
         },
     );
 }
+
+/// `grapevine join` merges two lone agents at run time (as `consul join`), and a join
+/// through a node that does not answer fails with a one-line error and exit code 1.
+#[test]
+fn join_merges_lone_agents_at_run_time() {
+    let a = Agent::start("join-a", &[]);
+    let b = Agent::start("join-b", &[]);
+    let agent = b.addr.to_string();
+    let output = cli(&["join", &a.addr.to_string(), "--agent", &agent]);
+    assert!(
+        output.status.success(),
+        "join failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("contacting 1 nodes"),
+        "join printed {:?}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    wait_all_alive(&[&a, &b], &[&a, &b]);
+
+    let (port, _refusers) = refusing_port();
+    let output = cli(&["join", &local(port).to_string(), "--agent", &agent]);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "a join through nobody must fail"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("failed to join") && stderr.contains("could not join"),
+        "join printed {stderr:?}"
+    );
+}

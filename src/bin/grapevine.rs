@@ -76,6 +76,15 @@ enum Command {
         #[arg(long, global = true, value_name = "IP:PORT", value_parser = parse_addr, default_value = "127.0.0.1:7946")]
         agent: SocketAddr,
     },
+    /// Make a running agent join a cluster through other nodes (as `consul join`).
+    Join {
+        /// Nodes to join through (IP:PORT or HOST:PORT); the agent waits up to 5 s for each.
+        #[arg(required = true, value_name = "HOST:PORT", value_parser = parse_addr)]
+        addrs: Vec<SocketAddr>,
+        /// The agent to ask.
+        #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, default_value = "127.0.0.1:7946")]
+        agent: SocketAddr,
+    },
     /// Show a running agent's identity and traffic counters.
     Info {
         /// The agent to ask.
@@ -412,6 +421,24 @@ async fn run(cli: Cli) -> grapevine::Result<ExitCode> {
             count,
             interval_ms,
         } => ping(node, count, Duration::from_millis(interval_ms)).await,
+        Command::Join { addrs, agent } => {
+            let mut joined = 0;
+            for addr in &addrs {
+                match control::join(agent, *addr).await {
+                    Ok(()) => joined += 1,
+                    Err(error) => eprintln!("error: {error}"),
+                }
+            }
+            if joined == 0 {
+                eprintln!(
+                    "error: could not join through any of {} node(s)",
+                    addrs.len()
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("Successfully joined cluster by contacting {joined} nodes.");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Info { agent, json } => {
             let info = control::info(agent).await?;
             if json {

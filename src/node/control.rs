@@ -66,6 +66,11 @@ pub enum ControlRequest {
         /// Also on every other live member (as `grapevine keys` does).
         cluster: bool,
     },
+    /// Join the cluster through another node at run time (as `consul join` does).
+    Join {
+        /// The node to join through.
+        addr: SocketAddr,
+    },
 }
 
 /// A keyring operation.
@@ -126,6 +131,8 @@ pub enum ControlResponse {
     ConfigEvent(ConfigEvent),
     /// Answer to [`ControlRequest::Keys`].
     Keys(KeysReport),
+    /// Answer to [`ControlRequest::Join`]: the address is an active member now.
+    Joined,
     /// The request was refused.
     Refused(String),
 }
@@ -209,6 +216,22 @@ pub async fn control_request(
 pub async fn members(agent: SocketAddr) -> Result<Vec<Member>> {
     match control_request(agent, ControlRequest::Members, CONTROL_TIMEOUT).await? {
         ControlResponse::Members(members) => Ok(members),
+        other => Err(Error::Protocol(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// How long an agent waits for a node it was asked to join through (as the HTTP API's
+/// `PUT /v1/agent/join`).
+pub const JOIN_WAIT: Duration = Duration::from_secs(5);
+
+/// Makes the agent at `agent` join the cluster through `addr` and waits until `addr` is one of
+/// its active members.
+pub async fn join(agent: SocketAddr, addr: SocketAddr) -> Result<()> {
+    // The agent's own wait, plus room for the exchange itself.
+    let timeout = JOIN_WAIT + CONTROL_TIMEOUT;
+    match control_request(agent, ControlRequest::Join { addr }, timeout).await? {
+        ControlResponse::Joined => Ok(()),
+        ControlResponse::Refused(message) => Err(Error::Remote(message)),
         other => Err(Error::Protocol(format!("unexpected answer {other:?}"))),
     }
 }

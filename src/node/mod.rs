@@ -97,6 +97,40 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Joins through `addr` at run time and waits until it is an active member (see
+    /// [`Node::join`]).
+    pub(crate) async fn join(&self, addr: SocketAddr, wait: Duration) -> Result<()> {
+        let joined = |view: &View| {
+            view.identity.addr == addr
+                || view
+                    .members
+                    .iter()
+                    .any(|m| m.addr == addr && m.status.is_active())
+        };
+        let mut view = self.view.clone();
+        if joined(&view.borrow_and_update()) {
+            return Ok(());
+        }
+        self.commands
+            .send(Command::Join { addr })
+            .await
+            .map_err(|_| Error::Stopped)?;
+        let until_joined = async {
+            while !joined(&view.borrow_and_update()) {
+                if view.changed().await.is_err() {
+                    return Err(Error::Stopped);
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(wait, until_joined)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "join",
+                after: wait,
+            })?
+    }
+
     pub(crate) fn catalog(&self) -> CatalogHandle {
         CatalogHandle {
             view: self.catalog_view.clone(),
@@ -1006,25 +1040,7 @@ impl Node {
     /// would, and waits until `addr` is an active member (at once if it already is).
     /// Fails with [`Error::Timeout`] when `addr` does not answer within `wait`.
     pub async fn join(&self, addr: SocketAddr, wait: Duration) -> Result<()> {
-        let joined = |members: &[Member]| {
-            members
-                .iter()
-                .any(|m| m.addr == addr && m.status.is_active())
-        };
-        if addr == self.identity().addr || joined(&self.members()) {
-            return Ok(());
-        }
-        self.shared
-            .commands
-            .send(Command::Join { addr })
-            .await
-            .map_err(|_| Error::Stopped)?;
-        tokio::time::timeout(wait, self.wait_for_members(joined))
-            .await
-            .map_err(|_| Error::Timeout {
-                what: "join",
-                after: wait,
-            })
+        self.shared.join(addr, wait).await
     }
 
     /// Leaves the cluster gracefully (peers see this node as `left`, never `down`), then

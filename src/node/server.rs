@@ -335,6 +335,10 @@ async fn control<T: Transport>(
             }
         }
         ControlRequest::Keys { op, cluster } => keys(op, cluster, shared, transport).await,
+        ControlRequest::Join { addr } => match shared.join(addr, super::control::JOIN_WAIT).await {
+            Ok(()) => ControlResponse::Joined,
+            Err(error) => ControlResponse::Refused(format!("failed to join {addr}: {error}")),
+        },
         // Handled by the connection loop, which streams.
         ControlRequest::ConfigWatch { .. } => {
             ControlResponse::Refused("a watch needs a connection of its own".into())
