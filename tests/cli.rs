@@ -1801,3 +1801,114 @@ fn join_merges_lone_agents_at_run_time() {
         "join printed {stderr:?}"
     );
 }
+
+/// The text of `GET path` on an HTTP server (HTTP/1.0: the server closes after answering).
+fn http_get_text(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").expect("request");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("answer");
+    text
+}
+
+#[test]
+fn slow_big_http_bodies_from_256_connections_cannot_grow_the_agent() {
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let http_arg = http.to_string();
+    let agent = Agent::start_with("hostile-bodies", &[], &["--http", &http_arg]);
+    poll_until("the HTTP API answers", CONVERGE, |last| {
+        let text = http_get_text(http, "/v1/status/leader");
+        *last = text.lines().next().unwrap_or_default().to_string();
+        text.contains(" 200 ").then_some(())
+    });
+    let baseline = rss_kb(agent.pid());
+    let attack = Duration::from_secs(8);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let peak = peak.clone();
+        let pid = agent.pid();
+        thread::spawn(move || {
+            let until = Instant::now() + attack + Duration::from_secs(1);
+            while Instant::now() < until {
+                peak.fetch_max(rss_kb(pid), Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let requests = runtime.block_on(async move {
+        use tokio::io::AsyncWriteExt;
+        let deadline = tokio::time::Instant::now() + attack;
+        let attackers: Vec<_> = (0..256)
+            .map(|index| {
+                tokio::spawn(async move {
+                    let mut sent = 0u32;
+                    let chunk = vec![b'x'; 8 * 1024];
+                    while tokio::time::Instant::now() < deadline {
+                        let Ok(mut stream) = tokio::net::TcpStream::connect(http).await else {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        };
+                        sent += 1;
+                        // A full-size (128 KiB) config value, sent over about 4 s.
+                        let head = format!(
+                            "PUT /v1/kv/hostile/{index} HTTP/1.1\r\nHost: x\r\n\
+                             Content-Length: {}\r\n\r\n",
+                            128 * 1024
+                        );
+                        if stream.write_all(head.as_bytes()).await.is_err() {
+                            continue;
+                        }
+                        for _ in 0..16 {
+                            if tokio::time::Instant::now() >= deadline
+                                || stream.write_all(&chunk).await.is_err()
+                            {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                        }
+                    }
+                    sent
+                })
+            })
+            .collect();
+        let mut sent = 0;
+        for attacker in attackers {
+            sent += attacker.await.unwrap_or(0);
+        }
+        sent
+    });
+    drop(runtime);
+    sampler.join().unwrap();
+    let peak = peak.load(Ordering::Relaxed);
+    let metrics = http_get_text(http, "/metrics");
+    let refused = metrics
+        .lines()
+        .find(|l| l.starts_with("grapevine_http_bodies_refused_total"))
+        .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    eprintln!("baseline {baseline} kB, peak {peak} kB over {requests} requests; {refused} refused");
+    // 256 bodies of 128 KiB would be 32 MiB; the budget (4 MiB) lets 32 arrive at once.
+    assert!(
+        peak <= baseline + 16 * 1024,
+        "RSS grew from {baseline} kB to {peak} kB during the attack (allowed: +16 MB)"
+    );
+    assert!(refused > 0.0, "no body was refused: {refused}");
+    poll_until(
+        "RSS back near its baseline",
+        Duration::from_secs(60),
+        |last| {
+            let now = rss_kb(agent.pid());
+            *last = format!("{now} kB (baseline {baseline} kB)");
+            (now <= baseline + 8 * 1024).then_some(())
+        },
+    );
+}

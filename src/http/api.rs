@@ -107,7 +107,11 @@ async fn record(State(state): Shared, request: Request, next: Next) -> Response 
         _ => true,
     };
     let mut response = if allowed {
-        next.run(request).await
+        // The body is read by the handler: hold its share of the budget until the answer.
+        match state.body_reservation(&request) {
+            Ok(_reserved) => next.run(request).await,
+            Err(refused) => refused.into_response(),
+        }
     } else {
         state.metrics.token_refused();
         ApiError::new(

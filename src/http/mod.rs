@@ -40,6 +40,11 @@ use crate::node::Node;
 pub struct HttpOptions {
     /// Largest request body accepted (default 128 KiB: a config value is at most 64 KiB).
     pub max_body: usize,
+    /// Bytes of request bodies that may be arriving at once, over all connections (default
+    /// 4 MiB: 32 bodies of the largest size). Each request with a body reserves its declared
+    /// length (or `max_body` when chunked) before the body is read; a request that finds the
+    /// budget spent gets 503 and is counted, so slow big bodies cannot grow the heap.
+    pub max_bodies_in_flight: usize,
     /// Blocking queries and event streams open at once (default 256); more get 429.
     pub max_watchers: usize,
     /// Longest `wait` of a blocking query (default 10 min, as Consul); longer ones are capped.
@@ -65,6 +70,7 @@ impl Default for HttpOptions {
     fn default() -> Self {
         HttpOptions {
             max_body: 128 * 1024,
+            max_bodies_in_flight: 4 * 1024 * 1024,
             max_watchers: 256,
             max_wait: Duration::from_secs(600),
             default_wait: Duration::from_secs(300),
@@ -99,6 +105,8 @@ pub(crate) struct AppState {
     pub(crate) options: HttpOptions,
     /// Permits for blocking queries and streams.
     watchers: Arc<Semaphore>,
+    /// The budget of request bodies still arriving, one permit per KiB.
+    bodies: Arc<Semaphore>,
     /// Services registered through this API, by id, for their check endpoints.
     pub(crate) services: Mutex<std::collections::BTreeMap<String, consul::LocalService>>,
     pub(crate) shutdown: CancellationToken,
@@ -120,6 +128,43 @@ impl AppState {
                 ),
             )
         })
+    }
+
+    /// Reserves the memory of `request`'s body (its declared length, or `max_body` when it
+    /// is chunked; nothing without a body) until the guard is dropped, or answers 503 when
+    /// the node-wide budget is spent.
+    pub(crate) fn body_reservation(
+        &self,
+        request: &axum::extract::Request,
+    ) -> Result<Option<tokio::sync::SemaphorePermit<'_>>, ApiError> {
+        let headers = request.headers();
+        let declared = headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+        let bytes = match declared {
+            Some(length) => length.min(self.options.max_body as u64) as usize,
+            None if headers.contains_key(axum::http::header::TRANSFER_ENCODING) => {
+                self.options.max_body
+            }
+            None => 0,
+        };
+        if bytes == 0 {
+            return Ok(None);
+        }
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        match self.bodies.try_acquire_many(kib) {
+            Ok(permit) => Ok(Some(permit)),
+            Err(_) => {
+                self.metrics.body_refused();
+                Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "too many request bodies arriving at once (budget {} KiB); retry later",
+                        self.options.max_bodies_in_flight / 1024
+                    ),
+                ))
+            }
+        }
     }
 
     /// Watchers open right now.
@@ -415,6 +460,9 @@ impl HttpServer {
         let state = Arc::new(AppState {
             node,
             watchers: Arc::new(Semaphore::new(options.max_watchers)),
+            bodies: Arc::new(Semaphore::new(
+                (options.max_bodies_in_flight / 1024).clamp(1, Semaphore::MAX_PERMITS),
+            )),
             services: Mutex::new(Default::default()),
             shutdown: shutdown.clone(),
             left: left.clone(),

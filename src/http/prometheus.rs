@@ -109,6 +109,10 @@ fn describe() {
         "Blocking queries and streams refused (429) at the watcher limit."
     );
     describe_counter!(
+        "grapevine_http_bodies_refused_total",
+        "Requests refused (503) because the budget of request bodies arriving was spent."
+    );
+    describe_counter!(
         "grapevine_http_token_refused_total",
         "Requests refused (403) for a missing or wrong token."
     );
@@ -140,6 +144,13 @@ impl Metrics {
     pub(crate) fn watcher_refused(&self) {
         with_local_recorder(&self.recorder, || {
             counter!("grapevine_http_watchers_refused_total").increment(1);
+        });
+    }
+
+    /// Counts a request refused because the budget of bodies arriving was spent.
+    pub(crate) fn body_refused(&self) {
+        with_local_recorder(&self.recorder, || {
+            counter!("grapevine_http_bodies_refused_total").increment(1);
         });
     }
 
