@@ -341,6 +341,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
         Ok(())
     }
 
+    // The fields of one decoded call frame, borrowed from the read buffer.
+    #[allow(clippy::too_many_arguments)]
     fn start_call(
         &mut self,
         cx: &mut Context<'_>,
