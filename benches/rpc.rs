@@ -1,22 +1,37 @@
-//! RPC benchmark: grapevine against a raw TCP echo (the floor) and tarpc, in one run.
+//! RPC benchmark: grapevine against a raw TCP echo (the floor), tarpc in its two fastest
+//! arrangements and tonic (unary gRPC), in one run.
 //!
-//! All three systems echo a 64-byte payload over 127.0.0.1 TCP, client and server in this
-//! process on one tokio runtime with 2 worker threads. For each system it measures:
+//! Every system echoes a 64-byte payload over 127.0.0.1 TCP. Each server runs in a child
+//! process of its own (this binary re-executed with `--serve SYSTEM`); the client side runs
+//! in the parent on a fresh runtime per system. Both sides use a tokio multi-thread runtime
+//! with 2 worker threads. Systems:
 //!
-//! * sequential latency: a warm-up, then calls one after another (p50, p99, p99.9);
-//! * throughput with 1 connection and 64 calls in flight;
-//! * throughput with 8 connections and 32 calls in flight on each.
+//! * floor: raw tokio TCP, u32 length prefix, no RPC layer;
+//! * tarpc 0.37 inline: each channel's requests answered on the channel's own task, one after
+//!   another (`execute(..).for_each(|response| response)`);
+//! * tarpc 0.37 bounded: up to 64 requests of a channel polled concurrently on its task
+//!   (`buffer_unordered(64)`);
+//! * tonic 0.13: unary gRPC over HTTP/2, prost messages, `TCP_NODELAY`, adaptive windows;
+//! * grapevine: `Node::call_node` (direct) and `node.client("echo").call` (catalog).
+//!
+//! For each it measures sequential latency (p50, p99, p99.9), throughput with 1 connection
+//! and 64 calls in flight and with 8 connections × 32 calls, and CPU time per call of both
+//! processes (client and server, from `/proc/<pid>/task/*/schedstat`). Rounds run every
+//! system in turn; ratios are taken within a round against the best tarpc row, and the
+//! worst round decides each target.
 //!
 //! Run with `cargo bench --bench rpc`. Knobs (environment variables):
 //!
+//! * `BENCH_ROUNDS`: rounds (default 3);
 //! * `BENCH_SECS`: seconds each throughput load is measured (default 5);
 //! * `BENCH_WARM_SECS`: seconds of load before measuring starts (default 1, at most a
 //!   fifth of `BENCH_SECS`);
 //! * `BENCH_CALLS`: sequential calls measured (default 20000);
 //! * `BENCH_WARMUP`: sequential calls before measuring (default 2000);
-//! * `BENCH_SYSTEMS`: which of `floor,tarpc,grapevine` to run (default all).
+//! * `BENCH_SYSTEMS`: which of `floor,tarpc-inline,tarpc-bounded,tonic,grapevine` to run
+//!   (default all).
 //!
-//! Every loop is bounded in time; the process exits when done.
+//! Every loop is bounded in time; a server child exits when its stdin closes.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -113,11 +128,25 @@ struct Rate {
     cpu_us: Option<f64>,
 }
 
-/// CPU time used so far by every thread of this process, in nanoseconds (Linux only; the
-/// machine may be shared, so CPU per call is steadier than wall-clock rates).
+/// Process id of the server child of the system being measured (0: none).
+static SERVER_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// CPU time used so far by every thread of this process (the client side) and of the
+/// server child, in nanoseconds (Linux only; the machine may be shared, so CPU per call is
+/// steadier than wall-clock rates).
 fn cpu_nanos() -> Option<u64> {
+    let server = SERVER_PID.load(Ordering::Relaxed);
+    let mut total = process_cpu_nanos("self")?;
+    if server != 0 {
+        total += process_cpu_nanos(&server.to_string())?;
+    }
+    Some(total)
+}
+
+/// CPU time of every thread of `/proc/<pid>`, in nanoseconds.
+fn process_cpu_nanos(pid: &str) -> Option<u64> {
     let mut total = 0u64;
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
         let path = task.ok()?.path().join("schedstat");
         let text = std::fs::read_to_string(path).ok()?;
         total += text.split_whitespace().next()?.parse::<u64>().ok()?;
@@ -421,6 +450,21 @@ async fn floor_throughput(
 // tarpc
 // ---------------------------------------------------------------------------------------
 
+/// How the tarpc server executes the requests of one channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TarpcMode {
+    /// Each response future is awaited on the channel's own task, one after another (no
+    /// spawn, no cross-thread wake-up: tarpc's fastest arrangement for a cheap handler).
+    Inline,
+    /// Up to `TARPC_CONCURRENCY` response futures polled concurrently on the channel's task
+    /// (`buffer_unordered`).
+    Bounded,
+}
+
+/// Concurrent requests per channel in [`TarpcMode::Bounded`]: the deepest load's in-flight
+/// count per connection.
+const TARPC_CONCURRENCY: usize = 64;
+
 mod tarpc_echo {
     use super::*;
     use tarpc::tokio_serde::formats::Bincode;
@@ -441,28 +485,31 @@ mod tarpc_echo {
         }
     }
 
-    /// Serves `Echo` over TCP with the Bincode codec, one channel per connection and one
-    /// task per request (as tarpc's examples do).
-    pub async fn server() -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let task = tokio::spawn(async move {
-            let mut channels = JoinSet::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                // Same socket option as the floor and grapevine (tarpc's own TCP helpers
-                // leave Nagle on); otherwise what `serde_transport::tcp::listen` builds.
-                let _ = stream.set_nodelay(true);
-                let framed = LengthDelimitedCodec::builder().new_framed(stream);
-                let transport = tarpc::serde_transport::new(framed, Bincode::default());
-                let channel = tarpc::server::BaseChannel::with_defaults(transport);
-                channels.spawn(channel.execute(EchoServer.serve()).for_each(
-                    |response| async move {
-                        tokio::spawn(response);
-                    },
-                ));
+    /// Serves `Echo` over TCP with the Bincode codec, one channel (task) per connection,
+    /// its requests executed as `mode` says.
+    pub async fn serve(listener: TcpListener, mode: TarpcMode) {
+        let mut channels = JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            // Same socket option as the floor and grapevine (tarpc's own TCP helpers
+            // leave Nagle on); otherwise what `serde_transport::tcp::listen` builds.
+            let _ = stream.set_nodelay(true);
+            let framed = LengthDelimitedCodec::builder().new_framed(stream);
+            let transport = tarpc::serde_transport::new(framed, Bincode::default());
+            let channel = tarpc::server::BaseChannel::with_defaults(transport);
+            let responses = channel.execute(EchoServer.serve());
+            match mode {
+                TarpcMode::Inline => {
+                    channels.spawn(responses.for_each(|response| response));
+                }
+                TarpcMode::Bounded => {
+                    channels.spawn(
+                        responses
+                            .buffer_unordered(TARPC_CONCURRENCY)
+                            .for_each(|()| async {}),
+                    );
+                }
             }
-        });
-        Ok((addr, task))
+        }
     }
 
     #[derive(Clone)]
@@ -494,6 +541,123 @@ mod tarpc_echo {
                 .await
                 .map_err(|e| format!("tarpc: {e}"))?;
             check_echo(request, &reply)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// tonic: unary gRPC over HTTP/2, prost-encoded messages, no code generation step
+// ---------------------------------------------------------------------------------------
+
+mod tonic_echo {
+    use super::*;
+    use tonic::codec::ProstCodec;
+    use tonic::codegen::{http, Body, BoxFuture, Context, Poll, Service, StdError};
+    use tonic::server::{NamedService, UnaryService};
+    use tonic::transport::{Channel, Endpoint, Server};
+
+    /// `message Echo { bytes payload = 1; }`
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct EchoMessage {
+        #[prost(bytes = "vec", tag = "1")]
+        pub payload: Vec<u8>,
+    }
+
+    const PATH: &str = "/bench.Echo/Echo";
+
+    /// What tonic's generated server code does for one unary method, written out.
+    #[derive(Clone)]
+    struct EchoService;
+
+    struct EchoUnary;
+
+    impl UnaryService<EchoMessage> for EchoUnary {
+        type Response = EchoMessage;
+        type Future = BoxFuture<tonic::Response<EchoMessage>, tonic::Status>;
+        fn call(&mut self, request: tonic::Request<EchoMessage>) -> Self::Future {
+            Box::pin(async move { Ok(tonic::Response::new(request.into_inner())) })
+        }
+    }
+
+    impl<B> Service<http::Request<B>> for EchoService
+    where
+        B: Body + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: http::Request<B>) -> Self::Future {
+            if request.uri().path() == PATH {
+                Box::pin(async move {
+                    let mut grpc = tonic::server::Grpc::new(ProstCodec::default());
+                    Ok(grpc.unary(EchoUnary, request).await)
+                })
+            } else {
+                Box::pin(
+                    async move { Ok(tonic::Status::unimplemented("no such method").into_http()) },
+                )
+            }
+        }
+    }
+
+    impl NamedService for EchoService {
+        const NAME: &'static str = "bench.Echo";
+    }
+
+    /// Serves the echo method; TCP_NODELAY and HTTP/2 adaptive flow-control windows (the
+    /// fastest settings tonic documents for small messages).
+    pub async fn serve(listener: TcpListener) {
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let _ = Server::builder()
+            .tcp_nodelay(true)
+            .http2_adaptive_window(Some(true))
+            .add_service(EchoService)
+            .serve_with_incoming(incoming)
+            .await;
+    }
+
+    /// One HTTP/2 connection (a `Channel`), its calls multiplexed on it.
+    #[derive(Clone)]
+    pub struct TonicCaller {
+        grpc: tonic::client::Grpc<Channel>,
+    }
+
+    pub async fn connect(addr: SocketAddr) -> Result<TonicCaller, String> {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .tcp_nodelay(true)
+            .http2_adaptive_window(true)
+            .connect()
+            .await
+            .map_err(|e| format!("tonic connect: {e}"))?;
+        Ok(TonicCaller {
+            grpc: tonic::client::Grpc::new(channel),
+        })
+    }
+
+    impl Caller for TonicCaller {
+        async fn call(&self, request: &ByteBuf) -> Result<(), String> {
+            let mut grpc = self.grpc.clone();
+            grpc.ready().await.map_err(|e| format!("tonic: {e}"))?;
+            let message = EchoMessage {
+                payload: request.to_vec(),
+            };
+            let reply: tonic::Response<EchoMessage> = grpc
+                .unary(
+                    tonic::Request::new(message),
+                    http::uri::PathAndQuery::from_static(PATH),
+                    ProstCodec::default(),
+                )
+                .await
+                .map_err(|e| format!("tonic: {e}"))?;
+            check_echo(request, &reply.into_inner().payload)
         }
     }
 }
@@ -564,12 +728,33 @@ impl Caller for CatalogCaller {
     }
 }
 
-struct Grapevine {
-    server: Arc<Node>,
-    client: Arc<Node>,
+/// Starts the client node, seeded with the server child's node, and waits (bounded) until
+/// the echo service has reached the client's catalog.
+async fn grapevine_client(server: SocketAddr) -> Result<Arc<Node>, String> {
+    let client = Node::builder("bench-client")
+        .profile(Profile::Local)
+        .seeds([server])
+        .start()
+        .await
+        .map_err(|e| format!("client node: {e}"))?;
+    let client = Arc::new(client);
+    let catalog = CatalogCaller {
+        client: client.client("echo"),
+    };
+    let request = payload(0);
+    let ready = async {
+        while catalog.call(&request).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), ready)
+        .await
+        .map_err(|_| "the echo service never reached the client's catalog".to_string())?;
+    Ok(client)
 }
 
-async fn grapevine_nodes() -> Result<Grapevine, String> {
+/// The server node of the grapevine rows (runs in the server child); returns its address.
+async fn grapevine_server() -> Result<(SocketAddr, Node), String> {
     let server = Node::builder("bench-server")
         .profile(Profile::Local)
         .start()
@@ -581,30 +766,7 @@ async fn grapevine_nodes() -> Result<Grapevine, String> {
         )
         .await
         .map_err(|e| format!("serve: {e}"))?;
-    let client = Node::builder("bench-client")
-        .profile(Profile::Local)
-        .seeds([server.addr()])
-        .start()
-        .await
-        .map_err(|e| format!("client node: {e}"))?;
-    let nodes = Grapevine {
-        server: Arc::new(server),
-        client: Arc::new(client),
-    };
-    // The catalog path needs the service to reach the client's catalog: bounded wait.
-    let catalog = CatalogCaller {
-        client: nodes.client.client("echo"),
-    };
-    let request = payload(0);
-    let ready = async {
-        while catalog.call(&request).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), ready)
-        .await
-        .map_err(|_| "the echo service never reached the client's catalog".to_string())?;
-    Ok(nodes)
+    Ok((server.addr(), server))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -631,35 +793,80 @@ fn ok<T: Copy>(cell: &Option<Result<T, String>>) -> Option<T> {
     cell.as_ref().and_then(|c| c.as_ref().ok()).copied()
 }
 
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+/// The best tarpc figure of each column: highest rates, lowest CPU per call.
+#[derive(Clone, Copy, Default)]
+struct BestTarpc {
+    one_by_64: Option<f64>,
+    eight_by_32: Option<f64>,
+    cpu_one_by_64: Option<f64>,
+    cpu_eight_by_32: Option<f64>,
+}
+
+fn best_tarpc(rows: &[Row]) -> BestTarpc {
+    let pick = |values: Vec<Option<f64>>, higher: bool| {
+        values
+            .into_iter()
+            .flatten()
+            .reduce(|a, b| if (b > a) == higher { b } else { a })
+    };
+    let tarpc: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.name.starts_with("tarpc"))
+        .collect();
+    let rate = |r: &Row, eight: bool| {
+        ok(if eight { &r.eight_by_32 } else { &r.one_by_64 }).map(|x| x.per_sec)
+    };
+    let cpu = |r: &Row, eight: bool| {
+        ok(if eight { &r.eight_by_32 } else { &r.one_by_64 }).and_then(|x| x.cpu_us)
+    };
+    BestTarpc {
+        one_by_64: pick(tarpc.iter().map(|r| rate(r, false)).collect(), true),
+        eight_by_32: pick(tarpc.iter().map(|r| rate(r, true)).collect(), true),
+        cpu_one_by_64: pick(tarpc.iter().map(|r| cpu(r, false)).collect(), false),
+        cpu_eight_by_32: pick(tarpc.iter().map(|r| cpu(r, true)).collect(), false),
+    }
+}
+
 fn print_table(rows: &[Row]) {
-    println!();
+    let best = best_tarpc(rows);
     println!(
-        "{:<20} {:>8} {:>8} {:>9} {:>13} {:>13} {:>7} {:>7} {:>7}",
-        "", "", "", "", "", "", "CPU µs", "per", "call"
-    );
-    println!(
-        "{:<20} {:>8} {:>8} {:>9} {:>13} {:>13} {:>7} {:>7} {:>7}",
+        "{:<22} {:>7} {:>7} {:>8} {:>11} {:>6} {:>11} {:>6} {:>6} {:>6} {:>6}",
         "system",
         "p50 µs",
         "p99 µs",
-        "p99.9 µs",
-        "calls/s 1×64",
-        "calls/s 8×32",
-        "seq",
-        "1×64",
-        "8×32"
+        "p99.9µs",
+        "calls/s1×64",
+        "×tarpc",
+        "calls/s8×32",
+        "×tarpc",
+        "cpuSeq",
+        "cpu1×64",
+        "cpu8×32"
     );
-    println!("{}", "-".repeat(100));
+    println!("{}", "-".repeat(110));
     let cpu = |cpu: Option<f64>| cpu.map_or("?".to_string(), |c| format!("{c:.1}"));
+    let times = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}"));
     for row in rows {
         println!(
-            "{:<20} {:>8} {:>8} {:>9} {:>13} {:>13} {:>7} {:>7} {:>7}",
+            "{:<22} {:>7} {:>7} {:>8} {:>11} {:>6} {:>11} {:>6} {:>6} {:>6} {:>6}",
             row.name,
             show(&row.latency, |l| format!("{:.1}", l.p50)),
             show(&row.latency, |l| format!("{:.1}", l.p99)),
             show(&row.latency, |l| format!("{:.1}", l.p999)),
             show(&row.one_by_64, |r| format!("{:.0}", r.per_sec)),
+            times(ratio(ok(&row.one_by_64).map(|r| r.per_sec), best.one_by_64)),
             show(&row.eight_by_32, |r| format!("{:.0}", r.per_sec)),
+            times(ratio(
+                ok(&row.eight_by_32).map(|r| r.per_sec),
+                best.eight_by_32
+            )),
             show(&row.latency, |l| cpu(l.cpu_us)),
             show(&row.one_by_64, |r| cpu(r.cpu_us)),
             show(&row.eight_by_32, |r| cpu(r.cpu_us)),
@@ -669,15 +876,15 @@ fn print_table(rows: &[Row]) {
         let errors = [
             (
                 "latency",
-                row.latency.as_ref().and_then(|c| c.as_ref().err()),
+                &row.latency.as_ref().and_then(|c| c.as_ref().err()),
             ),
             (
                 "1×64",
-                row.one_by_64.as_ref().and_then(|c| c.as_ref().err()),
+                &row.one_by_64.as_ref().and_then(|c| c.as_ref().err()),
             ),
             (
                 "8×32",
-                row.eight_by_32.as_ref().and_then(|c| c.as_ref().err()),
+                &row.eight_by_32.as_ref().and_then(|c| c.as_ref().err()),
             ),
         ];
         for (what, error) in errors {
@@ -688,59 +895,142 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-/// Prints each target with PASS/MISS; `true` when all pass.
-fn print_verdicts(floor: &Row, tarpc: &Row, grapevine: &Row) -> bool {
-    let div = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-        _ => None,
+/// One target: its name, its ratio in a round, the bound, and whether higher is better.
+struct Check {
+    what: &'static str,
+    target: &'static str,
+    bound: f64,
+    at_least: bool,
+}
+
+const CHECKS: [Check; 6] = [
+    Check {
+        what: "grapevine / best tarpc throughput (1×64)",
+        target: "≥ 2×",
+        bound: 2.0,
+        at_least: true,
+    },
+    Check {
+        what: "grapevine / best tarpc throughput (8×32)",
+        target: "≥ 2×",
+        bound: 2.0,
+        at_least: true,
+    },
+    Check {
+        what: "grapevine / best tarpc CPU per call (1×64)",
+        target: "≤ 0.6×",
+        bound: 0.6,
+        at_least: false,
+    },
+    Check {
+        what: "grapevine / best tarpc CPU per call (8×32)",
+        target: "≤ 0.6×",
+        bound: 0.6,
+        at_least: false,
+    },
+    Check {
+        what: "grapevine p50 / floor p50",
+        target: "≤ 1.1×",
+        bound: 1.1,
+        at_least: false,
+    },
+    Check {
+        what: "catalog / direct throughput (1×64)",
+        target: "≥ 0.9×",
+        bound: 0.9,
+        at_least: true,
+    },
+];
+
+/// The ratios of [`CHECKS`] in one round.
+fn round_ratios(rows: &[Row]) -> [Option<f64>; 6] {
+    let find = |name: &str| rows.iter().find(|r| r.name == name);
+    let (floor, grapevine, catalog) = (find(FLOOR), find(GRAPEVINE), find(CATALOG));
+    let best = best_tarpc(rows);
+    let rate = |row: Option<&Row>, eight: bool| {
+        row.and_then(|r| ok(if eight { &r.eight_by_32 } else { &r.one_by_64 }))
     };
-    let rate = |row: &Row, load: fn(&Row) -> &Option<Result<Rate, String>>| {
-        ok(load(row)).map(|r| r.per_sec)
-    };
-    let p50 = |row: &Row| ok(&row.latency).map(|l| l.p50);
-    let checks: [(&str, Option<f64>, &str, bool); 3] = {
-        let one = div(
-            rate(grapevine, |r| &r.one_by_64),
-            rate(tarpc, |r| &r.one_by_64),
-        );
-        let eight = div(
-            rate(grapevine, |r| &r.eight_by_32),
-            rate(tarpc, |r| &r.eight_by_32),
-        );
-        let latency = div(p50(grapevine), p50(floor));
-        [
-            (
-                "grapevine / tarpc throughput (1×64)",
-                one,
-                "≥ 1.5×",
-                one.is_some_and(|r| r >= 1.5),
-            ),
-            (
-                "grapevine / tarpc throughput (8×32)",
-                eight,
-                "≥ 1.5×",
-                eight.is_some_and(|r| r >= 1.5),
-            ),
-            (
-                "grapevine p50 / floor p50",
-                latency,
-                "≤ 1.2×",
-                latency.is_some_and(|r| r <= 1.2),
-            ),
-        ]
-    };
+    let p50 = |row: Option<&Row>| row.and_then(|r| ok(&r.latency)).map(|l| l.p50);
+    [
+        ratio(rate(grapevine, false).map(|r| r.per_sec), best.one_by_64),
+        ratio(rate(grapevine, true).map(|r| r.per_sec), best.eight_by_32),
+        ratio(
+            rate(grapevine, false).and_then(|r| r.cpu_us),
+            best.cpu_one_by_64,
+        ),
+        ratio(
+            rate(grapevine, true).and_then(|r| r.cpu_us),
+            best.cpu_eight_by_32,
+        ),
+        ratio(p50(grapevine), p50(floor)),
+        ratio(
+            rate(catalog, false).map(|r| r.per_sec),
+            rate(grapevine, false).map(|r| r.per_sec),
+        ),
+    ]
+}
+
+/// Prints every round's ratio per target and the worst round's verdict; `true` when all
+/// targets are met in every round.
+fn print_verdicts(rounds: &[[Option<f64>; 6]]) -> bool {
     println!();
-    for (what, ratio, target, pass) in &checks {
-        let ratio = ratio.map_or("n/a".to_string(), |r| format!("{r:.2}×"));
-        let verdict = if *pass { "PASS" } else { "MISS" };
-        println!("{what:<38} {ratio:>7}   target {target:<8} {verdict}");
+    let mut all = true;
+    for (i, check) in CHECKS.iter().enumerate() {
+        let values: Vec<Option<f64>> = rounds.iter().map(|r| r[i]).collect();
+        let worst = values.iter().try_fold(None::<f64>, |worst, v| {
+            let v = (*v)?;
+            Some(Some(match worst {
+                None => v,
+                Some(w) if check.at_least => w.min(v),
+                Some(w) => w.max(v),
+            }))
+        });
+        let worst = worst.flatten();
+        let pass = worst.is_some_and(|w| {
+            if check.at_least {
+                w >= check.bound
+            } else {
+                w <= check.bound
+            }
+        });
+        all &= pass;
+        let each: Vec<String> = values
+            .iter()
+            .map(|v| v.map_or("n/a".to_string(), |v| format!("{v:.2}×")))
+            .collect();
+        println!(
+            "{:<44} rounds {:<24} worst {:>7}  target {:<7} {}",
+            check.what,
+            each.join(" "),
+            worst.map_or("n/a".to_string(), |w| format!("{w:.2}×")),
+            check.target,
+            if pass { "PASS" } else { "MISS" }
+        );
     }
-    checks.iter().all(|check| check.3)
+    all
 }
 
 // ---------------------------------------------------------------------------------------
+// Processes: every server runs in a child process of its own
+// ---------------------------------------------------------------------------------------
 
-/// Which systems to run (`BENCH_SYSTEMS`, comma-separated; default all three).
+const FLOOR: &str = "floor (raw TCP)";
+const TARPC_INLINE: &str = "tarpc 0.37 inline";
+const TARPC_BOUNDED: &str = "tarpc 0.37 bounded";
+const TONIC: &str = "tonic 0.13 (gRPC)";
+const GRAPEVINE: &str = "grapevine";
+const CATALOG: &str = "grapevine (catalog)";
+
+/// Systems in the order every round runs them (`BENCH_SYSTEMS` names).
+const SYSTEMS: [&str; 5] = [
+    "floor",
+    "tarpc-inline",
+    "tarpc-bounded",
+    "tonic",
+    "grapevine",
+];
+
+/// Which systems to run (`BENCH_SYSTEMS`, comma-separated; default all).
 fn wanted(system: &str) -> bool {
     match std::env::var("BENCH_SYSTEMS") {
         Ok(list) if !list.trim().is_empty() => list.split(',').any(|s| s.trim() == system),
@@ -752,10 +1042,118 @@ fn step(what: &str) {
     eprintln!("… {what}");
 }
 
-async fn run_floor(settings: Settings) -> Result<Row, String> {
-    let (addr, server) = floor_server().await.map_err(|e| e.to_string())?;
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The server child (`--serve SYSTEM`): binds, prints `addr <address>`, serves until its
+/// stdin closes (the parent exited or finished with it).
+fn serve_child(system: &str) -> ! {
+    use std::io::Write;
+    let rt = runtime();
+    let result: Result<SocketAddr, String> = rt.block_on(async {
+        match system {
+            "grapevine" => {
+                let (addr, node) = grapevine_server().await?;
+                // Kept alive until the process exits.
+                std::mem::forget(node);
+                Ok(addr)
+            }
+            "floor" => floor_server()
+                .await
+                .map(|(addr, _task)| addr)
+                .map_err(|e| e.to_string()),
+            _ => {
+                let listener = TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let addr = listener.local_addr().map_err(|e| e.to_string())?;
+                match system {
+                    "tarpc-inline" => {
+                        tokio::spawn(tarpc_echo::serve(listener, TarpcMode::Inline));
+                    }
+                    "tarpc-bounded" => {
+                        tokio::spawn(tarpc_echo::serve(listener, TarpcMode::Bounded));
+                    }
+                    "tonic" => {
+                        tokio::spawn(tonic_echo::serve(listener));
+                    }
+                    other => return Err(format!("unknown system {other:?}")),
+                }
+                Ok(addr)
+            }
+        }
+    });
+    match result {
+        Ok(addr) => {
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "addr {addr}");
+            let _ = out.flush();
+            // Blocks until the parent closes the pipe (or dies).
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            std::process::exit(0)
+        }
+        Err(error) => {
+            eprintln!("server child {system}: {error}");
+            std::process::exit(1)
+        }
+    }
+}
+
+/// A running server child; killed when dropped.
+struct ServerChild {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl ServerChild {
+    fn start(system: &str) -> Result<ServerChild, String> {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut child = Command::new(exe)
+            .args(["--serve", system])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("spawning the {system} server: {e}"))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30));
+        let addr = line
+            .ok()
+            .and_then(|l| l.trim().strip_prefix("addr ")?.parse().ok());
+        match addr {
+            Some(addr) => Ok(ServerChild { child, addr }),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(format!("the {system} server did not report its address"))
+            }
+        }
+    }
+}
+
+impl Drop for ServerChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn run_floor(addr: SocketAddr, settings: Settings) -> Vec<Row> {
     let mut row = Row {
-        name: "floor (raw TCP)",
+        name: FLOOR,
         ..Row::default()
     };
     step("floor: sequential");
@@ -764,43 +1162,55 @@ async fn run_floor(settings: Settings) -> Result<Row, String> {
     row.one_by_64 = Some(floor_throughput(addr, 1, 64, settings).await);
     step("floor: 8×32");
     row.eight_by_32 = Some(floor_throughput(addr, 8, 32, settings).await);
-    server.abort();
-    Ok(row)
+    vec![row]
 }
 
-async fn run_tarpc(settings: Settings) -> Result<Row, String> {
-    let (addr, server) = tarpc_echo::server().await.map_err(|e| e.to_string())?;
+/// Sequential, 1×64 on one connection, 8×32 on eight: the same for every RPC system.
+async fn run_callers<C: Caller, F: Future<Output = Result<C, String>>>(
+    name: &'static str,
+    connect: impl Fn() -> F,
+    settings: Settings,
+) -> Row {
     let mut row = Row {
-        name: "tarpc 0.37",
+        name,
         ..Row::default()
     };
-    let one = tarpc_echo::connect(addr).await.map_err(|e| e.to_string())?;
-    step("tarpc: sequential");
+    let one = match connect().await {
+        Ok(one) => one,
+        Err(e) => {
+            row.latency = Some(Err(e));
+            return row;
+        }
+    };
+    step(&format!("{name}: sequential"));
     row.latency = Some(sequential(&one, settings).await);
-    step("tarpc: 1×64");
+    step(&format!("{name}: 1×64"));
     row.one_by_64 = Some(throughput(std::slice::from_ref(&one), 64, settings).await);
     let mut eight = Vec::new();
     for _ in 0..8 {
-        eight.push(tarpc_echo::connect(addr).await.map_err(|e| e.to_string())?);
+        match connect().await {
+            Ok(caller) => eight.push(caller),
+            Err(e) => {
+                row.eight_by_32 = Some(Err(e));
+                return row;
+            }
+        }
     }
-    step("tarpc: 8×32");
+    step(&format!("{name}: 8×32"));
     row.eight_by_32 = Some(throughput(&eight, 32, settings).await);
-    drop((one, eight));
-    server.abort();
-    Ok(row)
+    row
 }
 
 /// The `call_node` row and the catalog-resolved row.
-async fn run_grapevine(settings: Settings) -> Result<(Row, Row), String> {
-    step("grapevine: starting two nodes");
-    let nodes = grapevine_nodes().await?;
-    let server = nodes.server.addr();
+async fn run_grapevine(server: SocketAddr, settings: Settings) -> Result<Vec<Row>, String> {
+    step("grapevine: starting the client node");
+    let client = grapevine_client(server).await?;
     let direct = NodeCaller {
-        node: nodes.client.clone(),
+        node: client.clone(),
         server,
     };
     let mut row = Row {
-        name: "grapevine",
+        name: GRAPEVINE,
         ..Row::default()
     };
     step("grapevine: sequential (call_node)");
@@ -823,10 +1233,10 @@ async fn run_grapevine(settings: Settings) -> Result<(Row, Row), String> {
     drop(clients);
 
     let catalog = CatalogCaller {
-        client: nodes.client.client("echo"),
+        client: client.client("echo"),
     };
     let mut resolved = Row {
-        name: "grapevine (catalog)",
+        name: CATALOG,
         ..Row::default()
     };
     step("grapevine: sequential (client(\"echo\").call)");
@@ -834,68 +1244,95 @@ async fn run_grapevine(settings: Settings) -> Result<(Row, Row), String> {
     step("grapevine: 1×64 (client(\"echo\").call)");
     resolved.one_by_64 = Some(throughput(std::slice::from_ref(&catalog), 64, settings).await);
     drop((catalog, direct));
-    for node in [&nodes.client, &nodes.server] {
-        let _ = tokio::time::timeout(Duration::from_secs(5), node.shutdown()).await;
-    }
-    Ok((row, resolved))
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
+    Ok(vec![row, resolved])
 }
 
-async fn run(settings: Settings) -> Result<(), String> {
+/// One system in one round: its server child, and the client side on a fresh runtime here.
+fn run_system(system: &str, settings: Settings) -> Result<Vec<Row>, String> {
+    let server = ServerChild::start(system)?;
+    SERVER_PID.store(server.child.id(), Ordering::Relaxed);
+    let addr = server.addr;
+    let rt = runtime();
+    let rows = rt.block_on(async move {
+        match system {
+            "floor" => Ok(run_floor(addr, settings).await),
+            "tarpc-inline" => Ok(vec![
+                run_callers(
+                    TARPC_INLINE,
+                    || async move { tarpc_echo::connect(addr).await.map_err(|e| e.to_string()) },
+                    settings,
+                )
+                .await,
+            ]),
+            "tarpc-bounded" => Ok(vec![
+                run_callers(
+                    TARPC_BOUNDED,
+                    || async move { tarpc_echo::connect(addr).await.map_err(|e| e.to_string()) },
+                    settings,
+                )
+                .await,
+            ]),
+            "tonic" => Ok(vec![
+                run_callers(TONIC, || tonic_echo::connect(addr), settings).await,
+            ]),
+            "grapevine" => run_grapevine(addr, settings).await,
+            other => Err(format!("unknown system {other:?}")),
+        }
+    });
+    // Whatever is still running (connection tasks) is dropped here.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    SERVER_PID.store(0, Ordering::Relaxed);
+    drop(server);
+    rows
+}
+
+fn run(settings: Settings, rounds: usize) -> Result<bool, String> {
     println!(
-        "rpc bench: {PAYLOAD}-byte payload over 127.0.0.1 TCP, tokio multi-thread runtime \
-         with 2 workers\nsequential: {} warm-up + {} measured calls; throughput: {:.1} s \
-         warm-up + {:.1} s measured per load",
+        "rpc bench: {PAYLOAD}-byte payload over 127.0.0.1 TCP; each server in a child process \
+         of its own, the client side in the parent; both on a tokio multi-thread runtime with \
+         2 workers\nsequential: {} warm-up + {} measured calls; throughput: {:.1} s warm-up + \
+         {:.1} s measured per load; {rounds} rounds, systems interleaved in each",
         settings.warmup, settings.calls, settings.warm_secs, settings.secs
     );
-    let skipped = |name| Row {
-        name,
-        ..Row::default()
-    };
-    let floor = if wanted("floor") {
-        run_floor(settings).await?
-    } else {
-        skipped("floor (raw TCP)")
-    };
-    let tarpc = if wanted("tarpc") {
-        run_tarpc(settings).await?
-    } else {
-        skipped("tarpc 0.37")
-    };
-    let (grapevine, resolved) = if wanted("grapevine") {
-        run_grapevine(settings).await?
-    } else {
-        (skipped("grapevine"), skipped("grapevine (catalog)"))
-    };
-
-    let rows = [floor, tarpc, grapevine, resolved];
-    print_table(&rows);
-    println!(
-        "\ngrapevine: Node::call_node for sequential and 1×64; 8 RpcClient instances \
-         (call_addr) for 8×32.\ngrapevine (catalog): node.client(\"echo\").call, resolved \
-         through the catalog on every call.\nCPU µs per call: all threads of this process \
-         (client and server side together)."
-    );
-    let [floor, tarpc, grapevine, _] = &rows;
-    if print_verdicts(floor, tarpc, grapevine) {
-        println!("\nall targets met");
-    } else {
-        println!("\nsome targets missed");
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let mut rows = Vec::new();
+        for system in SYSTEMS.iter().filter(|s| wanted(s)) {
+            rows.extend(run_system(system, settings)?);
+        }
+        println!("\nround {round}");
+        print_table(&rows);
+        ratios.push(round_ratios(&rows));
     }
-    Ok(())
+    println!(
+        "\n×tarpc: this row's rate / the best tarpc row's rate in the same round.\n\
+         grapevine: Node::call_node for sequential and 1×64; 8 RpcClient instances \
+         (call_addr) for 8×32.\ngrapevine (catalog): node.client(\"echo\").call, resolved \
+         through the catalog on every call.\nCPU µs per call: all threads of the client \
+         process and of the server child together."
+    );
+    Ok(print_verdicts(&ratios))
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--serve") {
+        let system = args.get(at + 1).cloned().unwrap_or_default();
+        serve_child(&system);
+    }
     let settings = Settings::from_env();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let result = runtime.block_on(run(settings));
-    // Whatever is still running (accept loops, connection tasks) is dropped here.
-    runtime.shutdown_timeout(Duration::from_secs(2));
-    if let Err(error) = result {
-        eprintln!("rpc bench failed: {error}");
-        std::process::exit(1);
+    let rounds = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.trim().parse().ok())
+        .unwrap_or(3usize)
+        .clamp(1, 20);
+    match run(settings, rounds) {
+        Ok(true) => println!("\nall targets met (worst round)"),
+        Ok(false) => println!("\nsome targets missed (worst round)"),
+        Err(error) => {
+            eprintln!("rpc bench failed: {error}");
+            std::process::exit(1);
+        }
     }
 }

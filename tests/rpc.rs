@@ -393,3 +393,36 @@ async fn leaving_drains_in_flight_calls_and_refuses_new_ones() {
     }
     drop(nodes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callers_trace_context_reaches_the_handler() {
+    use grapevine::rpc::TraceContext;
+    let nodes = cluster(2).await;
+    // The handler answers with the context it runs under, as a W3C traceparent.
+    nodes[1]
+        .serve(
+            RpcService::new("trace").method("whoami", |(): ()| async move {
+                Ok(TraceContext::current().map(|context| context.traceparent()))
+            }),
+        )
+        .await
+        .unwrap();
+    instances_visible(&nodes[0], "trace", 1).await;
+    let client = nodes[0].client("trace");
+
+    let root = TraceContext::new_root();
+    let seen = root
+        .scope(client.call::<(), Option<String>>("whoami", &()))
+        .await
+        .unwrap()
+        .expect("the handler ran without the caller's trace context");
+    let seen = TraceContext::parse_traceparent(&seen).unwrap();
+    assert_eq!(seen.trace_id, root.trace_id, "the server saw another trace");
+    // The server's parent is the caller's `rpc.call` span, a child of the root.
+    assert_ne!(seen.span_id, root.span_id);
+    assert!(seen.sampled);
+
+    // Outside any trace (and with `rpc.call` not recorded) nothing travels.
+    let untraced = client.call::<(), Option<String>>("whoami", &()).await;
+    assert_eq!(untraced.unwrap(), None);
+}

@@ -46,8 +46,8 @@ pub(crate) enum Request {
     PushPullCheck(u64),
 }
 
-/// Version of the RPC protocol spoken after [`Request::Rpc`].
-pub(crate) const RPC_VERSION: u8 = 1;
+/// Version of the RPC protocol spoken after [`Request::Rpc`] (2: calls carry a trace context).
+pub(crate) const RPC_VERSION: u8 = 2;
 
 /// The first frame of every RPC connection.
 pub(crate) fn rpc_preface() -> bytes::Bytes {

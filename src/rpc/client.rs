@@ -25,6 +25,7 @@ use super::metrics::{
     CallFailure, CallRecord, CallSide, RpcMetrics, ServiceFigures, ServiceSnapshot,
 };
 use super::protocol::{self, Frame};
+use super::trace::TraceContext;
 use super::{RpcError, DEFAULT_TIMEOUT, MAX_IN_FLIGHT_PER_CONNECTION};
 use crate::net::Transport;
 use crate::wire;
@@ -346,19 +347,34 @@ impl Connection {
             armed: true,
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
+        // The `rpc.call` span; its context travels in the header (nothing when untraced).
+        let span = tracing::debug_span!(
+            "rpc.call",
+            service,
+            method,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty
+        );
+        let trace = TraceContext::for_call(&span);
+        if let Some(trace) = &trace {
+            span.record("trace_id", format_args!("{:032x}", trace.trace_id));
+            span.record("span_id", format_args!("{:016x}", trace.span_id));
+        }
         let frame = Frame::Call {
             id,
             service,
             method,
             timeout_ms: u32::try_from(remaining.as_millis()).unwrap_or(u32::MAX),
             payload,
+            trace,
         };
         if let Err(error) = self.shared.send(&frame, alone) {
             cancel.armed = false;
             lock(&self.shared.calls).remove(id);
             return Err(error);
         }
-        let result = poll_fn(|cx| self.poll_reply(id, cx)).await;
+        let result =
+            tracing::Instrument::instrument(poll_fn(|cx| self.poll_reply(id, cx)), span).await;
         cancel.armed = false;
         result
     }

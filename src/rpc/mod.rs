@@ -10,6 +10,7 @@ mod client;
 pub mod metrics;
 mod protocol;
 mod server;
+mod trace;
 
 pub use client::{Endpoint, LoadBalance, Resolve, RpcClient, ServiceClient, CONNECT_TIMEOUT};
 pub use metrics::{CallFailure, CallSide, ServiceSnapshot};
@@ -21,6 +22,7 @@ pub fn decode_for_fuzzing(bytes: &[u8]) -> bool {
     protocol::decode(bytes).is_ok()
 }
 pub use server::{Registry, RpcService};
+pub use trace::{TraceContext, TraceParseError};
 
 use serde::{Deserialize, Serialize};
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use super::metrics::CallFailure;
+use super::trace::TraceContext;
 use super::{AppError, RpcError, MAX_PAYLOAD};
 use crate::wire;
 
@@ -26,6 +27,8 @@ pub(crate) enum Frame<'a> {
         timeout_ms: u32,
         #[serde(borrow, with = "serde_bytes")]
         payload: &'a [u8],
+        /// The caller's trace context (`traceparent`); `None` is one byte on the wire.
+        trace: Option<TraceContext>,
     },
     /// Client → server: the caller gave up on call `id`.
     Cancel { id: u64 },
@@ -152,6 +155,11 @@ mod tests {
             method: "say",
             timeout_ms: 250,
             payload: &[1, 2, 3],
+            trace: Some(TraceContext {
+                trace_id: 5,
+                span_id: 6,
+                sampled: true,
+            }),
         };
         encode_into(&call, &mut out).unwrap();
         encode_into(&Frame::Cancel { id: 9 }, &mut out).unwrap();
@@ -163,11 +171,13 @@ mod tests {
                 method,
                 timeout_ms,
                 payload,
+                trace,
             } => {
                 assert_eq!(
                     (id, service, method, timeout_ms),
                     (7 << 32 | 3, "echo", "say", 250)
                 );
+                assert_eq!(trace.map(|t| (t.trace_id, t.span_id)), Some((5, 6)));
                 assert_eq!(payload, &[1, 2, 3]);
             }
             other => panic!("{other:?}"),
@@ -192,6 +202,7 @@ mod tests {
                 method: String,
                 timeout_ms: u32,
                 payload: ByteBuf,
+                trace: Option<TraceContext>,
             },
         }
         let owned = wire::encode_frame(&Owned::Call {
@@ -200,6 +211,7 @@ mod tests {
             method: "m".into(),
             timeout_ms: 5,
             payload: ByteBuf::from(vec![9; 70]),
+            trace: None,
         })
         .unwrap();
         let mut out = BytesMut::new();
@@ -209,6 +221,7 @@ mod tests {
             method: "m",
             timeout_ms: 5,
             payload: &[9; 70],
+            trace: None,
         };
         encode_into(&call, &mut out).unwrap();
         assert_eq!(&out[4..], &owned[..]);

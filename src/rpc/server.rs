@@ -23,6 +23,7 @@ use tokio_util::codec::Framed;
 
 use super::metrics::{CallRecord, CallSide, RpcMetrics, ServiceFigures, ServiceSnapshot};
 use super::protocol::{self, Frame, Outcome};
+use super::trace::TraceContext;
 use super::{AppError, MAX_IN_FLIGHT_PER_CONNECTION};
 
 type HandlerFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
@@ -328,7 +329,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
                 method,
                 timeout_ms,
                 payload,
-            } => self.start_call(cx, id, service, method, timeout_ms, payload),
+                trace,
+            } => self.start_call(cx, id, service, method, timeout_ms, payload, trace),
             Frame::Cancel { id } => {
                 if let Some(task) = self.running.remove(&id) {
                     task.abort();
@@ -339,6 +341,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
         Ok(())
     }
 
+    // The fields of one decoded call frame, borrowed from the read buffer.
+    #[allow(clippy::too_many_arguments)]
     fn start_call(
         &mut self,
         cx: &mut Context<'_>,
@@ -347,6 +351,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
         method: &str,
         timeout_ms: u32,
         payload: &[u8],
+        trace: Option<TraceContext>,
     ) {
         let Some(mut call) = InFlight::start(&self.registry) else {
             let outcome = Outcome::Unavailable("node is leaving".into());
@@ -366,7 +371,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
             return self.answer(id, Outcome::DeadlineExceeded, call);
         }
         let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(timeout_ms));
-        let mut work = handler(payload);
+        let mut work = match trace {
+            None => handler(payload),
+            // A traced call: the handler runs in a child span of the caller's, with the
+            // caller's context current (calls it makes continue the trace).
+            Some(parent) => {
+                let span = tracing::info_span!(
+                    "rpc.handle",
+                    service,
+                    method,
+                    trace_id = %format_args!("{:032x}", parent.trace_id),
+                    parent_span_id = %format_args!("{:016x}", parent.span_id),
+                );
+                let work = handler(payload);
+                Box::pin(tracing::Instrument::instrument(parent.scope(work), span))
+            }
+        };
         // Most handlers finish at once: answer inline, without a task or a timer.
         match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
             Ok(Poll::Ready(outcome)) => return self.answer(id, outcome, call),
@@ -541,6 +561,7 @@ mod tests {
                 method,
                 timeout_ms,
                 payload: &payload,
+                trace: None,
             };
             self.write(&frame).await;
         }
@@ -714,6 +735,7 @@ mod tests {
                 method: "echo",
                 timeout_ms: 5_000,
                 payload: &[0],
+                trace: None,
             };
             protocol::encode_into(&frame, &mut calls).unwrap();
         }
