@@ -708,18 +708,32 @@ impl ServiceClient {
         Resp: DeserializeOwned,
     {
         let mut record = CallRecord::start(self.figures.clone());
-        let result = self.call_balanced(method, request).await;
+        let result = async {
+            let payload = protocol::to_payload(request)?;
+            let bytes = self.call_balanced(method, &payload).await?;
+            protocol::from_payload(&bytes)
+        }
+        .await;
         record.finish(result.as_ref().err().map(CallFailure::of));
         result
     }
 
-    /// [`ServiceClient::call`] without the bookkeeping: resolve, pick, retry.
-    async fn call_balanced<Req, Resp>(&self, method: &str, request: &Req) -> Result<Resp, RpcError>
-    where
-        Req: Serialize + ?Sized,
-        Resp: DeserializeOwned,
-    {
-        let payload = protocol::to_payload(request)?;
+    /// Calls `method` with an already encoded (bincode) request and returns the encoded
+    /// response: the dynamic layer under typed calls and the `tower::Service` impl.
+    pub async fn call_encoded(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>, RpcError> {
+        let mut record = CallRecord::start(self.figures.clone());
+        let result = self.call_balanced(method, payload).await;
+        record.finish(result.as_ref().err().map(CallFailure::of));
+        result
+    }
+
+    /// The name of the service this client calls.
+    pub fn service_name(&self) -> &str {
+        &self.service
+    }
+
+    /// Resolve, pick, retry on connection failures; no bookkeeping.
+    async fn call_balanced(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>, RpcError> {
         let deadline = Instant::now() + self.timeout;
         let mut tried = BTreeSet::new();
         let mut last_error = None;
@@ -742,10 +756,10 @@ impl ServiceClient {
             }
             let result = self
                 .rpc
-                .call_raw(addr, &self.service, method, &payload, remaining)
+                .call_raw(addr, &self.service, method, payload, remaining)
                 .await;
             match result {
-                Ok(bytes) => return protocol::from_payload(&bytes),
+                Ok(bytes) => return Ok(bytes),
                 Err(RpcError::Timeout(_)) => return Err(RpcError::Timeout(self.timeout)),
                 Err(error)
                     if error.is_connection_failure()
@@ -770,7 +784,7 @@ impl ServiceClient {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::rpc::{Registry, RpcService};
     use serde_bytes::ByteBuf;
@@ -785,7 +799,7 @@ mod tests {
 
     /// A server on loopback: `t.echo` answers at once, `t.later` after yielding (so it runs
     /// in a task of its own).
-    async fn server() -> SocketAddr {
+    pub(crate) async fn server() -> SocketAddr {
         let registry = Arc::new(Registry::default());
         registry.add(
             RpcService::new("t")
@@ -795,6 +809,11 @@ mod tests {
                     Ok(bytes)
                 }),
         );
+        serve_registry(registry).await
+    }
+
+    /// A server on loopback for the services of `registry`.
+    pub(crate) async fn serve_registry(registry: Arc<Registry>) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -904,7 +923,7 @@ mod tests {
         }
     }
 
-    struct Fixed(Vec<SocketAddr>);
+    pub(crate) struct Fixed(pub(crate) Vec<SocketAddr>);
 
     impl Resolve for Fixed {
         fn resolve(&self, _: &str) -> Vec<Endpoint> {

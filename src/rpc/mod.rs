@@ -7,11 +7,13 @@
 //! instances through the catalog and balance between them (see [`LoadBalance`]).
 
 mod client;
+mod layers;
 pub mod metrics;
 mod protocol;
 mod server;
 
 pub use client::{Endpoint, LoadBalance, Resolve, RpcClient, ServiceClient, CONNECT_TIMEOUT};
+pub use layers::{RetryRetryable, RpcRequest, RpcResponse};
 pub use metrics::{CallFailure, CallSide, ServiceSnapshot};
 pub(crate) use server::serve_connection;
 
@@ -95,5 +97,13 @@ impl RpcError {
     /// (for calls the caller marked idempotent, any connection failure qualifies).
     pub fn is_connection_failure(&self) -> bool {
         matches!(self, RpcError::Unavailable { .. })
+    }
+
+    /// Whether sending the same call again may succeed: the instance was unreachable,
+    /// dropped the connection, was draining or overloaded, or the call timed out. Only
+    /// idempotent calls should be retried on these (the first attempt may have run);
+    /// application errors, unknown methods and encoding errors are final.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, RpcError::Unavailable { .. } | RpcError::Timeout(_))
     }
 }
