@@ -9,12 +9,14 @@
 mod client;
 mod layers;
 pub mod metrics;
+mod outlier;
 mod protocol;
 mod server;
 
 pub use client::{Endpoint, LoadBalance, Resolve, RpcClient, ServiceClient, CONNECT_TIMEOUT};
 pub use layers::{RetryRetryable, RpcRequest, RpcResponse};
 pub use metrics::{CallFailure, CallSide, ServiceSnapshot};
+pub use outlier::{BASE_EJECTION, EJECT_AFTER_FAILURES, MAX_EJECTION};
 pub(crate) use server::serve_connection;
 
 /// Decodes an RPC frame (for fuzzing).
@@ -82,6 +84,10 @@ pub enum RpcError {
     /// A message could not be encoded or decoded.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The client refused the call as configured (e.g. hedging a call not marked
+    /// idempotent).
+    #[error("invalid call: {0}")]
+    InvalidCall(String),
     /// A request or response above the frame limit.
     #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
     FrameTooLarge {
