@@ -1214,6 +1214,74 @@ pub(super) mod tests {
         assert_eq!(rpc.ejected("t"), 0);
     }
 
+    /// Counts a handler's future dropped before it finished (its call was cancelled).
+    struct CountDrop(Arc<AtomicUsize>, Arc<tokio::sync::Notify>);
+
+    impl Drop for CountDrop {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            self.1.notify_one();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hedged_call_takes_the_first_answer_and_cancels_the_other_on_its_server() {
+        let slow: SocketAddr = "127.0.0.1:1001".parse().unwrap();
+        let fast: SocketAddr = "127.0.0.1:1002".parse().unwrap();
+        let cancelled = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(tokio::sync::Notify::new());
+        let stuck = Arc::new(Registry::default());
+        stuck.add(RpcService::new("t").method("get", {
+            let (cancelled, dropped) = (cancelled.clone(), dropped.clone());
+            move |x: u64| {
+                let guard = CountDrop(cancelled.clone(), dropped.clone());
+                async move {
+                    let _guard = guard;
+                    std::future::pending::<()>().await;
+                    Ok(x)
+                }
+            }
+        }));
+        let answering = Arc::new(Registry::default());
+        answering.add(RpcService::new("t").method("get", |x: u64| async move { Ok(x + 1) }));
+        let nowhere: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let (rpc, _) = memory_client(BTreeMap::from([(slow, stuck), (fast, answering)]), nowhere);
+        let hedge = Duration::from_millis(50);
+        let timeout = Duration::from_secs(60);
+        // Not idempotent: refused before anything is sent.
+        let refused = rpc
+            .service("t")
+            .hedge(hedge)
+            .call::<_, u64>("get", &7u64)
+            .await;
+        assert!(
+            matches!(refused, Err(RpcError::InvalidCall(_))),
+            "{refused:?}"
+        );
+        // Round robin sends the first call to the stuck instance; after 50 ms the hedge goes
+        // to the other one, whose answer wins.
+        let service = rpc
+            .service("t")
+            .policy(LoadBalance::RoundRobin)
+            .idempotent(true)
+            .timeout(timeout)
+            .hedge(hedge);
+        let started = Instant::now();
+        let reply: u64 = service.call("get", &7u64).await.unwrap();
+        assert_eq!(reply, 8, "the answering instance's reply");
+        assert_eq!(
+            started.elapsed(),
+            hedge,
+            "sent after the hedge delay, answered at once"
+        );
+        // The stuck call is cancelled on its server, long before its deadline.
+        tokio::time::timeout(timeout / 2, dropped.notified())
+            .await
+            .expect("the losing call was cancelled on its server");
+        assert_eq!(cancelled.load(Ordering::SeqCst), 1);
+        assert!(started.elapsed() < timeout / 2);
+    }
+
     #[tokio::test]
     async fn a_late_reply_never_reaches_the_call_reusing_its_slot() {
         let mut calls = Calls::default();
