@@ -22,8 +22,7 @@ use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 
 use super::metrics::{
-    CallFailure, CallRecord, CallSide, RpcMetrics, ServiceFigures, ServiceSnapshot,
-    MAX_TRACKED_SERVICES, OTHER_SERVICES,
+    bounded_entry, CallFailure, CallRecord, CallSide, RpcMetrics, ServiceFigures, ServiceSnapshot,
 };
 use super::outlier::Outliers;
 use super::protocol::{self, Frame};
@@ -543,16 +542,7 @@ impl RpcClient {
 
     /// The outlier records of `service`, made on first use.
     fn outliers_of(&self, service: &str) -> Arc<Outliers> {
-        let mut services = lock(&self.outliers);
-        if let Some(outliers) = services.get(service) {
-            return outliers.clone();
-        }
-        let name = if services.len() < MAX_TRACKED_SERVICES {
-            service
-        } else {
-            OTHER_SERVICES
-        };
-        services.entry(name.to_string()).or_default().clone()
+        bounded_entry(&mut lock(&self.outliers), service)
     }
 
     /// Instances of `service` this client currently skips after repeated failures.

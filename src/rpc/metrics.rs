@@ -196,15 +196,7 @@ impl RpcMetrics {
     /// The figures of `service`, made on first use.
     pub fn service(&self, service: &str) -> Arc<ServiceFigures> {
         let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(figures) = services.get(service) {
-            return figures.clone();
-        }
-        let name = if services.len() < MAX_TRACKED_SERVICES {
-            service
-        } else {
-            OTHER_SERVICES
-        };
-        services.entry(name.to_string()).or_default().clone()
+        bounded_entry(&mut services, service)
     }
 
     /// Every service's figures, sorted by service name.
@@ -215,6 +207,23 @@ impl RpcMetrics {
             .map(|(name, figures)| figures.snapshot(side, name))
             .collect()
     }
+}
+
+/// The entry of `service` in `services`, made on first use; beyond
+/// [`MAX_TRACKED_SERVICES`] services, the shared [`OTHER_SERVICES`] entry.
+pub(crate) fn bounded_entry<T: Default>(
+    services: &mut BTreeMap<String, Arc<T>>,
+    service: &str,
+) -> Arc<T> {
+    if let Some(entry) = services.get(service) {
+        return entry.clone();
+    }
+    let name = if services.len() < MAX_TRACKED_SERVICES {
+        service
+    } else {
+        OTHER_SERVICES
+    };
+    services.entry(name.to_string()).or_default().clone()
 }
 
 /// Records a call when dropped: as it finished if [`CallRecord::finish`] was called, as
