@@ -1272,6 +1272,31 @@ pub(super) mod tests {
         assert!(started.elapsed() < timeout / 2);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_hedged_call_with_no_other_instance_waits_for_its_first_answer() {
+        let only: SocketAddr = "127.0.0.1:1001".parse().unwrap();
+        let registry = Arc::new(Registry::default());
+        registry.add(RpcService::new("t").method("get", |x: u64| async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Ok(x * 2)
+        }));
+        let nowhere: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let (rpc, memory) = memory_client(BTreeMap::from([(only, registry)]), nowhere);
+        let service = rpc
+            .service("t")
+            .idempotent(true)
+            .hedge(Duration::from_millis(50));
+        let started = Instant::now();
+        let reply: u64 = service.call("get", &21u64).await.unwrap();
+        assert_eq!(reply, 42);
+        assert_eq!(started.elapsed(), Duration::from_millis(200));
+        assert_eq!(
+            lock(&memory.dials)[&only],
+            1,
+            "no second call to the same instance"
+        );
+    }
+
     #[tokio::test]
     async fn a_late_reply_never_reaches_the_call_reusing_its_slot() {
         let mut calls = Calls::default();
