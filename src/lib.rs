@@ -39,5 +39,8 @@ pub use node::{
     CatalogHandle, Check, ConfigEvent, ConfigHandle, ConfigWatch, Instance, MemberEvents, Node,
     NodeBuilder, Query, ServiceHandle, ServiceSummary, ServiceWatch, StatsSnapshot,
 };
-pub use rpc::{AppError, LoadBalance, RpcError, RpcService, ServiceClient};
+pub use rpc::{
+    AppError, LoadBalance, RetryRetryable, RpcError, RpcRequest, RpcResponse, RpcService,
+    ServiceClient,
+};
 pub use state::catalog::{Health, Service};

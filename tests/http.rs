@@ -1111,6 +1111,10 @@ async fn two_nodes_metrics_and_status() {
         )),
         "{text_a}"
     );
+    assert!(
+        text_a.contains("grapevine_rpc_ejections_total{service=\"adder\"} 0"),
+        "{text_a}"
+    );
     assert!(!text_a.contains(server), "{text_a}");
     assert!(text_a.contains("grapevine_members{status=\"alive\"} 2"));
     assert!(

@@ -18,7 +18,7 @@ use metrics_exporter_prometheus::{
 use crate::membership::MemberStatus;
 use crate::node::Node;
 use crate::rpc::metrics::LATENCY_BUCKETS as RPC_LATENCY_BUCKETS;
-use crate::rpc::ServiceSnapshot;
+use crate::rpc::{CallSide, ServiceSnapshot};
 use crate::state::catalog::Health;
 
 /// Buckets of request latency, in seconds (a blocking query may hold a request for minutes).
@@ -284,6 +284,16 @@ fn render_rpc(figures: &[ServiceSnapshot], out: &mut String) {
                 failure.label()
             );
         }
+    }
+    out.push_str("# HELP grapevine_rpc_ejections_total Instances this node's clients ejected after consecutive unavailable failures, by service.\n");
+    out.push_str("# TYPE grapevine_rpc_ejections_total counter\n");
+    for f in figures.iter().filter(|f| f.side == CallSide::Client) {
+        let _ = writeln!(
+            out,
+            "grapevine_rpc_ejections_total{{service=\"{}\"}} {}",
+            escape_label(&f.service),
+            f.ejections
+        );
     }
     out.push_str("# HELP grapevine_rpc_duration_seconds Time from a call's start to its result (client) or to its reply's flush (server).\n");
     out.push_str("# TYPE grapevine_rpc_duration_seconds histogram\n");

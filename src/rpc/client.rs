@@ -1,6 +1,6 @@
 //! The calling side: a pool of multiplexed connections, resolution and load balancing.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -22,8 +22,9 @@ use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 
 use super::metrics::{
-    CallFailure, CallRecord, CallSide, RpcMetrics, ServiceFigures, ServiceSnapshot,
+    bounded_entry, CallFailure, CallRecord, CallSide, RpcMetrics, ServiceFigures, ServiceSnapshot,
 };
+use super::outlier::Outliers;
 use super::protocol::{self, Frame};
 use super::trace::TraceContext;
 use super::{RpcError, DEFAULT_TIMEOUT, MAX_IN_FLIGHT_PER_CONNECTION};
@@ -496,6 +497,8 @@ pub struct RpcClient {
     rng: Arc<Mutex<SmallRng>>,
     round_robin: Arc<AtomicUsize>,
     metrics: Arc<RpcMetrics>,
+    /// Per service (bounded as the metrics are): instances that keep failing.
+    outliers: Arc<Mutex<BTreeMap<String, Arc<Outliers>>>>,
 }
 
 impl std::fmt::Debug for RpcClient {
@@ -529,6 +532,7 @@ impl RpcClient {
             rng: Arc::new(Mutex::new(SmallRng::seed_from_u64(seed))),
             round_robin: Arc::default(),
             metrics: Arc::default(),
+            outliers: Arc::default(),
         }
     }
 
@@ -543,11 +547,24 @@ impl RpcClient {
         ServiceClient {
             rpc: self.clone(),
             figures: self.metrics.service(&service),
+            outliers: self.outliers_of(&service),
             service,
             policy: LoadBalance::default(),
             idempotent: false,
             timeout: DEFAULT_TIMEOUT,
+            hedge: None,
         }
+    }
+
+    /// The outlier records of `service`, made on first use.
+    fn outliers_of(&self, service: &str) -> Arc<Outliers> {
+        bounded_entry(&mut lock(&self.outliers), service)
+    }
+
+    /// Instances of `service` this client currently skips after repeated failures.
+    pub fn ejected(&self, service: &str) -> usize {
+        let outliers = lock(&self.outliers).get(service).cloned();
+        outliers.map_or(0, |o| o.ejected(Instant::now()))
     }
 
     /// The live connection to `addr`, or a new one (one dial at a time per peer).
@@ -683,9 +700,11 @@ pub struct ServiceClient {
     rpc: RpcClient,
     service: String,
     figures: Arc<ServiceFigures>,
+    outliers: Arc<Outliers>,
     policy: LoadBalance,
     idempotent: bool,
     timeout: Duration,
+    hedge: Option<Duration>,
 }
 
 /// Longest wait for a new connection: shorter than a call's default deadline, so that a
@@ -717,6 +736,15 @@ impl ServiceClient {
         self
     }
 
+    /// Hedges calls: when a call has no answer after `after`, the same call goes to another
+    /// instance too; the first answer wins and the other call is cancelled on its server.
+    /// Only for idempotent calls (see [`ServiceClient::idempotent`]): a hedged call on a
+    /// client not marked idempotent fails with [`RpcError::InvalidCall`].
+    pub fn hedge(mut self, after: Duration) -> Self {
+        self.hedge = Some(after);
+        self
+    }
+
     /// Calls `method` with `request` on an instance of the service.
     pub async fn call<Req, Resp>(&self, method: &str, request: &Req) -> Result<Resp, RpcError>
     where
@@ -724,44 +752,120 @@ impl ServiceClient {
         Resp: DeserializeOwned,
     {
         let mut record = CallRecord::start(self.figures.clone());
-        let result = self.call_balanced(method, request).await;
+        let result = async {
+            let payload = protocol::to_payload(request)?;
+            let bytes = self.call_balanced(method, &payload).await?;
+            protocol::from_payload(&bytes)
+        }
+        .await;
         record.finish(result.as_ref().err().map(CallFailure::of));
         result
     }
 
-    /// [`ServiceClient::call`] without the bookkeeping: resolve, pick, retry.
-    async fn call_balanced<Req, Resp>(&self, method: &str, request: &Req) -> Result<Resp, RpcError>
-    where
-        Req: Serialize + ?Sized,
-        Resp: DeserializeOwned,
-    {
-        let payload = protocol::to_payload(request)?;
+    /// Calls `method` with an already encoded (bincode) request and returns the encoded
+    /// response: the dynamic layer under typed calls and the `tower::Service` impl.
+    pub async fn call_encoded(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>, RpcError> {
+        let mut record = CallRecord::start(self.figures.clone());
+        let result = self.call_balanced(method, payload).await;
+        record.finish(result.as_ref().err().map(CallFailure::of));
+        result
+    }
+
+    /// The name of the service this client calls.
+    pub fn service_name(&self) -> &str {
+        &self.service
+    }
+
+    /// Resolve, pick, retry on connection failures, hedge; no bookkeeping.
+    async fn call_balanced(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>, RpcError> {
         let deadline = Instant::now() + self.timeout;
-        let mut tried = BTreeSet::new();
+        // Instances this call went to, so that retries and the hedge go elsewhere.
+        let tried = Mutex::new(BTreeSet::new());
+        let Some(after) = self.hedge else {
+            return self.call_attempts(method, payload, deadline, &tried).await;
+        };
+        if !self.idempotent {
+            return Err(RpcError::InvalidCall(format!(
+                "a hedged call to {} must be marked idempotent (it may run twice)",
+                self.service
+            )));
+        }
+        let first = self.call_attempts(method, payload, deadline, &tried);
+        let mut first = std::pin::pin!(first);
+        tokio::select! {
+            biased;
+            result = &mut first => return result,
+            () = tokio::time::sleep(after) => {}
+        }
+        let second = self.call_attempts(method, payload, deadline, &tried);
+        let mut second = std::pin::pin!(second);
+        // The first answer wins; returning drops the other call, which cancels it on its
+        // server. A failure that another instance may not share waits for the other call.
+        let (result, other) = tokio::select! {
+            biased;
+            result = &mut first => (result, second),
+            result = &mut second => (result, first),
+        };
+        match result {
+            Err(error) if error.is_retryable() || matches!(error, RpcError::NoInstances(_)) => {
+                match other.await {
+                    // The hedge found no other instance: the first call's error stands.
+                    Err(RpcError::NoInstances(_)) => Err(error),
+                    other => other,
+                }
+            }
+            result => result,
+        }
+    }
+
+    /// One call, on up to [`MAX_ATTEMPTS`] instances after connection failures.
+    async fn call_attempts(
+        &self,
+        method: &str,
+        payload: &[u8],
+        deadline: Instant,
+        tried: &Mutex<BTreeSet<SocketAddr>>,
+    ) -> Result<Vec<u8>, RpcError> {
         let mut last_error = None;
+        let mut attempts = 0;
         loop {
-            let candidates: Vec<Endpoint> = self
-                .rpc
-                .resolver
-                .resolve(&self.service)
-                .into_iter()
-                .filter(|e| !tried.contains(&e.addr))
-                .collect();
+            let instances = self.rpc.resolver.resolve(&self.service);
+            let candidates: Vec<Endpoint> = {
+                let tried = lock(tried);
+                instances
+                    .iter()
+                    .filter(|e| !tried.contains(&e.addr))
+                    .cloned()
+                    .collect()
+            };
+            let candidates = self.outliers.usable(candidates, Instant::now());
             let Some(addr) = self.rpc.pick(&candidates, self.policy) else {
                 return Err(
                     last_error.unwrap_or_else(|| RpcError::NoInstances(self.service.clone()))
                 );
             };
+            lock(tried).insert(addr);
+            attempts += 1;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(RpcError::Timeout(self.timeout));
             }
             let result = self
                 .rpc
-                .call_raw(addr, &self.service, method, &payload, remaining)
+                .call_raw(addr, &self.service, method, payload, remaining)
                 .await;
+            match &result {
+                Err(RpcError::Unavailable { .. }) => {
+                    if let Some(length) = self.outliers.failed(addr, &instances, Instant::now()) {
+                        tracing::warn!(service = %self.service, %addr, ?length, "ejecting an instance whose calls keep failing");
+                        self.figures.record_ejection();
+                    }
+                }
+                Err(_) => {}
+                Ok(_) => self.outliers.succeeded(addr),
+            }
             match result {
-                Ok(bytes) => return protocol::from_payload(&bytes),
+                Ok(bytes) => return Ok(bytes),
                 Err(RpcError::Timeout(_)) => return Err(RpcError::Timeout(self.timeout)),
                 Err(error)
                     if error.is_connection_failure()
@@ -773,10 +877,9 @@ impl ServiceClient {
                                     ..
                                 }
                             ))
-                        && tried.len() + 1 < MAX_ATTEMPTS =>
+                        && attempts < MAX_ATTEMPTS =>
                 {
                     tracing::debug!(%addr, %error, "retrying on another instance");
-                    tried.insert(addr);
                     last_error = Some(error);
                 }
                 Err(error) => return Err(error),
@@ -786,8 +889,9 @@ impl ServiceClient {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use crate::rpc::outlier::{BASE_EJECTION, EJECT_AFTER_FAILURES};
     use crate::rpc::{Registry, RpcService};
     use serde_bytes::ByteBuf;
 
@@ -801,7 +905,7 @@ mod tests {
 
     /// A server on loopback: `t.echo` answers at once, `t.later` after yielding (so it runs
     /// in a task of its own).
-    async fn server() -> SocketAddr {
+    pub(crate) async fn server() -> SocketAddr {
         let registry = Arc::new(Registry::default());
         registry.add(
             RpcService::new("t")
@@ -811,6 +915,11 @@ mod tests {
                     Ok(bytes)
                 }),
         );
+        serve_registry(registry).await
+    }
+
+    /// A server on loopback for the services of `registry`.
+    pub(crate) async fn serve_registry(registry: Arc<Registry>) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -920,7 +1029,7 @@ mod tests {
         }
     }
 
-    struct Fixed(Vec<SocketAddr>);
+    pub(crate) struct Fixed(pub(crate) Vec<SocketAddr>);
 
     impl Resolve for Fixed {
         fn resolve(&self, _: &str) -> Vec<Endpoint> {
@@ -976,6 +1085,232 @@ mod tests {
             .await
             .expect("moved to the healthy instance");
         assert_eq!(reply, payload(2, 8));
+    }
+
+    /// In-memory connections (no sockets, so paused time can run): `refusing` refuses every
+    /// connection, any other address is served by its registry in `servers`.
+    #[derive(Clone)]
+    struct Memory {
+        servers: Arc<BTreeMap<SocketAddr, Arc<Registry>>>,
+        refusing: SocketAddr,
+        dials: Arc<Mutex<BTreeMap<SocketAddr, usize>>>,
+    }
+
+    struct NoListener;
+
+    impl crate::net::Listener for NoListener {
+        type Stream = tokio::io::DuplexStream;
+
+        async fn accept(&self) -> std::io::Result<(Self::Stream, SocketAddr)> {
+            Err(std::io::ErrorKind::Unsupported.into())
+        }
+
+        fn local_addr(&self) -> std::io::Result<SocketAddr> {
+            Err(std::io::ErrorKind::Unsupported.into())
+        }
+    }
+
+    impl Transport for Memory {
+        type Udp = tokio::net::UdpSocket;
+        type Stream = tokio::io::DuplexStream;
+        type Listener = NoListener;
+
+        async fn bind_udp(&self, addr: SocketAddr) -> std::io::Result<Self::Udp> {
+            crate::net::TokioTransport.bind_udp(addr).await
+        }
+
+        async fn bind_tcp(&self, _: SocketAddr) -> std::io::Result<Self::Listener> {
+            Err(std::io::ErrorKind::Unsupported.into())
+        }
+
+        async fn connect(&self, addr: SocketAddr) -> std::io::Result<Self::Stream> {
+            *lock(&self.dials).entry(addr).or_default() += 1;
+            let registry = self.servers.get(&addr).filter(|_| addr != self.refusing);
+            let Some(registry) = registry.cloned() else {
+                return Err(std::io::ErrorKind::ConnectionRefused.into());
+            };
+            let (ours, theirs) = tokio::io::duplex(1 << 16);
+            tokio::spawn(async move {
+                let mut framed = wire::framed(theirs);
+                if let Some(Ok(_)) = framed.next().await {
+                    let _ = crate::rpc::serve_connection(framed, registry).await;
+                }
+            });
+            Ok(ours)
+        }
+    }
+
+    fn memory_client(
+        servers: BTreeMap<SocketAddr, Arc<Registry>>,
+        refusing: SocketAddr,
+    ) -> (RpcClient, Memory) {
+        let addrs = servers.keys().copied().collect();
+        let memory = Memory {
+            servers: Arc::new(servers),
+            refusing,
+            dials: Arc::default(),
+        };
+        let rpc = RpcClient::new(
+            memory.clone(),
+            crate::node::rpc_preface(),
+            Arc::new(Fixed(addrs)),
+            7,
+        );
+        (rpc, memory)
+    }
+
+    fn echo_registry() -> Arc<Registry> {
+        let registry = Arc::new(Registry::default());
+        registry
+            .add(RpcService::new("t").method("echo", |bytes: ByteBuf| async move { Ok(bytes) }));
+        registry
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_instance_failing_every_call_is_ejected_then_retried_after_its_back_off() {
+        let bad: SocketAddr = "127.0.0.1:1001".parse().unwrap();
+        let good: SocketAddr = "127.0.0.1:1002".parse().unwrap();
+        let (rpc, memory) = memory_client(
+            BTreeMap::from([(bad, echo_registry()), (good, echo_registry())]),
+            bad,
+        );
+        // Round robin sends every other call to the bad instance; a refused connection is
+        // retried on the good one, so callers see no failure, but the bad one fails each
+        // time it is dialed.
+        let service = rpc.service("t").policy(LoadBalance::RoundRobin);
+        for i in 0..100u64 {
+            let reply: ByteBuf = service.call("echo", &payload(i, 8)).await.unwrap();
+            assert_eq!(reply, payload(i, 8));
+            if rpc.ejected("t") == 1 {
+                break;
+            }
+            // Past the dial back-off, so every call to the bad instance dials it.
+            tokio::time::sleep(MAX_BACKOFF).await;
+        }
+        assert_eq!(rpc.ejected("t"), 1, "ejected");
+        let dials = lock(&memory.dials)[&bad];
+        assert_eq!(dials, EJECT_AFTER_FAILURES as usize);
+        let snapshot = &rpc.metrics()[0];
+        assert_eq!(snapshot.ejections, 1);
+        // Ejected: every call goes to the good instance, and the bad one is not dialed.
+        for i in 0..20u64 {
+            tokio::time::sleep(MAX_BACKOFF / 20).await;
+            let reply: ByteBuf = service.call("echo", &payload(i, 8)).await.unwrap();
+            assert_eq!(reply, payload(i, 8));
+        }
+        assert_eq!(lock(&memory.dials)[&bad], dials, "skipped while ejected");
+        // After its back-off it is tried again: one more failure ejects it for twice as
+        // long.
+        tokio::time::sleep(BASE_EJECTION).await;
+        assert_eq!(rpc.ejected("t"), 0);
+        for i in 0..2u64 {
+            let reply: ByteBuf = service.call("echo", &payload(i, 8)).await.unwrap();
+            assert_eq!(reply, payload(i, 8));
+        }
+        assert_eq!(lock(&memory.dials)[&bad], dials + 1, "tried again, once");
+        assert_eq!(rpc.ejected("t"), 1);
+        assert_eq!(rpc.metrics()[0].ejections, 2);
+        tokio::time::sleep(BASE_EJECTION).await;
+        assert_eq!(
+            rpc.ejected("t"),
+            1,
+            "the second ejection lasts twice as long"
+        );
+        tokio::time::sleep(BASE_EJECTION).await;
+        assert_eq!(rpc.ejected("t"), 0);
+    }
+
+    /// Counts a handler's future dropped before it finished (its call was cancelled).
+    struct CountDrop(Arc<AtomicUsize>, Arc<tokio::sync::Notify>);
+
+    impl Drop for CountDrop {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            self.1.notify_one();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hedged_call_takes_the_first_answer_and_cancels_the_other_on_its_server() {
+        let slow: SocketAddr = "127.0.0.1:1001".parse().unwrap();
+        let fast: SocketAddr = "127.0.0.1:1002".parse().unwrap();
+        let cancelled = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(tokio::sync::Notify::new());
+        let stuck = Arc::new(Registry::default());
+        stuck.add(RpcService::new("t").method("get", {
+            let (cancelled, dropped) = (cancelled.clone(), dropped.clone());
+            move |x: u64| {
+                let guard = CountDrop(cancelled.clone(), dropped.clone());
+                async move {
+                    let _guard = guard;
+                    std::future::pending::<()>().await;
+                    Ok(x)
+                }
+            }
+        }));
+        let answering = Arc::new(Registry::default());
+        answering.add(RpcService::new("t").method("get", |x: u64| async move { Ok(x + 1) }));
+        let nowhere: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let (rpc, _) = memory_client(BTreeMap::from([(slow, stuck), (fast, answering)]), nowhere);
+        let hedge = Duration::from_millis(50);
+        let timeout = Duration::from_secs(60);
+        // Not idempotent: refused before anything is sent.
+        let refused = rpc
+            .service("t")
+            .hedge(hedge)
+            .call::<_, u64>("get", &7u64)
+            .await;
+        assert!(
+            matches!(refused, Err(RpcError::InvalidCall(_))),
+            "{refused:?}"
+        );
+        // Round robin sends the first call to the stuck instance; after 50 ms the hedge goes
+        // to the other one, whose answer wins.
+        let service = rpc
+            .service("t")
+            .policy(LoadBalance::RoundRobin)
+            .idempotent(true)
+            .timeout(timeout)
+            .hedge(hedge);
+        let started = Instant::now();
+        let reply: u64 = service.call("get", &7u64).await.unwrap();
+        assert_eq!(reply, 8, "the answering instance's reply");
+        assert_eq!(
+            started.elapsed(),
+            hedge,
+            "sent after the hedge delay, answered at once"
+        );
+        // The stuck call is cancelled on its server, long before its deadline.
+        tokio::time::timeout(timeout / 2, dropped.notified())
+            .await
+            .expect("the losing call was cancelled on its server");
+        assert_eq!(cancelled.load(Ordering::SeqCst), 1);
+        assert!(started.elapsed() < timeout / 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hedged_call_with_no_other_instance_waits_for_its_first_answer() {
+        let only: SocketAddr = "127.0.0.1:1001".parse().unwrap();
+        let registry = Arc::new(Registry::default());
+        registry.add(RpcService::new("t").method("get", |x: u64| async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Ok(x * 2)
+        }));
+        let nowhere: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let (rpc, memory) = memory_client(BTreeMap::from([(only, registry)]), nowhere);
+        let service = rpc
+            .service("t")
+            .idempotent(true)
+            .hedge(Duration::from_millis(50));
+        let started = Instant::now();
+        let reply: u64 = service.call("get", &21u64).await.unwrap();
+        assert_eq!(reply, 42);
+        assert_eq!(started.elapsed(), Duration::from_millis(200));
+        assert_eq!(
+            lock(&memory.dials)[&only],
+            1,
+            "no second call to the same instance"
+        );
     }
 
     #[tokio::test]

@@ -40,7 +40,7 @@ pub enum CallFailure {
     Remote,
     /// No such service or method on the server.
     NotFound,
-    /// Encoding, decoding, or a handler that panicked.
+    /// Encoding, decoding, a handler that panicked, or a call the client refused.
     Protocol,
     /// A payload above the frame limit.
     FrameTooLarge,
@@ -83,7 +83,7 @@ impl CallFailure {
             RpcError::Unavailable { .. } => CallFailure::Unavailable,
             RpcError::Remote(_) => CallFailure::Remote,
             RpcError::NotFound(_) => CallFailure::NotFound,
-            RpcError::Protocol(_) => CallFailure::Protocol,
+            RpcError::Protocol(_) | RpcError::InvalidCall(_) => CallFailure::Protocol,
             RpcError::FrameTooLarge { .. } => CallFailure::FrameTooLarge,
         }
     }
@@ -96,6 +96,7 @@ pub struct ServiceFigures {
     failures: [AtomicU64; CallFailure::ALL.len()],
     buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     total_nanos: AtomicU64,
+    ejections: AtomicU64,
 }
 
 impl ServiceFigures {
@@ -113,6 +114,11 @@ impl ServiceFigures {
         self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         self.total_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Counts one instance ejected by outlier detection (calling side).
+    pub fn record_ejection(&self) {
+        self.ejections.fetch_add(1, Ordering::Relaxed);
     }
 
     fn snapshot(&self, side: CallSide, service: &str) -> ServiceSnapshot {
@@ -134,6 +140,7 @@ impl ServiceFigures {
                 .map(|b| b.load(Ordering::Relaxed))
                 .collect(),
             total_seconds: self.total_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            ejections: self.ejections.load(Ordering::Relaxed),
         }
     }
 }
@@ -174,6 +181,9 @@ pub struct ServiceSnapshot {
     pub buckets: Vec<u64>,
     /// Sum of all calls' durations.
     pub total_seconds: f64,
+    /// Instances ejected by outlier detection (calling side).
+    #[serde(default)]
+    pub ejections: u64,
 }
 
 /// The figures of every service on one side, bounded in number.
@@ -186,15 +196,7 @@ impl RpcMetrics {
     /// The figures of `service`, made on first use.
     pub fn service(&self, service: &str) -> Arc<ServiceFigures> {
         let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(figures) = services.get(service) {
-            return figures.clone();
-        }
-        let name = if services.len() < MAX_TRACKED_SERVICES {
-            service
-        } else {
-            OTHER_SERVICES
-        };
-        services.entry(name.to_string()).or_default().clone()
+        bounded_entry(&mut services, service)
     }
 
     /// Every service's figures, sorted by service name.
@@ -205,6 +207,23 @@ impl RpcMetrics {
             .map(|(name, figures)| figures.snapshot(side, name))
             .collect()
     }
+}
+
+/// The entry of `service` in `services`, made on first use; beyond
+/// [`MAX_TRACKED_SERVICES`] services, the shared [`OTHER_SERVICES`] entry.
+pub(crate) fn bounded_entry<T: Default>(
+    services: &mut BTreeMap<String, Arc<T>>,
+    service: &str,
+) -> Arc<T> {
+    if let Some(entry) = services.get(service) {
+        return entry.clone();
+    }
+    let name = if services.len() < MAX_TRACKED_SERVICES {
+        service
+    } else {
+        OTHER_SERVICES
+    };
+    services.entry(name.to_string()).or_default().clone()
 }
 
 /// Records a call when dropped: as it finished if [`CallRecord::finish`] was called, as

@@ -7,13 +7,17 @@
 //! instances through the catalog and balance between them (see [`LoadBalance`]).
 
 mod client;
+mod layers;
 pub mod metrics;
+mod outlier;
 mod protocol;
 mod server;
 mod trace;
 
 pub use client::{Endpoint, LoadBalance, Resolve, RpcClient, ServiceClient, CONNECT_TIMEOUT};
+pub use layers::{RetryRetryable, RpcRequest, RpcResponse};
 pub use metrics::{CallFailure, CallSide, ServiceSnapshot};
+pub use outlier::{BASE_EJECTION, EJECT_AFTER_FAILURES, MAX_EJECTION};
 pub(crate) use server::serve_connection;
 
 /// Decodes an RPC frame (for fuzzing).
@@ -82,6 +86,10 @@ pub enum RpcError {
     /// A message could not be encoded or decoded.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The client refused the call as configured (e.g. hedging a call not marked
+    /// idempotent).
+    #[error("invalid call: {0}")]
+    InvalidCall(String),
     /// A request or response above the frame limit.
     #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
     FrameTooLarge {
@@ -97,5 +105,13 @@ impl RpcError {
     /// (for calls the caller marked idempotent, any connection failure qualifies).
     pub fn is_connection_failure(&self) -> bool {
         matches!(self, RpcError::Unavailable { .. })
+    }
+
+    /// Whether sending the same call again may succeed: the instance was unreachable,
+    /// dropped the connection, was draining or overloaded, or the call timed out. Only
+    /// idempotent calls should be retried on these (the first attempt may have run);
+    /// application errors, unknown methods and encoding errors are final.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, RpcError::Unavailable { .. } | RpcError::Timeout(_))
     }
 }

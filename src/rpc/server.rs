@@ -93,6 +93,58 @@ impl RpcService {
         self.methods.insert(name.into(), erased);
         self
     }
+
+    /// Adds method `name` served by a `tower::Service`, so handlers can be wrapped in `tower`
+    /// layers (timeouts, concurrency limits, load shedding...), go-kit's endpoint
+    /// middleware. Errors the layers add reach the caller as it expects: a shed call
+    /// (`Overloaded`) as retryable [`RpcError::Unavailable`](super::RpcError::Unavailable),
+    /// a layer's timeout (`Elapsed`) as a timeout, an [`AppError`] as itself, any other
+    /// error as `AppError` code 500.
+    pub fn method_service<Req, Resp, S>(mut self, name: impl Into<String>, service: S) -> Self
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+        S: tower::Service<Req, Response = Resp> + Clone + Send + Sync + 'static,
+        S::Error: Into<tower::BoxError>,
+        S::Future: Send + 'static,
+    {
+        use tower::ServiceExt;
+        let erased: Handler = Arc::new(move |payload: &[u8]| {
+            let request: Req = match protocol::from_payload(payload) {
+                Ok(request) => request,
+                Err(error) => {
+                    let outcome = Outcome::BadRequest(error.to_string());
+                    return Box::pin(std::future::ready(outcome)) as HandlerFuture;
+                }
+            };
+            let service = service.clone();
+            Box::pin(async move {
+                match service.oneshot(request).await {
+                    Ok(response) => match protocol::to_payload(&response) {
+                        Ok(bytes) => Outcome::Ok(ByteBuf::from(bytes)),
+                        Err(error) => Outcome::BadRequest(error.to_string()),
+                    },
+                    Err(error) => layer_outcome(error.into()),
+                }
+            })
+        });
+        self.methods.insert(name.into(), erased);
+        self
+    }
+}
+
+/// The outcome a caller sees for an error of a `tower` handler stack.
+fn layer_outcome(error: tower::BoxError) -> Outcome {
+    if error.is::<tower::load_shed::error::Overloaded>() {
+        return Outcome::Unavailable("overloaded: the handler shed the call".into());
+    }
+    if error.is::<tower::timeout::error::Elapsed>() {
+        return Outcome::DeadlineExceeded;
+    }
+    match error.downcast::<AppError>() {
+        Ok(app) => Outcome::App(*app),
+        Err(other) => Outcome::App(AppError::new(500, other.to_string())),
+    }
 }
 
 /// A registered service and its figures (kept across re-registrations).
