@@ -11,6 +11,7 @@ mod timers;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use foca::{
@@ -174,7 +175,7 @@ struct ViewEntry {
     since: Instant,
 }
 
-type SwimCore<B> = Foca<NodeId, BincodeCodec, SmallRng, B>;
+type SwimCore<B> = Foca<NodeId, BincodeCodec<NodeId>, SmallRng, B>;
 
 /// SWIM membership of one node, without IO. `B` receives the custom broadcasts
 /// (replicated-state deltas) that ride on SWIM packets.
@@ -190,6 +191,8 @@ pub struct Membership<B: BroadcastHandler<NodeId> = NoCustomBroadcast> {
     left: VecDeque<NodeId>,
     events: Vec<MemberEvent>,
     outbox: Vec<(SocketAddr, Vec<u8>)>,
+    /// The identity the codec recognises hashed destinations by (see `codec`).
+    local: codec::LocalIdentity<NodeId>,
     leaving: bool,
     view_version: u64,
 }
@@ -214,11 +217,13 @@ where
         now: Instant,
         handler: B,
     ) -> Self {
+        let local = Arc::new(std::sync::Mutex::new(identity.clone()));
         let foca = Foca::with_custom_broadcast(
             identity.clone(),
             profile.foca_config(1),
             SmallRng::seed_from_u64(seed),
-            BincodeCodec::default(),
+            // A hashed destination that is not ours: no node has an empty name.
+            BincodeCodec::with_local(local.clone(), NodeId::seed(identity.addr)),
             handler,
         );
         let mut view = BTreeMap::new();
@@ -245,6 +250,7 @@ where
             left: VecDeque::new(),
             events: Vec::new(),
             outbox: Vec::new(),
+            local,
             leaving: false,
             view_version: 0,
         }
@@ -496,6 +502,13 @@ where
 
     /// Collects what foca produced and brings the view up to date.
     fn after_call(&mut self, now: Instant) {
+        // After a renewal, packets to the new identity must be recognised as ours.
+        {
+            let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
+            if *local != *self.foca.identity() {
+                *local = self.foca.identity().clone();
+            }
+        }
         self.backlog.set(self.foca.custom_broadcast_backlog());
         while let Some((to, data)) = self.runtime.to_send() {
             self.outbox.push((to.addr, swim_datagram(&data)));

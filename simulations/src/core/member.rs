@@ -423,7 +423,7 @@ impl Core {
 /// foca with `Membership`'s protocol logic and no member view. Every method mirrors the
 /// method of the same name in `grapevine::membership::Membership`.
 pub struct Lean {
-    foca: Foca<SimId, BincodeCodec, SmallRng, StateBroadcasts>,
+    foca: Foca<SimId, BincodeCodec<SimId>, SmallRng, StateBroadcasts>,
     runtime: AccumulatingRuntime<SimId>,
     profile: Profile,
     tuned_for: usize,
