@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{Buf, BufMut};
 use foca::{Header, Incarnation, Member, Message};
-use serde::{Serialize, de::DeserializeOwned};
+use serde::{de::DeserializeOwned, Serialize};
 
 use crate::wire::{self, WireError};
 
@@ -200,8 +200,14 @@ mod tests {
         let (size, decoded) = round_trip(&mut codec_of(&a), &mut codec_of(&b), &ping);
         assert_eq!(decoded, ping);
         let mut full = Vec::new();
-        BincodeCodec::default().encode_header(&ping, &mut full).unwrap();
-        assert!(size + 10 < full.len(), "hashed {size} B, full {} B", full.len());
+        BincodeCodec::default()
+            .encode_header(&ping, &mut full)
+            .unwrap();
+        assert!(
+            size + 10 < full.len(),
+            "hashed {size} B, full {} B",
+            full.len()
+        );
     }
 
     #[test]
@@ -239,6 +245,8 @@ mod tests {
         }
         // Without its own identity a codec cannot resolve a hashed destination.
         let hashed = [HASHED_DESTINATION, 0, 0, 0, 0, 0];
-        assert!(BincodeCodec::<NodeId>::default().decode_header(&hashed[..]).is_err());
+        assert!(BincodeCodec::<NodeId>::default()
+            .decode_header(&hashed[..])
+            .is_err());
     }
 }
