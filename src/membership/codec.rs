@@ -20,9 +20,35 @@ const FULL_DESTINATION: u8 = 0;
 /// Header form: the destination as a hash of its identity.
 const HASHED_DESTINATION: u8 = 1;
 
-/// The identity a node's codec decodes hashed destinations against; the membership
-/// updates it when the node renews its identity.
-pub type LocalIdentity<T> = Arc<Mutex<T>>;
+/// The identity a node's codec decodes hashed destinations against, shared between the
+/// node's protocol logic and its codec (which foca owns). The protocol logic calls
+/// [`follow`](Self::follow) after every foca call: after a renewal, packets addressed to
+/// the new identity must decode as addressed to this node, or its probes all fail.
+#[derive(Debug, Clone)]
+pub struct LocalIdentity<T>(Arc<Mutex<(T, Option<u32>)>>);
+
+impl<T: Serialize + Clone + PartialEq> LocalIdentity<T> {
+    /// Tracks `identity` from the start.
+    pub fn new(identity: T) -> Self {
+        // An identity too large to encode cannot be a header's destination: no hash.
+        let hash = identity_hash(&identity).ok();
+        LocalIdentity(Arc::new(Mutex::new((identity, hash))))
+    }
+
+    /// Brings the tracked identity up to date with foca's (a no-op unless it renewed).
+    pub fn follow(&self, current: &T) {
+        let mut local = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if local.0 != *current {
+            *local = (current.clone(), identity_hash(current).ok());
+        }
+    }
+
+    /// This node's identity if `hash` is its hash.
+    fn matching(&self, hash: u32) -> Option<T> {
+        let local = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        (local.1 == Some(hash)).then(|| local.0.clone())
+    }
+}
 
 /// Encodes foca headers and members with bincode. Encoding goes through a scratch buffer so
 /// the space left in foca's packet is checked before anything is written.
@@ -128,12 +154,7 @@ where
                 let hash = buf.get_u32_le();
                 let (src, src_incarnation, message): (T, Incarnation, Message<T>) =
                     Self::take(buf)?;
-                let local = local.lock().unwrap_or_else(PoisonError::into_inner).clone();
-                let dst = if identity_hash(&local)? == hash {
-                    local
-                } else {
-                    stranger.clone()
-                };
+                let dst = local.matching(hash).unwrap_or_else(|| stranger.clone());
                 Ok(Header {
                     src,
                     src_incarnation,
@@ -173,7 +194,7 @@ mod tests {
 
     fn codec_of(identity: &NodeId) -> BincodeCodec<NodeId> {
         BincodeCodec::with_local(
-            Arc::new(Mutex::new(identity.clone())),
+            LocalIdentity::new(identity.clone()),
             NodeId::seed(identity.addr),
         )
     }
@@ -222,6 +243,35 @@ mod tests {
         let (_, decoded) = round_trip(&mut codec_of(&a), &mut codec_of(&b), &stale);
         assert_ne!(decoded.dst, b);
         assert_eq!(decoded.dst, NodeId::seed(b.addr));
+    }
+
+    #[test]
+    fn after_a_renewal_probes_to_the_new_identity_are_for_the_receiver() {
+        let (a, old, new) = (
+            id("node-a", 7001, 1),
+            id("node-b", 7002, 9),
+            id("node-b", 7002, 10),
+        );
+        let local = LocalIdentity::new(old.clone());
+        let mut b = BincodeCodec::with_local(local.clone(), NodeId::seed(old.addr));
+        let to = |dst: &NodeId| Header {
+            src: a.clone(),
+            src_incarnation: 0,
+            dst: dst.clone(),
+            message: Message::Ping(1),
+        };
+        // Until the node follows its renewal, the new identity is a stranger...
+        assert_eq!(
+            round_trip(&mut codec_of(&a), &mut b, &to(&new)).1.dst,
+            NodeId::seed(old.addr)
+        );
+        local.follow(&new);
+        // ...then it is this node, and the old identity no longer is.
+        assert_eq!(round_trip(&mut codec_of(&a), &mut b, &to(&new)).1, to(&new));
+        assert_eq!(
+            round_trip(&mut codec_of(&a), &mut b, &to(&old)).1.dst,
+            NodeId::seed(old.addr)
+        );
     }
 
     #[test]

@@ -11,7 +11,6 @@ mod timers;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use foca::{
@@ -21,7 +20,7 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-pub use codec::BincodeCodec;
+pub use codec::{BincodeCodec, LocalIdentity};
 pub use identity::{validate_name, NodeId, MAX_NAME_LEN};
 pub use profile::Profile;
 pub use timers::{TimerQueue, MAX_HEALTH_SCORE};
@@ -192,7 +191,7 @@ pub struct Membership<B: BroadcastHandler<NodeId> = NoCustomBroadcast> {
     events: Vec<MemberEvent>,
     outbox: Vec<(SocketAddr, Vec<u8>)>,
     /// The identity the codec recognises hashed destinations by (see `codec`).
-    local: codec::LocalIdentity<NodeId>,
+    local: LocalIdentity<NodeId>,
     leaving: bool,
     view_version: u64,
 }
@@ -217,7 +216,7 @@ where
         now: Instant,
         handler: B,
     ) -> Self {
-        let local = Arc::new(std::sync::Mutex::new(identity.clone()));
+        let local = LocalIdentity::new(identity.clone());
         let foca = Foca::with_custom_broadcast(
             identity.clone(),
             profile.foca_config(1),
@@ -503,12 +502,7 @@ where
     /// Collects what foca produced and brings the view up to date.
     fn after_call(&mut self, now: Instant) {
         // After a renewal, packets to the new identity must be recognised as ours.
-        {
-            let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
-            if *local != *self.foca.identity() {
-                *local = self.foca.identity().clone();
-            }
-        }
+        self.local.follow(self.foca.identity());
         self.backlog.set(self.foca.custom_broadcast_backlog());
         while let Some((to, data)) = self.runtime.to_send() {
             self.outbox.push((to.addr, swim_datagram(&data)));
