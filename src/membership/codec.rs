@@ -1,18 +1,92 @@
-//! foca codec: bincode with size limits.
+//! foca codec: bincode with size limits, and a compact destination on probes.
+//!
+//! Most SWIM packets (ping, ack, indirect probes) are addressed to a member's current
+//! identity, which the receiver already knows: sending that identity in full (name,
+//! address, generation) doubled the size of an idle cluster's packets. Such a destination
+//! goes as a 4-byte hash instead, which the receiver's codec turns back into its own
+//! identity when it matches. An announce, whose destination may be a placeholder, and a
+//! codec that does not know its own identity, keep the full form.
+
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{Buf, BufMut};
-use foca::{Header, Member};
+use foca::{Header, Incarnation, Member, Message};
+use serde::{de::DeserializeOwned, Serialize};
 
 use crate::wire::{self, WireError};
 
-/// Encodes foca headers and members with bincode. Encoding goes through a scratch buffer so
-/// the space left in foca's packet is checked before anything is written.
-#[derive(Debug, Default)]
-pub struct BincodeCodec {
-    scratch: Vec<u8>,
+/// Header form: the destination identity in full.
+const FULL_DESTINATION: u8 = 0;
+/// Header form: the destination as a hash of its identity.
+const HASHED_DESTINATION: u8 = 1;
+
+/// The identity a node's codec decodes hashed destinations against, shared between the
+/// node's protocol logic and its codec (which foca owns). The protocol logic calls
+/// [`follow`](Self::follow) after every foca call: after a renewal, packets addressed to
+/// the new identity must decode as addressed to this node, or its probes all fail.
+#[derive(Debug, Clone)]
+pub struct LocalIdentity<T>(Arc<Mutex<(T, Option<u32>)>>);
+
+impl<T: Serialize + Clone + PartialEq> LocalIdentity<T> {
+    /// Tracks `identity` from the start.
+    pub fn new(identity: T) -> Self {
+        // An identity too large to encode cannot be a header's destination: no hash.
+        let hash = identity_hash(&identity).ok();
+        LocalIdentity(Arc::new(Mutex::new((identity, hash))))
+    }
+
+    /// Brings the tracked identity up to date with foca's (a no-op unless it renewed).
+    pub fn follow(&self, current: &T) {
+        let mut local = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if local.0 != *current {
+            *local = (current.clone(), identity_hash(current).ok());
+        }
+    }
+
+    /// This node's identity if `hash` is its hash.
+    fn matching(&self, hash: u32) -> Option<T> {
+        let local = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        (local.1 == Some(hash)).then(|| local.0.clone())
+    }
 }
 
-impl BincodeCodec {
+/// Encodes foca headers and members with bincode. Encoding goes through a scratch buffer so
+/// the space left in foca's packet is checked before anything is written.
+#[derive(Debug)]
+pub struct BincodeCodec<T> {
+    scratch: Vec<u8>,
+    /// This node's identity, if known: headers addressed to it arrive with a hashed
+    /// destination, and it sends hashed destinations only when it can decode them too.
+    local: Option<LocalIdentity<T>>,
+    /// What a hashed destination that is not this node decodes to: an identity that
+    /// matches no node, so foca ignores the payload as addressed to someone else.
+    stranger: Option<T>,
+}
+
+impl<T> Default for BincodeCodec<T> {
+    fn default() -> Self {
+        BincodeCodec {
+            scratch: Vec::new(),
+            local: None,
+            stranger: None,
+        }
+    }
+}
+
+impl<T: Clone> BincodeCodec<T> {
+    /// A codec that sends and accepts hashed destinations for `local`; a hashed
+    /// destination that is not `local` decodes to `stranger` (which must differ from
+    /// every real identity).
+    pub fn with_local(local: LocalIdentity<T>, stranger: T) -> Self {
+        BincodeCodec {
+            scratch: Vec::new(),
+            local: Some(local),
+            stranger: Some(stranger),
+        }
+    }
+}
+
+impl<T> BincodeCodec<T> {
     fn put(&mut self, mut buf: impl BufMut) -> Result<(), WireError> {
         if self.scratch.len() > buf.remaining_mut() {
             return Err(WireError::TooLarge {
@@ -24,7 +98,7 @@ impl BincodeCodec {
         Ok(())
     }
 
-    fn take<T: serde::de::DeserializeOwned>(mut buf: impl Buf) -> Result<T, WireError> {
+    fn take<V: DeserializeOwned>(mut buf: impl Buf) -> Result<V, WireError> {
         // foca hands over a contiguous slice, so the first chunk is the whole payload.
         let (value, used) = wire::decode_datagram_prefix(buf.chunk())?;
         buf.advance(used);
@@ -32,22 +106,64 @@ impl BincodeCodec {
     }
 }
 
+/// The 4-byte hash a destination identity travels as.
+fn identity_hash<T: Serialize>(identity: &T) -> Result<u32, WireError> {
+    let mut bytes = Vec::new();
+    wire::encode_datagram_into(identity, &mut bytes, wire::MAX_DATAGRAM)?;
+    Ok(wire::stable_hash(&bytes) as u32)
+}
+
 /// Generic over the identity so that simulations can store a compact identity type with
 /// the same encoding as [`NodeId`](super::NodeId).
-impl<T> foca::Codec<T> for BincodeCodec
+impl<T> foca::Codec<T> for BincodeCodec<T>
 where
-    T: foca::Identity + serde::Serialize + serde::de::DeserializeOwned,
+    T: foca::Identity + Serialize + DeserializeOwned,
 {
     type Error = WireError;
 
     fn encode_header(&mut self, header: &Header<T>, buf: impl BufMut) -> Result<(), WireError> {
         self.scratch.clear();
-        wire::encode_datagram_into(header, &mut self.scratch, wire::MAX_DATAGRAM)?;
+        // An announce may go to a placeholder the receiver cannot recognise by hash.
+        let hashed = self.local.is_some() && header.message != Message::Announce;
+        if hashed {
+            self.scratch.push(HASHED_DESTINATION);
+            self.scratch
+                .extend_from_slice(&identity_hash(&header.dst)?.to_le_bytes());
+            let rest = (&header.src, header.src_incarnation, &header.message);
+            wire::encode_datagram_into(&rest, &mut self.scratch, wire::MAX_DATAGRAM)?;
+        } else {
+            self.scratch.push(FULL_DESTINATION);
+            wire::encode_datagram_into(header, &mut self.scratch, wire::MAX_DATAGRAM)?;
+        }
         self.put(buf)
     }
 
-    fn decode_header(&mut self, buf: impl Buf) -> Result<Header<T>, WireError> {
-        Self::take(buf)
+    fn decode_header(&mut self, mut buf: impl Buf) -> Result<Header<T>, WireError> {
+        if !buf.has_remaining() {
+            return Err(WireError::BadEnvelope);
+        }
+        match buf.get_u8() {
+            FULL_DESTINATION => Self::take(buf),
+            HASHED_DESTINATION => {
+                let (Some(local), Some(stranger)) = (&self.local, &self.stranger) else {
+                    return Err(WireError::BadEnvelope);
+                };
+                if buf.remaining() < 4 {
+                    return Err(WireError::BadEnvelope);
+                }
+                let hash = buf.get_u32_le();
+                let (src, src_incarnation, message): (T, Incarnation, Message<T>) =
+                    Self::take(buf)?;
+                let dst = local.matching(hash).unwrap_or_else(|| stranger.clone());
+                Ok(Header {
+                    src,
+                    src_incarnation,
+                    dst,
+                    message,
+                })
+            }
+            _ => Err(WireError::BadEnvelope),
+        }
     }
 
     fn encode_member(&mut self, member: &Member<T>, buf: impl BufMut) -> Result<(), WireError> {
@@ -58,5 +174,129 @@ where
 
     fn decode_member(&mut self, buf: impl Buf) -> Result<Member<T>, WireError> {
         Self::take(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use foca::Codec;
+
+    use super::*;
+    use crate::membership::NodeId;
+
+    fn id(name: &str, port: u16, generation: u64) -> NodeId {
+        NodeId {
+            name: name.into(),
+            addr: ([127, 0, 0, 1], port).into(),
+            generation,
+        }
+    }
+
+    fn codec_of(identity: &NodeId) -> BincodeCodec<NodeId> {
+        BincodeCodec::with_local(
+            LocalIdentity::new(identity.clone()),
+            NodeId::seed(identity.addr),
+        )
+    }
+
+    fn round_trip(
+        from: &mut BincodeCodec<NodeId>,
+        to: &mut BincodeCodec<NodeId>,
+        header: &Header<NodeId>,
+    ) -> (usize, Header<NodeId>) {
+        let mut buf = Vec::new();
+        from.encode_header(header, &mut buf).unwrap();
+        (buf.len(), to.decode_header(&buf[..]).unwrap())
+    }
+
+    #[test]
+    fn a_probe_to_the_receiver_arrives_addressed_to_it_and_smaller() {
+        let (a, b) = (id("node-a", 7001, 1_764_000_000_000), id("node-b", 7002, 9));
+        let ping = Header {
+            src: a.clone(),
+            src_incarnation: 3,
+            dst: b.clone(),
+            message: Message::Ping(7),
+        };
+        let (size, decoded) = round_trip(&mut codec_of(&a), &mut codec_of(&b), &ping);
+        assert_eq!(decoded, ping);
+        let mut full = Vec::new();
+        BincodeCodec::default()
+            .encode_header(&ping, &mut full)
+            .unwrap();
+        assert!(
+            size + 10 < full.len(),
+            "hashed {size} B, full {} B",
+            full.len()
+        );
+    }
+
+    #[test]
+    fn a_probe_to_an_older_identity_is_not_for_the_receiver() {
+        let (a, b) = (id("node-a", 7001, 1), id("node-b", 7002, 9));
+        let stale = Header {
+            src: a.clone(),
+            src_incarnation: 0,
+            dst: id("node-b", 7002, 8),
+            message: Message::Ack(1),
+        };
+        let (_, decoded) = round_trip(&mut codec_of(&a), &mut codec_of(&b), &stale);
+        assert_ne!(decoded.dst, b);
+        assert_eq!(decoded.dst, NodeId::seed(b.addr));
+    }
+
+    #[test]
+    fn after_a_renewal_probes_to_the_new_identity_are_for_the_receiver() {
+        let (a, old, new) = (
+            id("node-a", 7001, 1),
+            id("node-b", 7002, 9),
+            id("node-b", 7002, 10),
+        );
+        let local = LocalIdentity::new(old.clone());
+        let mut b = BincodeCodec::with_local(local.clone(), NodeId::seed(old.addr));
+        let to = |dst: &NodeId| Header {
+            src: a.clone(),
+            src_incarnation: 0,
+            dst: dst.clone(),
+            message: Message::Ping(1),
+        };
+        // Until the node follows its renewal, the new identity is a stranger...
+        assert_eq!(
+            round_trip(&mut codec_of(&a), &mut b, &to(&new)).1.dst,
+            NodeId::seed(old.addr)
+        );
+        local.follow(&new);
+        // ...then it is this node, and the old identity no longer is.
+        assert_eq!(round_trip(&mut codec_of(&a), &mut b, &to(&new)).1, to(&new));
+        assert_eq!(
+            round_trip(&mut codec_of(&a), &mut b, &to(&old)).1.dst,
+            NodeId::seed(old.addr)
+        );
+    }
+
+    #[test]
+    fn an_announce_keeps_its_destination_in_full() {
+        let (a, b) = (id("node-a", 7001, 1), id("node-b", 7002, 9));
+        let announce = Header {
+            src: a.clone(),
+            src_incarnation: 0,
+            dst: NodeId::seed(b.addr),
+            message: Message::Announce,
+        };
+        let (_, decoded) = round_trip(&mut codec_of(&a), &mut codec_of(&b), &announce);
+        assert_eq!(decoded, announce);
+    }
+
+    #[test]
+    fn truncated_or_unknown_headers_are_errors() {
+        let mut codec = codec_of(&id("node-b", 7002, 9));
+        for bad in [&[][..], &[HASHED_DESTINATION, 1, 2][..], &[9, 0, 0][..]] {
+            assert!(codec.decode_header(bad).is_err(), "{bad:?}");
+        }
+        // Without its own identity a codec cannot resolve a hashed destination.
+        let hashed = [HASHED_DESTINATION, 0, 0, 0, 0, 0];
+        assert!(BincodeCodec::<NodeId>::default()
+            .decode_header(&hashed[..])
+            .is_err());
     }
 }

@@ -20,7 +20,7 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-pub use codec::BincodeCodec;
+pub use codec::{BincodeCodec, LocalIdentity};
 pub use identity::{validate_name, NodeId, MAX_NAME_LEN};
 pub use profile::Profile;
 pub use timers::{TimerQueue, MAX_HEALTH_SCORE};
@@ -174,7 +174,7 @@ struct ViewEntry {
     since: Instant,
 }
 
-type SwimCore<B> = Foca<NodeId, BincodeCodec, SmallRng, B>;
+type SwimCore<B> = Foca<NodeId, BincodeCodec<NodeId>, SmallRng, B>;
 
 /// SWIM membership of one node, without IO. `B` receives the custom broadcasts
 /// (replicated-state deltas) that ride on SWIM packets.
@@ -190,6 +190,8 @@ pub struct Membership<B: BroadcastHandler<NodeId> = NoCustomBroadcast> {
     left: VecDeque<NodeId>,
     events: Vec<MemberEvent>,
     outbox: Vec<(SocketAddr, Vec<u8>)>,
+    /// The identity the codec recognises hashed destinations by (see `codec`).
+    local: LocalIdentity<NodeId>,
     leaving: bool,
     view_version: u64,
 }
@@ -214,11 +216,13 @@ where
         now: Instant,
         handler: B,
     ) -> Self {
+        let local = LocalIdentity::new(identity.clone());
         let foca = Foca::with_custom_broadcast(
             identity.clone(),
             profile.foca_config(1),
             SmallRng::seed_from_u64(seed),
-            BincodeCodec::default(),
+            // A hashed destination that is not ours: no node has an empty name.
+            BincodeCodec::with_local(local.clone(), NodeId::seed(identity.addr)),
             handler,
         );
         let mut view = BTreeMap::new();
@@ -245,6 +249,7 @@ where
             left: VecDeque::new(),
             events: Vec::new(),
             outbox: Vec::new(),
+            local,
             leaving: false,
             view_version: 0,
         }
@@ -496,6 +501,8 @@ where
 
     /// Collects what foca produced and brings the view up to date.
     fn after_call(&mut self, now: Instant) {
+        // After a renewal, packets to the new identity must be recognised as ours.
+        self.local.follow(self.foca.identity());
         self.backlog.set(self.foca.custom_broadcast_backlog());
         while let Some((to, data)) = self.runtime.to_send() {
             self.outbox.push((to.addr, swim_datagram(&data)));

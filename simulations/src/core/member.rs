@@ -24,7 +24,9 @@ use foca::{AccumulatingRuntime, Foca, OwnedNotification, State};
 use grapevine::membership::{
     fingerprint_of, suspicion_subject, Profile, TimerQueue, MAX_BROADCAST_ITEM,
 };
-use grapevine::membership::{BincodeCodec, MemberEvent, Membership, NodeId, PushPull};
+use grapevine::membership::{
+    BincodeCodec, LocalIdentity, MemberEvent, Membership, NodeId, PushPull,
+};
 use grapevine::sync::StateBroadcasts;
 use grapevine::wire::{self, DatagramKind, WireError};
 use rand::rngs::SmallRng;
@@ -423,7 +425,9 @@ impl Core {
 /// foca with `Membership`'s protocol logic and no member view. Every method mirrors the
 /// method of the same name in `grapevine::membership::Membership`.
 pub struct Lean {
-    foca: Foca<SimId, BincodeCodec, SmallRng, StateBroadcasts>,
+    foca: Foca<SimId, BincodeCodec<SimId>, SmallRng, StateBroadcasts>,
+    /// The identity the codec recognises hashed destinations by, as in `Membership`.
+    local: LocalIdentity<SimId>,
     runtime: AccumulatingRuntime<SimId>,
     profile: Profile,
     tuned_for: usize,
@@ -489,14 +493,17 @@ impl Lean {
     ) -> Self {
         let identity = SimId::new(&identity.name, identity.addr, identity.generation)
             .expect("simulated nodes have IPv4 addresses");
+        let local = LocalIdentity::new(identity);
+        let stranger = SimId::new("", identity.addr(), 0).expect("an IPv4 address");
         Lean {
             foca: Foca::with_custom_broadcast(
                 identity,
                 profile.foca_config(1),
                 SmallRng::seed_from_u64(seed),
-                BincodeCodec::default(),
+                BincodeCodec::with_local(local.clone(), stranger),
                 handler,
             ),
+            local,
             runtime: AccumulatingRuntime::new(),
             profile,
             tuned_for: 1,
@@ -709,6 +716,7 @@ impl Lean {
     }
 
     fn collect(&mut self, now: Instant) {
+        self.local.follow(self.foca.identity());
         while let Some((to, data)) = self.runtime.to_send() {
             self.outbox.push((to.addr(), swim_datagram(&data)));
         }
