@@ -285,9 +285,9 @@ fn a_suspect_that_refutes_in_time_keeps_its_identity() {
         join_all(&mut net, 4);
         net.run_for(Duration::from_secs(5));
         // n1 goes quiet long enough to be suspected, then refutes well within the 1.5 s
-        // suspicion (what n1 itself concludes while deaf to its own acks is another
-        // matter: its suspicion gossip was lost, so peers may not refute it in time). foca 2.0.0 would still tell it "you are down" when the suspicion
-        // timers fire, and n1 would renew its identity.
+        // suspicion. foca 2.0.0 would still tell it "you are down" when the suspicion
+        // timers fire, and n1 would renew its identity. (The peers n1 suspects while its
+        // gossip is lost learn it from n1's direct suspicion notices once it can send.)
         let quiet = SimNet::addr(1);
         net.muted.insert(quiet);
         net.run_for(Duration::from_millis(1200));
