@@ -78,6 +78,10 @@ fn describe() {
         "grapevine_failure_detector_stalls_total",
         "Times this node found its failure-detector timers far overdue (it had been stalled) and re-armed them."
     );
+    describe_counter!(
+        "grapevine_suspicion_notices_total",
+        "Datagrams telling a suspected member that it is suspected, so that it refutes."
+    );
     describe_gauge!("grapevine_rpc_in_flight", "RPC calls this node is serving.");
     describe_gauge!(
         "grapevine_rpc_services_served",
@@ -223,6 +227,7 @@ impl Metrics {
             counter!("grapevine_member_events_lagged_total").absolute(stats.events_lagged);
             counter!("grapevine_sealed_refused_total").absolute(stats.sealed_refused);
             counter!("grapevine_failure_detector_stalls_total").absolute(stats.stalls);
+            counter!("grapevine_suspicion_notices_total").absolute(stats.suspicion_notices);
             gauge!("grapevine_rpc_in_flight").set(node.rpc_in_flight() as f64);
             gauge!("grapevine_rpc_services_served").set(node.rpc_services().len() as f64);
             for health in [Health::Passing, Health::Warning, Health::Critical] {

@@ -4,6 +4,7 @@
 //! clock: callers hand in datagrams and the current instant, and take out datagrams to send
 //! and member events. The node's driver task does the IO; simulations can drive it directly.
 
+mod buddy;
 mod codec;
 mod identity;
 mod profile;
@@ -20,6 +21,7 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+pub use buddy::SuspicionNotices;
 pub use codec::{BincodeCodec, LocalIdentity};
 pub use identity::{validate_name, NodeId, MAX_NAME_LEN};
 pub use profile::Profile;
@@ -194,6 +196,8 @@ pub struct Membership<B: BroadcastHandler<NodeId> = NoCustomBroadcast> {
     local: LocalIdentity<NodeId>,
     leaving: bool,
     view_version: u64,
+    notices: SuspicionNotices<NodeId>,
+    notice_codec: BincodeCodec<NodeId>,
 }
 
 impl Membership {
@@ -252,6 +256,8 @@ where
             local,
             leaving: false,
             view_version: 0,
+            notices: SuspicionNotices::new(profile.foca_config(1).probe_period),
+            notice_codec: BincodeCodec::default(),
         }
     }
 
@@ -508,6 +514,7 @@ where
             self.outbox.push((to.addr, swim_datagram(&data)));
         }
         while let Some((after, timer)) = self.runtime.to_schedule() {
+            self.notices.note_timer(&timer, now);
             self.timers.schedule(after, timer, now);
         }
         let mut defunct = false;
@@ -532,7 +539,29 @@ where
             }
         }
         self.refresh_view(now);
+        self.send_suspicion_notices(now);
         self.retune();
+    }
+
+    /// Tells the members this node suspects that they are suspected (see [`buddy`]).
+    fn send_suspicion_notices(&mut self, now: Instant) {
+        if self.leaving || !self.notices.any_due(now) {
+            return;
+        }
+        let due = self.notices.take_due(
+            now,
+            self.foca.identity(),
+            self.foca.iter_membership_state(),
+            &mut self.notice_codec,
+        );
+        for (suspect, packet) in due {
+            self.outbox.push((suspect.addr, swim_datagram(&packet)));
+        }
+    }
+
+    /// How many suspicion notices (Lifeguard's buddy system) this node sent.
+    pub fn suspicion_notices_sent(&self) -> u64 {
+        self.notices.sent()
     }
 
     /// Re-tunes foca (transmissions, suspicion time) when the cluster size changes a lot.

@@ -14,6 +14,8 @@ struct SimNet {
     crashed: BTreeSet<SocketAddr>,
     /// Nodes whose datagrams are lost (they still receive).
     muted: BTreeSet<SocketAddr>,
+    /// Nodes to which every datagram is lost (they still send).
+    deaf: BTreeSet<SocketAddr>,
     in_flight: Vec<(Instant, SocketAddr, Vec<u8>)>,
     events: Vec<(Duration, String, MemberEvent)>,
     /// Every datagram delivered, for replay attacks.
@@ -42,6 +44,7 @@ impl SimNet {
             nodes,
             crashed: BTreeSet::new(),
             muted: BTreeSet::new(),
+            deaf: BTreeSet::new(),
             in_flight: Vec::new(),
             events: Vec::new(),
             delivered: Vec::new(),
@@ -96,7 +99,7 @@ impl SimNet {
                 self.in_flight.drain(..).partition(|(t, _, _)| *t <= now);
             self.in_flight = later;
             for (_, to, datagram) in due {
-                if self.crashed.contains(&to) {
+                if self.crashed.contains(&to) || self.deaf.contains(&to) {
                     continue;
                 }
                 if let Some(node) = self.nodes.get_mut(&to) {
@@ -282,9 +285,9 @@ fn a_suspect_that_refutes_in_time_keeps_its_identity() {
         join_all(&mut net, 4);
         net.run_for(Duration::from_secs(5));
         // n1 goes quiet long enough to be suspected, then refutes well within the 1.5 s
-        // suspicion (what n1 itself concludes while deaf to its own acks is another
-        // matter: its suspicion gossip was lost, so peers may not refute it in time). foca 2.0.0 would still tell it "you are down" when the suspicion
-        // timers fire, and n1 would renew its identity.
+        // suspicion. foca 2.0.0 would still tell it "you are down" when the suspicion
+        // timers fire, and n1 would renew its identity. (The peers n1 suspects while its
+        // gossip is lost learn it from n1's direct suspicion notices once it can send.)
         let quiet = SimNet::addr(1);
         net.muted.insert(quiet);
         net.run_for(Duration::from_millis(1200));
@@ -301,6 +304,35 @@ fn a_suspect_that_refutes_in_time_keeps_its_identity() {
         for i in 0..4 {
             assert_eq!(net.statuses(SimNet::addr(i))["n1"], MemberStatus::Alive);
         }
+    }
+}
+
+/// Issue #19: every piggybacked copy of "n1 is suspect" is lost on its way to n1 (it is deaf
+/// while foca spends them). Only the suspecting nodes' direct notices tell n1 afterwards, and
+/// it refutes in time instead of being declared down.
+#[test]
+fn a_suspect_that_missed_every_gossip_copy_is_told_directly_and_refutes() {
+    for seed in 0..8 {
+        let mut net = SimNet::new(4, 300 + seed);
+        join_all(&mut net, 4);
+        net.run_for(Duration::from_secs(5));
+        let before: u64 = net.nodes.values().map(|n| n.suspicion_notices_sent()).sum();
+        assert_eq!(before, 0, "seed {seed}: nobody suspected, nothing sent");
+        let deaf = SimNet::addr(1);
+        net.deaf.insert(deaf);
+        net.run_for(Duration::from_millis(1200));
+        net.deaf.remove(&deaf);
+        net.run_for(Duration::from_secs(10));
+        let sent: u64 = net.nodes.values().map(|n| n.suspicion_notices_sent()).sum();
+        assert!(sent > 0, "seed {seed}");
+        assert_eq!(net.nodes[&deaf].identity().generation, 1, "seed {seed}");
+        for i in 0..4 {
+            assert_eq!(net.statuses(SimNet::addr(i))["n1"], MemberStatus::Alive);
+        }
+        // Once the suspicion is over, the notices stop.
+        net.run_for(Duration::from_secs(5));
+        let after: u64 = net.nodes.values().map(|n| n.suspicion_notices_sent()).sum();
+        assert_eq!(after, sent, "seed {seed}");
     }
 }
 

@@ -768,6 +768,10 @@ impl<T: Transport> Driver<T> {
         self.stats
             .broadcast_queue
             .store(backlog, std::sync::atomic::Ordering::Relaxed);
+        self.stats.suspicion_notices.store(
+            self.membership.suspicion_notices_sent(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let state = sync::lock(&self.state);
         let config_seq = state.config.current_seq();
         if *self.config_seq.borrow() != config_seq {

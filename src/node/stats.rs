@@ -87,6 +87,9 @@ counters! {
     /// Times the failure detector found its timers far overdue (this node had been
     /// stalled) and re-armed them instead of judging peers on stale evidence.
     stalls,
+    /// Datagrams telling a member this node suspects that it is suspected, so that it
+    /// refutes (Lifeguard's buddy system); none while nobody is suspected.
+    suspicion_notices,
 }
 
 impl Stats {

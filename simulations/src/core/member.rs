@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use foca::{AccumulatingRuntime, Foca, OwnedNotification, State};
 use grapevine::membership::{
-    fingerprint_of, suspicion_subject, Profile, TimerQueue, MAX_BROADCAST_ITEM,
+    fingerprint_of, suspicion_subject, Profile, SuspicionNotices, TimerQueue, MAX_BROADCAST_ITEM,
 };
 use grapevine::membership::{
     BincodeCodec, LocalIdentity, MemberEvent, Membership, NodeId, PushPull,
@@ -436,6 +436,8 @@ pub struct Lean {
     changes: Vec<Change>,
     outbox: Vec<(SocketAddr, Vec<u8>)>,
     leaving: bool,
+    notices: SuspicionNotices<SimId>,
+    notice_codec: BincodeCodec<SimId>,
 }
 
 /// Push-pull states shared between nodes holding the same member list in the same order
@@ -512,6 +514,8 @@ impl Lean {
             changes: Vec::new(),
             outbox: Vec::new(),
             leaving: false,
+            notices: SuspicionNotices::new(profile.foca_config(1).probe_period),
+            notice_codec: BincodeCodec::default(),
         }
     }
 
@@ -721,6 +725,7 @@ impl Lean {
             self.outbox.push((to.addr(), swim_datagram(&data)));
         }
         while let Some((after, timer)) = self.runtime.to_schedule() {
+            self.notices.note_timer(&timer, now);
             self.timers.schedule(after, timer, now);
         }
         let mut defunct = false;
@@ -751,6 +756,18 @@ impl Lean {
             if let Some(renewed) = foca::Identity::renew(self.foca.identity()) {
                 let _ = self.foca.change_identity(renewed, &mut self.runtime);
                 return self.collect(now);
+            }
+        }
+        // As `Membership`: Lifeguard's buddy system.
+        if !self.leaving && self.notices.any_due(now) {
+            let due = self.notices.take_due(
+                now,
+                self.foca.identity(),
+                self.foca.iter_membership_state(),
+                &mut self.notice_codec,
+            );
+            for (suspect, packet) in due {
+                self.outbox.push((suspect.addr(), swim_datagram(&packet)));
             }
         }
         let size = self.foca.num_members() + 1;
