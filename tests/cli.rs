@@ -1683,12 +1683,19 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-#[test]
-fn slow_huge_frames_from_256_connections_cannot_grow_the_agent() {
-    let agent = Agent::start("hostile-frames", &[]);
-    let baseline = rss_kb(agent.pid());
-    let addr = agent.addr;
-    let attack = Duration::from_secs(8);
+/// How long each hostile-client test attacks.
+const ATTACK: Duration = Duration::from_secs(8);
+
+/// Runs `attack` (given its deadline, `length` from now) on a 2-worker runtime while
+/// sampling `agent`'s RSS every 50 ms; returns what the attack returned and the peak RSS (kB).
+fn under_rss_watch<T, F>(
+    agent: &Agent,
+    length: Duration,
+    attack: impl FnOnce(tokio::time::Instant) -> F,
+) -> (T, u64)
+where
+    F: std::future::Future<Output = T>,
+{
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1699,16 +1706,39 @@ fn slow_huge_frames_from_256_connections_cannot_grow_the_agent() {
         let peak = peak.clone();
         let pid = agent.pid();
         thread::spawn(move || {
-            let until = Instant::now() + attack + Duration::from_secs(1);
+            let until = Instant::now() + length + Duration::from_secs(1);
             while Instant::now() < until {
                 peak.fetch_max(rss_kb(pid), Ordering::Relaxed);
                 thread::sleep(Duration::from_millis(50));
             }
         })
     };
-    let connections = runtime.block_on(async move {
+    let result = runtime.block_on(async { attack(tokio::time::Instant::now() + length).await });
+    drop(runtime);
+    sampler.join().unwrap();
+    (result, peak.load(Ordering::Relaxed))
+}
+
+/// Waits (up to a minute) until `agent`'s RSS is back within 8 MB of `baseline` (kB).
+fn wait_rss_back(agent: &Agent, baseline: u64) {
+    poll_until(
+        "RSS back near its baseline",
+        Duration::from_secs(60),
+        |last| {
+            let now = rss_kb(agent.pid());
+            *last = format!("{now} kB (baseline {baseline} kB)");
+            (now <= baseline + 8 * 1024).then_some(())
+        },
+    );
+}
+
+#[test]
+fn slow_huge_frames_from_256_connections_cannot_grow_the_agent() {
+    let agent = Agent::start("hostile-frames", &[]);
+    let baseline = rss_kb(agent.pid());
+    let addr = agent.addr;
+    let (connections, peak) = under_rss_watch(&agent, ATTACK, |deadline| async move {
         use tokio::io::AsyncWriteExt;
-        let deadline = tokio::time::Instant::now() + attack;
         let attackers: Vec<_> = (0..256)
             .map(|_| {
                 tokio::spawn(async move {
@@ -1741,9 +1771,6 @@ fn slow_huge_frames_from_256_connections_cannot_grow_the_agent() {
         }
         opened
     });
-    drop(runtime);
-    sampler.join().unwrap();
-    let peak = peak.load(Ordering::Relaxed);
     let counters = info(addr).expect("the agent still answers");
     eprintln!(
         "baseline {baseline} kB, peak {peak} kB over {connections} connections; {}",
@@ -1757,15 +1784,7 @@ fn slow_huge_frames_from_256_connections_cannot_grow_the_agent() {
         "RSS grew from {baseline} kB to {peak} kB during the attack (allowed: +24 MB)"
     );
     assert!(counters["stats"]["tcp_refused_budget"].as_u64() > Some(0));
-    poll_until(
-        "RSS back near its baseline",
-        Duration::from_secs(60),
-        |last| {
-            let now = rss_kb(agent.pid());
-            *last = format!("{now} kB (baseline {baseline} kB)");
-            (now <= baseline + 8 * 1024).then_some(())
-        },
-    );
+    wait_rss_back(&agent, baseline);
 }
 
 /// `grapevine join` merges two lone agents at run time (as `consul join`), and a join
@@ -1826,27 +1845,8 @@ fn slow_big_http_bodies_from_256_connections_cannot_grow_the_agent() {
         text.contains(" 200 ").then_some(())
     });
     let baseline = rss_kb(agent.pid());
-    let attack = Duration::from_secs(8);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let sampler = {
-        let peak = peak.clone();
-        let pid = agent.pid();
-        thread::spawn(move || {
-            let until = Instant::now() + attack + Duration::from_secs(1);
-            while Instant::now() < until {
-                peak.fetch_max(rss_kb(pid), Ordering::Relaxed);
-                thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
-    let requests = runtime.block_on(async move {
+    let (requests, peak) = under_rss_watch(&agent, ATTACK, |deadline| async move {
         use tokio::io::AsyncWriteExt;
-        let deadline = tokio::time::Instant::now() + attack;
         let attackers: Vec<_> = (0..256)
             .map(|index| {
                 tokio::spawn(async move {
@@ -1886,9 +1886,6 @@ fn slow_big_http_bodies_from_256_connections_cannot_grow_the_agent() {
         }
         sent
     });
-    drop(runtime);
-    sampler.join().unwrap();
-    let peak = peak.load(Ordering::Relaxed);
     let metrics = http_get_text(http, "/metrics");
     let refused = metrics
         .lines()
@@ -1902,13 +1899,5 @@ fn slow_big_http_bodies_from_256_connections_cannot_grow_the_agent() {
         "RSS grew from {baseline} kB to {peak} kB during the attack (allowed: +16 MB)"
     );
     assert!(refused > 0.0, "no body was refused: {refused}");
-    poll_until(
-        "RSS back near its baseline",
-        Duration::from_secs(60),
-        |last| {
-            let now = rss_kb(agent.pid());
-            *last = format!("{now} kB (baseline {baseline} kB)");
-            (now <= baseline + 8 * 1024).then_some(())
-        },
-    );
+    wait_rss_back(&agent, baseline);
 }
