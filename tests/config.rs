@@ -211,8 +211,9 @@ async fn partition_with_writes_on_both_sides_heals_to_one_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_sees_every_change_of_its_prefix_in_order() {
     let nodes = cluster(3).await;
-    let mut watch = nodes[0].config().watch_prefix("prod/orders");
     let writer = nodes[2].config();
+    let mut local = writer.watch_prefix("prod/orders");
+    let mut watch = nodes[0].config().watch_prefix("prod/orders");
     for i in 0..20 {
         writer
             .set_str("prod/orders/max_conn", &i.to_string())
@@ -221,23 +222,23 @@ async fn a_watcher_sees_every_change_of_its_prefix_in_order() {
         writer.set_str("prod/payments/x", "ignored").await.unwrap();
     }
     writer.delete("prod/orders/max_conn").await.unwrap();
-    let mut seen = Vec::new();
-    while seen.len() < 21 {
-        match tokio::time::timeout(WAIT, watch.next())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            ConfigEvent::Changed(change) => {
-                assert!(change.key.starts_with("prod/orders/"), "{change:?}");
-                seen.push(change.value.map(|v| String::from_utf8(v).unwrap()));
-            }
-            ConfigEvent::Snapshot { .. } => panic!("no compaction expected"),
-        }
-    }
-    let expected: Vec<Option<String>> =
-        (0..20).map(|i| Some(i.to_string())).chain([None]).collect();
+    let final_change = |value: &Option<u32>| value.is_none();
+    // On the writer's node every change was applied, so its watcher sees all of them.
+    let seen = changes_until(&mut local, final_change).await;
+    let expected: Vec<Option<u32>> = (0..20).map(Some).chain([None]).collect();
     assert_eq!(seen, expected, "every change, in order, the delete last");
+    // Another node applies what reaches it: a value superseded before it arrived is never
+    // applied there (last writer wins), so its watcher sees a subsequence of the writer's
+    // changes, in the writer's order, that always ends with the latest (the delete).
+    let remote = changes_until(&mut watch, final_change).await;
+    let values: Vec<u32> = remote[..remote.len() - 1]
+        .iter()
+        .map(|v| v.unwrap())
+        .collect();
+    assert!(
+        values.windows(2).all(|pair| pair[0] < pair[1]),
+        "in the writer's order, nothing twice: {remote:?}"
+    );
 
     // Resume from a returned version: only later changes.
     let resume_at = watch.seq();
@@ -431,4 +432,32 @@ async fn ten_thousand_keys_reach_a_fresh_node() {
         n.config().list("prod/bulk").len() == 10_000
     })
     .await;
+}
+
+/// Values of the changes a watch yields (`None`: a delete) until `last` holds of one.
+async fn changes_until(
+    watch: &mut grapevine::ConfigWatch,
+    last: impl Fn(&Option<u32>) -> bool,
+) -> Vec<Option<u32>> {
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout(WAIT, watch.next())
+            .await
+            .expect("the watch yields within the wait")
+            .expect("the watch stays open")
+        {
+            ConfigEvent::Changed(change) => {
+                assert!(change.key.starts_with("prod/orders/"), "{change:?}");
+                let value = change
+                    .value
+                    .map(|v| String::from_utf8(v).unwrap().parse().unwrap());
+                let done = last(&value);
+                seen.push(value);
+                if done {
+                    return seen;
+                }
+            }
+            ConfigEvent::Snapshot { .. } => panic!("no compaction expected"),
+        }
+    }
 }
