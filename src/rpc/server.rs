@@ -71,24 +71,9 @@ impl RpcService {
         F: Fn(Req) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Resp, AppError>> + Send + 'static,
     {
-        let erased: Handler = Arc::new(move |payload: &[u8]| {
-            let request: Req = match protocol::from_payload(payload) {
-                Ok(request) => request,
-                Err(error) => {
-                    let outcome = Outcome::BadRequest(error.to_string());
-                    return Box::pin(std::future::ready(outcome)) as HandlerFuture;
-                }
-            };
+        let erased = erase(move |request: Req| {
             let work = handler(request);
-            Box::pin(async move {
-                match work.await {
-                    Ok(response) => match protocol::to_payload(&response) {
-                        Ok(bytes) => Outcome::Ok(ByteBuf::from(bytes)),
-                        Err(error) => Outcome::BadRequest(error.to_string()),
-                    },
-                    Err(error) => Outcome::App(error),
-                }
-            })
+            async move { work.await.map_err(Outcome::App) }
         });
         self.methods.insert(name.into(), erased);
         self
@@ -109,28 +94,47 @@ impl RpcService {
         S::Future: Send + 'static,
     {
         use tower::ServiceExt;
-        let erased: Handler = Arc::new(move |payload: &[u8]| {
-            let request: Req = match protocol::from_payload(payload) {
-                Ok(request) => request,
-                Err(error) => {
-                    let outcome = Outcome::BadRequest(error.to_string());
-                    return Box::pin(std::future::ready(outcome)) as HandlerFuture;
-                }
-            };
+        let erased = erase(move |request: Req| {
             let service = service.clone();
-            Box::pin(async move {
-                match service.oneshot(request).await {
-                    Ok(response) => match protocol::to_payload(&response) {
-                        Ok(bytes) => Outcome::Ok(ByteBuf::from(bytes)),
-                        Err(error) => Outcome::BadRequest(error.to_string()),
-                    },
-                    Err(error) => layer_outcome(error.into()),
-                }
-            })
+            async move {
+                service
+                    .oneshot(request)
+                    .await
+                    .map_err(|error| layer_outcome(error.into()))
+            }
         });
         self.methods.insert(name.into(), erased);
         self
     }
+}
+
+/// Wraps a typed handler as a [`Handler`] on payload bytes: a request that does not decode
+/// is answered `BadRequest` without running the handler; `run`'s error is the outcome sent.
+fn erase<Req, Resp, Fut>(run: impl Fn(Req) -> Fut + Send + Sync + 'static) -> Handler
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    Fut: Future<Output = Result<Resp, Outcome>> + Send + 'static,
+{
+    Arc::new(move |payload: &[u8]| {
+        let request: Req = match protocol::from_payload(payload) {
+            Ok(request) => request,
+            Err(error) => {
+                let outcome = Outcome::BadRequest(error.to_string());
+                return Box::pin(std::future::ready(outcome)) as HandlerFuture;
+            }
+        };
+        let work = run(request);
+        Box::pin(async move {
+            match work.await {
+                Ok(response) => match protocol::to_payload(&response) {
+                    Ok(bytes) => Outcome::Ok(ByteBuf::from(bytes)),
+                    Err(error) => Outcome::BadRequest(error.to_string()),
+                },
+                Err(outcome) => outcome,
+            }
+        })
+    })
 }
 
 /// The outcome a caller sees for an error of a `tower` handler stack.
