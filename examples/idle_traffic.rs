@@ -23,6 +23,15 @@ fn cpu_time() -> Option<Duration> {
     Some(Duration::from_millis((utime + stime) * 10))
 }
 
+/// Bytes sent on loopback in this process's network namespace, from `/proc/self/net/dev`.
+fn lo_tx_bytes() -> Option<u64> {
+    let dev = std::fs::read_to_string("/proc/self/net/dev").ok()?;
+    let line = dev.lines().find(|l| l.trim_start().starts_with("lo:"))?;
+    let counters: Vec<&str> = line.split_once(':')?.1.split_whitespace().collect();
+    // Receive has 8 counters; transmit bytes come next.
+    counters.get(8)?.parse().ok()
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut size = 5usize;
@@ -67,6 +76,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::time::sleep(Duration::from_secs(settle_secs)).await;
 
     let before: Vec<StatsSnapshot> = nodes.iter().map(Node::stats).collect();
+    let lo_before = lo_tx_bytes();
     let cpu_before = cpu_time();
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
@@ -75,6 +85,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .zip(cpu_before)
         .map(|(after, before)| after.saturating_sub(before).as_secs_f64() / elapsed);
     let after: Vec<StatsSnapshot> = nodes.iter().map(Node::stats).collect();
+    let lo_sent = lo_tx_bytes()
+        .zip(lo_before)
+        .map(|(after, before)| after.saturating_sub(before));
 
     let sum = |f: fn(&StatsSnapshot) -> u64| -> f64 {
         after
@@ -109,6 +122,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         per_node_s(push_pulls),
         1.0 / profile.push_pull_interval().as_secs_f64()
     );
+    // Headers included and counted by the kernel: the measure other implementations share.
+    // Only this process's traffic when it runs alone in a network namespace
+    // (scripts/idle_vs_memberlist.py does that).
+    if let Some(sent) = lo_sent {
+        println!(
+            "lo_tx_bytes_per_node_per_s={:.1} (loopback of this network namespace)",
+            per_node_s(sent as f64)
+        );
+    }
     match cpu {
         Some(cores) => println!("cpu_cores={cores:.3} (whole process, {size} nodes)"),
         None => println!("cpu_cores=n/a"),

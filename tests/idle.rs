@@ -250,3 +250,38 @@ async fn a_flood_of_hints_is_fetched_within_the_rate_limit_and_still_converges()
         node.shutdown().await;
     }
 }
+
+/// Converged and idle, nodes hear their peers agree (every datagram carries fingerprints of
+/// the sender's state and member list), so the scheduled TCP exchanges do not start: one
+/// quiet fallback round per 15 sync ticks at most, where every tick used to start one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_converged_cluster_opens_almost_no_tcp_exchanges() {
+    let size = 5;
+    let nodes = start("agreed", size, 7, |_, b| b).await;
+    converged(&nodes, size).await;
+    // Past the join's follow-up push-pulls (1, 2 and 4 s after first contact).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let window = Duration::from_secs(10);
+    let before: Vec<_> = nodes.iter().map(Node::stats).collect();
+    tokio::time::sleep(window).await;
+    let after: Vec<_> = nodes.iter().map(Node::stats).collect();
+    let seen = started(&before, &after);
+    let agreed: u64 = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| a.exchanges_agreed - b.exchanges_agreed)
+        .sum();
+    let ticks = (window.as_secs_f64() / PROFILE.sync_interval().as_secs_f64()) as u64;
+    assert!(
+        seen.anti_entropy <= 2 * size as u64,
+        "{seen:?} over {window:?}: the schedule alone would start {} rounds",
+        ticks * size as u64
+    );
+    assert!(
+        agreed >= size as u64 * ticks / 2,
+        "only {agreed} scheduled exchanges were found unneeded"
+    );
+    for node in &nodes {
+        node.shutdown().await;
+    }
+}

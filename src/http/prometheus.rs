@@ -62,6 +62,10 @@ fn describe() {
         "Member-list push-pulls completed."
     );
     describe_counter!(
+        "grapevine_exchanges_agreed_total",
+        "Scheduled anti-entropy rounds and push-pulls not started because the peers heard from agreed."
+    );
+    describe_counter!(
         "grapevine_push_pull_skipped_total",
         "Periodic push-pulls that found equal member-list fingerprints and shipped no lists."
     );
@@ -215,6 +219,7 @@ impl Metrics {
                 .absolute(stats.push_pull_suppressed);
             counter!("grapevine_push_pull_total").absolute(stats.push_pull_ok);
             counter!("grapevine_push_pull_skipped_total").absolute(stats.push_pull_skipped);
+            counter!("grapevine_exchanges_agreed_total").absolute(stats.exchanges_agreed);
             counter!("grapevine_tcp_sync_bytes_total").absolute(stats.tcp_bytes);
             counter!("grapevine_tcp_connections_total", "result" => "accepted")
                 .absolute(stats.tcp_accepted);

@@ -12,6 +12,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use super::agreement::{tag_of, Agreement};
 use super::catalog::CatalogView;
 use super::limiter::ExchangeLimiter;
 use super::protocol::{connect, exchange, within, Request, Response};
@@ -26,7 +27,7 @@ use crate::net::{Transport, UdpSocket};
 use crate::state::catalog::{CatalogError, Delta, Health, ServiceRecord};
 use crate::state::config::{Change, ConfigError, ConfigStoreOptions};
 use crate::sync::{self, Replicated, SharedState, StateBroadcasts, WallClock};
-use crate::wire;
+use crate::wire::{self, DatagramTag};
 
 /// Bound of the driver's command queue.
 pub(crate) const COMMAND_QUEUE: usize = 256;
@@ -111,6 +112,10 @@ pub(crate) struct Driver<T: Transport> {
     pub(crate) warned: std::collections::BTreeSet<SocketAddr>,
     /// The rate limit of unscheduled exchanges.
     pub(crate) limits: Limits,
+    /// Which peers' datagrams said they disagree with this node (see [`super::agreement`]).
+    pub(crate) agreement: Agreement,
+    /// This node's datagram tag, with the state and member-list versions it reflects.
+    pub(crate) tag: Option<((u64, u64), DatagramTag)>,
 }
 
 /// Owners whose hinted change waits for the rate limit, at most.
@@ -284,8 +289,15 @@ impl<T: Transport> Driver<T> {
                     }
                 }
                 _ = sync_tick.tick() => {
-                    if let Some(peer) = self.random_peer() {
-                        self.start_sync(peer, &mut tasks, Start::Scheduled);
+                    let active = self.membership.active_peer_addrs();
+                    match self.agreement.sync_target(&active, &mut self.rng) {
+                        Some(peer) => {
+                            self.start_sync(peer, &mut tasks, Start::Scheduled);
+                        }
+                        None if !active.is_empty() => {
+                            Stats::add(&self.stats.exchanges_agreed, 1);
+                        }
+                        None => {}
                     }
                     self.retry_deferred(&mut tasks);
                     self.housekeeping(&mut progress);
@@ -294,13 +306,18 @@ impl<T: Transport> Driver<T> {
                     // Large clusters push-pull less often (memberlist's scaling).
                     let size = self.membership.num_active_peers() + 1;
                     progress.push_pull_ticks = progress.push_pull_ticks.wrapping_add(1);
-                    if progress
+                    let scheduled = progress
                         .push_pull_ticks
-                        .is_multiple_of(u64::from(Profile::push_pull_scale(size)))
-                    {
-                        if let Some(peer) = self.random_peer() {
+                        .is_multiple_of(u64::from(Profile::push_pull_scale(size)));
+                    let active = self.membership.active_peer_addrs();
+                    match self.agreement.push_pull_target(&active, scheduled, &mut self.rng) {
+                        Some(peer) => {
                             self.start_push_pull_with(peer, &mut tasks, PushPullKind::Periodic);
                         }
+                        None if scheduled && !active.is_empty() => {
+                            Stats::add(&self.stats.exchanges_agreed, 1);
+                        }
+                        None => {}
                     }
                 }
             }
@@ -416,6 +433,24 @@ impl<T: Transport> Driver<T> {
         }
     }
 
+    /// This node's datagram tag: fingerprints of its state and member list, recomputed
+    /// only when either changed.
+    fn local_tag(&mut self) -> DatagramTag {
+        let versions = (
+            sync::lock(&self.state).version(),
+            self.membership.view_version(),
+        );
+        if let Some((cached, tag)) = self.tag {
+            if cached == versions {
+                return tag;
+            }
+        }
+        let state = sync::lock(&self.state).digest().fingerprint();
+        let tag = tag_of(state, self.membership.members_fingerprint());
+        self.tag = Some((versions, tag));
+        tag
+    }
+
     fn handle_datagram(
         &mut self,
         datagram: &[u8],
@@ -424,6 +459,10 @@ impl<T: Transport> Driver<T> {
     ) {
         Stats::add(&self.stats.udp_received, 1);
         Stats::add(&self.stats.udp_received_bytes, datagram.len() as u64);
+        if let Some(theirs) = wire::datagram_tag(datagram) {
+            let ours = self.local_tag();
+            self.agreement.heard(from, &theirs, &ours);
+        }
         if let Err(error) = self.membership.handle_datagram(datagram, now()) {
             Stats::add(&self.stats.udp_dropped, 1);
             if matches!(
@@ -717,7 +756,13 @@ impl<T: Transport> Driver<T> {
     }
 
     async fn flush(&mut self, progress: &mut Progress) {
-        let outgoing: Vec<_> = self.membership.drain_outbox().collect();
+        let mut outgoing: Vec<_> = self.membership.drain_outbox().collect();
+        if !outgoing.is_empty() {
+            let tag = self.local_tag();
+            for (_, datagram) in &mut outgoing {
+                wire::stamp_tag(datagram, &tag);
+            }
+        }
         for (to, datagram) in outgoing {
             match self.udp.send_to(&datagram, to).await {
                 Ok(_) => {

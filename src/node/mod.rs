@@ -1,5 +1,6 @@
 //! The public face of grapevine: [`Node`], built by [`NodeBuilder`].
 
+mod agreement;
 pub mod catalog;
 mod checks;
 pub mod config;
@@ -562,6 +563,8 @@ impl NodeBuilder {
             seeds,
             rng: SmallRng::seed_from_u64(rng_seed.rotate_left(17)),
             warned: Default::default(),
+            agreement: Default::default(),
+            tag: None,
             limits: driver::Limits::new(self.profile),
         };
         let mut tasks = vec![

@@ -90,6 +90,9 @@ counters! {
     /// Datagrams telling a member this node suspects that it is suspected, so that it
     /// refutes (Lifeguard's buddy system); none while nobody is suspected.
     suspicion_notices,
+    /// Scheduled anti-entropy rounds and push-pulls not started because every peer heard
+    /// from since the last tick had the same state and member list (their datagrams' tags).
+    exchanges_agreed,
 }
 
 impl Stats {

@@ -14,13 +14,22 @@ pub use frames::{FrameBudget, FrameCodec};
 
 /// Largest UDP datagram grapevine sends or accepts, envelope included.
 pub const MAX_DATAGRAM: usize = 1400;
-/// Bytes of the datagram envelope: magic, version, kind.
-pub const ENVELOPE_LEN: usize = 3;
+/// Bytes of the datagram envelope: magic, version, kind, and in SWIM datagrams the
+/// sender's [`DatagramTag`].
+pub const ENVELOPE_LEN: usize = 3 + TAG_LEN;
+/// Bytes of a [`DatagramTag`].
+pub const TAG_LEN: usize = 8;
+
+/// What the sender's replicated state and member list look like (two 32-bit
+/// fingerprints), carried by every SWIM datagram: a node that hears its peers agree with it
+/// has nothing to repair, so an idle cluster opens no TCP exchange (issue 18).
+pub type DatagramTag = [u8; TAG_LEN];
 /// Largest TCP frame (length prefix excluded) accepted or sent.
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 
 const MAGIC: u8 = 0x47; // 'G'
-const VERSION: u8 = 1;
+                        // 2: SWIM datagrams carry the sender's tag.
+const VERSION: u8 = 2;
 
 /// Errors of encoding and decoding.
 #[derive(Debug, thiserror::Error)]
@@ -131,10 +140,32 @@ impl DatagramKind {
     }
 }
 
-/// Starts a datagram of `kind` in `out` (cleared first).
+/// Starts a datagram of `kind` in `out` (cleared first); a SWIM datagram's tag is zero
+/// until [`stamp_tag`] writes it.
 pub fn begin_datagram(kind: DatagramKind, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&[MAGIC, VERSION, kind.code()]);
+    if kind == DatagramKind::Swim {
+        out.extend_from_slice(&[0; TAG_LEN]);
+    }
+}
+
+/// Writes `tag` into a SWIM datagram begun by [`begin_datagram`]; other datagrams are left
+/// as they are.
+pub fn stamp_tag(datagram: &mut [u8], tag: &DatagramTag) {
+    if let [MAGIC, VERSION, 0, slot @ ..] = datagram {
+        if let Some(slot) = slot.get_mut(..TAG_LEN) {
+            slot.copy_from_slice(tag);
+        }
+    }
+}
+
+/// The sender's tag of a SWIM datagram (`None` for other datagrams and malformed ones).
+pub fn datagram_tag(datagram: &[u8]) -> Option<DatagramTag> {
+    match datagram {
+        [MAGIC, VERSION, 0, rest @ ..] => rest.get(..TAG_LEN)?.try_into().ok(),
+        _ => None,
+    }
 }
 
 /// Splits a received datagram into its kind and payload.
@@ -146,7 +177,10 @@ pub fn open_datagram(datagram: &[u8]) -> Result<(DatagramKind, &[u8]), WireError
         });
     }
     match datagram {
-        [MAGIC, VERSION, 0, rest @ ..] => Ok((DatagramKind::Swim, rest)),
+        [MAGIC, VERSION, 0, rest @ ..] => match rest.get(TAG_LEN..) {
+            Some(packet) => Ok((DatagramKind::Swim, packet)),
+            None => Err(WireError::BadEnvelope),
+        },
         [MAGIC, VERSION, 1, rest @ ..] => Ok((DatagramKind::Leave, rest)),
         // The sealed-datagram header (see `net::sealed`).
         [0x53, 1, ..] => Err(WireError::Sealed),
@@ -252,5 +286,29 @@ mod tests {
         assert!(open_datagram(&[1, 2, 3]).is_err());
         assert!(open_datagram(&[]).is_err());
         assert!(open_datagram(&vec![MAGIC; MAX_DATAGRAM + 1]).is_err());
+    }
+
+    #[test]
+    fn swim_datagrams_carry_a_tag_that_leave_notices_do_not() {
+        let mut swim = Vec::new();
+        begin_datagram(DatagramKind::Swim, &mut swim);
+        swim.extend_from_slice(b"packet");
+        assert_eq!(datagram_tag(&swim), Some([0; TAG_LEN]));
+        stamp_tag(&mut swim, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(datagram_tag(&swim), Some([1, 2, 3, 4, 5, 6, 7, 8]));
+        assert_eq!(
+            open_datagram(&swim).unwrap(),
+            (DatagramKind::Swim, &b"packet"[..])
+        );
+        // A SWIM header cut inside its tag is malformed, not an empty packet.
+        assert!(open_datagram(&swim[..ENVELOPE_LEN - 1]).is_err());
+        assert_eq!(datagram_tag(&swim[..ENVELOPE_LEN - 1]), None);
+
+        let mut leave = Vec::new();
+        begin_datagram(DatagramKind::Leave, &mut leave);
+        leave.push(9);
+        stamp_tag(&mut leave, &[1; TAG_LEN]);
+        assert_eq!(leave[3..], [9]);
+        assert_eq!(datagram_tag(&leave), None);
     }
 }
