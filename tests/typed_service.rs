@@ -60,6 +60,14 @@ trait Store {
 #[grapevine::service]
 pub trait NamePicker {
     async fn pick(&self, turn: u32) -> Result<String, AppError>;
+    /// Arguments named like the generated code's locals still compile.
+    async fn shadow(
+        &self,
+        server: String,
+        request: u32,
+        check: bool,
+        result: u8,
+    ) -> Result<(), AppError>;
 }
 
 struct MemStore {

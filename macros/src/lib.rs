@@ -125,7 +125,7 @@ fn expand(args: TokenStream2, mut item: ItemTrait) -> syn::Result<TokenStream2> 
             {
                 // Handlers outlive this call and run on many tasks: they share the server.
                 #[allow(unused_variables)]
-                let server = ::std::sync::Arc::new(self);
+                let __grapevine_server = ::std::sync::Arc::new(self);
                 ::grapevine::RpcService::new(#service_name)
                     #(#registrations)*
             }
@@ -401,19 +401,20 @@ fn registration(method: &Method) -> TokenStream2 {
     let span = method.item.sig.ident.span();
     // The error type's bound is checked here, where the user can see which method it is.
     let check = quote_spanned! {span=>
-        fn check<E: ::grapevine::rpc::ServiceError>() {}
-        check::<#err>();
+        fn __grapevine_check<E: ::grapevine::rpc::ServiceError>() {}
+        __grapevine_check::<#err>();
     };
     quote! {
         .method(#wire_name, {
             #check
-            let server = server.clone();
+            // Prefixed names: the method's arguments share this scope.
+            let __grapevine_server = __grapevine_server.clone();
             move |(#(#names,)*): #request| {
-                let server = server.clone();
+                let __grapevine_server = __grapevine_server.clone();
                 async move {
-                    let result: ::core::result::Result<#ok, #err> =
-                        server.#ident(#(#names),*).await;
-                    result.map_err(::grapevine::rpc::ServiceError::into_app_error)
+                    let __grapevine_result: ::core::result::Result<#ok, #err> =
+                        __grapevine_server.#ident(#(#names),*).await;
+                    __grapevine_result.map_err(::grapevine::rpc::ServiceError::into_app_error)
                 }
             }
         })
@@ -442,9 +443,9 @@ fn client_method(method: &Method) -> TokenStream2 {
         pub async fn #ident(&self, #(#args),*)
             -> ::core::result::Result<#ok, ::grapevine::rpc::CallError<#err>>
         {
-            let request: #request = (#(#names,)*);
+            let __grapevine_request: #request = (#(#names,)*);
             #client
-                .call::<#request, #ok>(#wire_name, &request)
+                .call::<#request, #ok>(#wire_name, &__grapevine_request)
                 .await
                 .map_err(::grapevine::rpc::CallError::from_rpc)
         }
