@@ -1,13 +1,15 @@
 //! Two RPC services that find and call each other through the catalog, on a local cluster in
 //! one process.
 //!
-//! Three nodes serve `greeter` (method `greet`: greets a guest and introduces someone), two
-//! serve `names` (method `pick`: a name to introduce). A `greeter` handler calls `names.pick`
-//! itself, through the catalog, with a client built from its node. A `caller` node calls
-//! `greeter.greet` from a few concurrent loops with an idempotent client and counts which
-//! instances answered. Then a greeter crashes (no goodbye): calls go on, retried on the other
-//! instances, until the crashed node is marked down and lookups drop it. Finally a `names`
-//! node leaves gracefully while the calls keep going.
+//! Both services are typed: declared once as traits with `#[grapevine::service]`, which
+//! generates their clients and server registration. Three nodes serve `greeter` (method
+//! `greet`: greets a guest and introduces someone), two serve `names` (method `pick`: a name
+//! to introduce). A `greeter` handler calls `names.pick` itself, through the catalog, with a
+//! client built from its node. A `caller` node calls `greeter.greet` (marked idempotent)
+//! from a few concurrent loops and counts which instances answered. Then a greeter crashes
+//! (no goodbye): calls go on, retried on the other instances, until the crashed node is
+//! marked down and lookups drop it. Finally a `names` node leaves gracefully while the calls
+//! keep going.
 //!
 //! ```text
 //! cargo run --release --example greeter
@@ -19,7 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use grapevine::{AppError, Member, MemberStatus, Node, Profile, RpcService, ServiceClient};
+use grapevine::rpc::CallError;
+use grapevine::{AppError, Member, MemberStatus, Node, Profile, RpcService};
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::Layer;
@@ -52,45 +55,77 @@ struct Greeting {
     picker: String,
 }
 
-/// `names`: `pick` returns the next name of [`NAMES`] and the node that picked it.
-fn names_service(node: &Node) -> RpcService {
-    let me = node.identity().name;
-    let next = Arc::new(AtomicUsize::new(0));
-    RpcService::new("names").method("pick", move |(): ()| {
-        let turn = next.fetch_add(1, Ordering::Relaxed);
-        let picked = Picked {
-            name: NAMES[turn % NAMES.len()].to_string(),
-            node: me.clone(),
-        };
-        async move { Ok::<_, AppError>(picked) }
-    })
+/// `names`: a name to introduce. Declared once; the macro generates `NamesClient` and
+/// `Names::into_service`.
+#[grapevine::service(name = "names")]
+trait Names {
+    /// The next name of [`NAMES`] and the node that picked it. Safe to run twice.
+    #[rpc(idempotent)]
+    async fn pick(&self) -> Result<Picked, AppError>;
 }
 
-/// `greeter`: `greet` takes a guest's name and asks `names`, found through this node's
-/// catalog, for someone to introduce.
+/// `greeter` (the trait's name in snake case).
+#[grapevine::service]
+trait Greeter {
+    /// Greets `guest` and introduces someone picked by `names`. Safe to run twice.
+    #[rpc(idempotent)]
+    async fn greet(&self, guest: String) -> Result<Greeting, AppError>;
+}
+
+/// A `names` instance: hands out [`NAMES`] in turn.
+struct Namer {
+    me: String,
+    next: AtomicUsize,
+}
+
+impl Names for Namer {
+    async fn pick(&self) -> Result<Picked, AppError> {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        Ok(Picked {
+            name: NAMES[turn % NAMES.len()].to_string(),
+            node: self.me.clone(),
+        })
+    }
+}
+
+fn names_service(node: &Node) -> RpcService {
+    Namer {
+        me: node.identity().name,
+        next: AtomicUsize::new(0),
+    }
+    .into_service()
+}
+
+/// A `greeter` instance: asks `names`, found through its node's catalog, for someone to
+/// introduce.
+struct Host {
+    me: String,
+    names: NamesClient,
+}
+
+impl Greeter for Host {
+    async fn greet(&self, guest: String) -> Result<Greeting, AppError> {
+        let me = &self.me;
+        let picked = self.names.pick().await.map_err(|error| {
+            AppError::new(503, format!("{me} found no name to introduce: {error}"))
+        })?;
+        Ok(Greeting {
+            text: format!(
+                "Hello {guest}, {me} here. Meet {} (picked by {})",
+                picked.name, picked.node
+            ),
+            greeter: me.clone(),
+            picker: picked.node,
+        })
+    }
+}
+
 fn greeter_service(node: &Node) -> RpcService {
-    let me = node.identity().name;
-    let names: ServiceClient = node
-        .client("names")
-        .idempotent(true)
-        .timeout(Duration::from_secs(1));
-    RpcService::new("greeter").method("greet", move |guest: String| {
-        let me = me.clone();
-        let names = names.clone();
-        async move {
-            let picked: Picked = names.call("pick", &()).await.map_err(|error| {
-                AppError::new(503, format!("{me} found no name to introduce: {error}"))
-            })?;
-            Ok::<_, AppError>(Greeting {
-                text: format!(
-                    "Hello {guest}, {me} here. Meet {} (picked by {})",
-                    picked.name, picked.node
-                ),
-                greeter: me,
-                picker: picked.node,
-            })
-        }
-    })
+    Host {
+        me: node.identity().name,
+        names: NamesClient::new(node).with(|c| c.timeout(Duration::from_secs(1))),
+    }
+    .into_service()
 }
 
 #[tokio::main]
@@ -135,13 +170,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         started.elapsed().as_secs_f64()
     );
 
-    // The caller finds `greeter` through its catalog; idempotent calls may be retried
-    // elsewhere when an instance fails.
-    let client = caller
-        .client("greeter")
-        .idempotent(true)
-        .timeout(Duration::from_secs(2));
-    let first: Greeting = client.call("greet", &"caller".to_string()).await?;
+    // The caller finds `greeter` through its catalog; `greet` is marked idempotent, so a
+    // call may be retried elsewhere when an instance fails.
+    let client = GreeterClient::new(&caller).with(|c| c.timeout(Duration::from_secs(2)));
+    let first = client.greet("caller".to_string()).await?;
     println!("caller -> greeter.greet -> names.pick: \"{}\"", first.text);
 
     println!(
@@ -265,7 +297,7 @@ impl Tally {
         self.greeters.values().sum::<usize>() + self.errors
     }
 
-    fn record(&mut self, result: Result<Greeting, grapevine::RpcError>) {
+    fn record(&mut self, result: Result<Greeting, CallError<AppError>>) {
         match result {
             Ok(greeting) => {
                 *self.greeters.entry(greeting.greeter).or_default() += 1;
@@ -322,7 +354,7 @@ struct Load {
 }
 
 impl Load {
-    fn start(client: ServiceClient, node_names: BTreeMap<String, String>) -> Load {
+    fn start(client: GreeterClient, node_names: BTreeMap<String, String>) -> Load {
         let phase = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let tallies = Arc::new(Mutex::new(vec![Tally::default()]));
@@ -335,7 +367,7 @@ impl Load {
                     while !stop.load(Ordering::Acquire) {
                         let now = phase.load(Ordering::Acquire);
                         let guest = format!("guest-{worker}.{i}");
-                        let result = client.call::<String, Greeting>("greet", &guest).await;
+                        let result = client.greet(guest).await;
                         i += 1;
                         lock(&tallies)[now].record(result);
                         tokio::time::sleep(PACE).await;

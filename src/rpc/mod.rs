@@ -13,6 +13,7 @@ mod outlier;
 mod protocol;
 mod server;
 mod trace;
+pub mod typed;
 
 pub use client::{Endpoint, LoadBalance, Resolve, RpcClient, ServiceClient, CONNECT_TIMEOUT};
 pub use layers::{RetryRetryable, RpcRequest, RpcResponse};
@@ -27,6 +28,7 @@ pub fn decode_for_fuzzing(bytes: &[u8]) -> bool {
 }
 pub use server::{Registry, RpcService};
 pub use trace::{TraceContext, TraceParseError};
+pub use typed::{CallError, ServiceError};
 
 use serde::{Deserialize, Serialize};
 
