@@ -1739,8 +1739,19 @@ fn slow_huge_frames_from_256_connections_cannot_grow_the_agent() {
     let addr = agent.addr;
     let (connections, peak) = under_rss_watch(&agent, ATTACK, |deadline| async move {
         use tokio::io::AsyncWriteExt;
+        // Half open with a hello (anyone can, on an unencrypted cluster), so they reach the
+        // frame budget; the other half are refused from their first header.
+        let mut hello = (grapevine::wire::hello_frame().len() as u32)
+            .to_be_bytes()
+            .to_vec();
+        hello.extend_from_slice(&grapevine::wire::hello_frame());
         let attackers: Vec<_> = (0..256)
-            .map(|_| {
+            .map(|index| {
+                let hello = if index % 2 == 0 {
+                    hello.clone()
+                } else {
+                    Vec::new()
+                };
                 tokio::spawn(async move {
                     let mut opened = 0u32;
                     let chunk = vec![0x5au8; 16 * 1024];
@@ -1751,7 +1762,9 @@ fn slow_huge_frames_from_256_connections_cannot_grow_the_agent() {
                         };
                         opened += 1;
                         // Declare a full 8 MiB frame, then send it slowly.
-                        if stream.write_all(&(8u32 << 20).to_be_bytes()).await.is_err() {
+                        let mut header = hello.clone();
+                        header.extend_from_slice(&(8u32 << 20).to_be_bytes());
+                        if stream.write_all(&header).await.is_err() {
                             continue;
                         }
                         while tokio::time::Instant::now() < deadline {
@@ -1784,6 +1797,7 @@ fn slow_huge_frames_from_256_connections_cannot_grow_the_agent() {
         "RSS grew from {baseline} kB to {peak} kB during the attack (allowed: +24 MB)"
     );
     assert!(counters["stats"]["tcp_refused_budget"].as_u64() > Some(0));
+    assert!(counters["stats"]["tcp_refused_hello"].as_u64() > Some(0));
     wait_rss_back(&agent, baseline);
 }
 
