@@ -18,8 +18,8 @@ joined to it by veth pairs and a ninth namespace for an attacker. Every agent ru
                 on the right; heal; every agent sees all alive and holds the same config, in
                 which the later write won.
   4. junk:      from the ninth namespace, at once: against n8's node port, connections send
-                random bytes, and 256 connections each declare an 8 MiB frame and send it
-                slowly; against n7's HTTP API (it runs with --http and a token, which the
+                random bytes, and 256 connections (half after a hello) each declare an 8 MiB
+                frame and send it slowly; against n7's HTTP API (it runs with --http and a token, which the
                 attacker is given: the worst case), 256 connections each PUT an 8 MiB body
                 (declared, or chunked) slowly. Each victim's RSS is sampled from /proc
                 during the attack (bound: MAX_RSS_MB, default 32) and for SETTLE_SECONDS
@@ -388,7 +388,8 @@ class Netns:
 
 
 # Runs in the attacker's namespace: random bytes on some connections, and 256 connections
-# that each declare an 8 MiB frame and then send it slowly, until `seconds` have passed.
+# that each declare an 8 MiB frame (half of them after a hello) and then send it slowly,
+# until `seconds` have passed.
 ATTACKER = r"""
 import os, random, socket, struct, time
 host, port, seconds = "{host}", {port}, {seconds}
@@ -402,10 +403,15 @@ for _ in range(64):
         junk_sent += 1
     except OSError:
         pass
+# Half open with a hello, as anyone can on an unencrypted cluster: those reach the frame
+# budget; the other half are refused from their first header.
+hello = b"grapevin" + struct.pack(">H", 1)
 conns = []
-for _ in range(256):
+for index in range(256):
     try:
         s = socket.create_connection((host, port), timeout=3)
+        if index % 2 == 0:
+            s.sendall(struct.pack(">I", len(hello)) + hello)
         s.setblocking(False)
         s.send(struct.pack(">I", 8 * 1024 * 1024 - 16))
         conns.append(s)
