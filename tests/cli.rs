@@ -1739,8 +1739,19 @@ fn slow_huge_frames_from_256_connections_cannot_grow_the_agent() {
     let addr = agent.addr;
     let (connections, peak) = under_rss_watch(&agent, ATTACK, |deadline| async move {
         use tokio::io::AsyncWriteExt;
+        // Half open with a hello (anyone can, on an unencrypted cluster), so they reach the
+        // frame budget; the other half are refused from their first header.
+        let mut hello = (grapevine::wire::hello_frame().len() as u32)
+            .to_be_bytes()
+            .to_vec();
+        hello.extend_from_slice(&grapevine::wire::hello_frame());
         let attackers: Vec<_> = (0..256)
-            .map(|_| {
+            .map(|index| {
+                let hello = if index % 2 == 0 {
+                    hello.clone()
+                } else {
+                    Vec::new()
+                };
                 tokio::spawn(async move {
                     let mut opened = 0u32;
                     let chunk = vec![0x5au8; 16 * 1024];
@@ -1751,7 +1762,9 @@ fn slow_huge_frames_from_256_connections_cannot_grow_the_agent() {
                         };
                         opened += 1;
                         // Declare a full 8 MiB frame, then send it slowly.
-                        if stream.write_all(&(8u32 << 20).to_be_bytes()).await.is_err() {
+                        let mut header = hello.clone();
+                        header.extend_from_slice(&(8u32 << 20).to_be_bytes());
+                        if stream.write_all(&header).await.is_err() {
                             continue;
                         }
                         while tokio::time::Instant::now() < deadline {
@@ -1784,6 +1797,7 @@ fn slow_huge_frames_from_256_connections_cannot_grow_the_agent() {
         "RSS grew from {baseline} kB to {peak} kB during the attack (allowed: +24 MB)"
     );
     assert!(counters["stats"]["tcp_refused_budget"].as_u64() > Some(0));
+    assert!(counters["stats"]["tcp_refused_hello"].as_u64() > Some(0));
     wait_rss_back(&agent, baseline);
 }
 
@@ -1900,4 +1914,101 @@ fn slow_big_http_bodies_from_256_connections_cannot_grow_the_agent() {
     );
     assert!(refused > 0.0, "no body was refused: {refused}");
     wait_rss_back(&agent, baseline);
+}
+
+/// Opens a PUT of a 60 KiB body (a config value near its limit) on the HTTP API and sends
+/// only its head and 1 KiB.
+fn held_body(http: SocketAddr, key: &str) -> TcpStream {
+    let mut stream = TcpStream::connect_timeout(&http, Duration::from_secs(5)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let head = format!(
+        "PUT /v1/kv/{key} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        60 * 1024
+    );
+    stream.write_all(head.as_bytes()).expect("head");
+    stream.write_all(&[b'x'; 1024]).expect("some body");
+    stream
+}
+
+/// Sends the rest of a [`held_body`] and returns the status line of the answer.
+fn finish_body(mut stream: TcpStream) -> String {
+    let _ = stream.write_all(&[b'x'; 59 * 1024]);
+    let mut answer = [0u8; 256];
+    let read = stream.read(&mut answer).unwrap_or(0);
+    let text = String::from_utf8_lossy(&answer[..read]).into_owned();
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn the_http_body_budget_is_set_by_flag_or_agent_file() {
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let file = TempFile(temp_file(
+        "bodies.toml",
+        &format!("http = \"{http}\"\nhttp_body_budget = \"128KiB\"\n"),
+    ));
+    let path = file.0.display().to_string();
+    let agent = Agent::start_with("bodies-a", &[], &["--config", &path]);
+    poll_until("the HTTP API answers", CONVERGE, |last| {
+        let text = http_get_text(http, "/v1/status/leader");
+        *last = text.lines().next().unwrap_or_default().to_string();
+        text.contains(" 200 ").then_some(())
+    });
+    // Two 60 KiB bodies leave 8 KiB of the file's 128 KiB; a third is refused before its
+    // body.
+    let first = held_body(http, "a");
+    let second = held_body(http, "b");
+    std::thread::sleep(Duration::from_millis(300));
+    let third = finish_body(held_body(http, "c"));
+    assert!(third.contains(" 503 "), "{third}");
+    for stream in [first, second] {
+        let status = finish_body(stream);
+        assert!(status.contains(" 200 "), "{status}");
+    }
+    drop(agent);
+
+    // The flag overrides the file: 1 MiB admits all three.
+    let agent = Agent::start_with(
+        "bodies-b",
+        &[],
+        &["--config", &path, "--http-body-budget", "1MiB"],
+    );
+    poll_until("the HTTP API answers", CONVERGE, |last| {
+        let text = http_get_text(http, "/v1/status/leader");
+        *last = text.lines().next().unwrap_or_default().to_string();
+        text.contains(" 200 ").then_some(())
+    });
+    let held: Vec<_> = ["a", "b", "c"].iter().map(|k| held_body(http, k)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    for stream in held {
+        let status = finish_body(stream);
+        assert!(status.contains(" 200 "), "{status}");
+    }
+    drop(agent);
+
+    // Below the largest body (128 KiB), or not a size: one line, no start.
+    for bad in ["64KiB", "lots"] {
+        let output = cli(&[
+            "agent",
+            "--name",
+            "x",
+            "--bind",
+            "127.0.0.1:1",
+            "--http-body-budget",
+            bad,
+        ]);
+        let line = assert_one_line_error(&output, "a bad body budget");
+        assert!(line.contains("http-body-budget"), "{line}");
+    }
+    let bad = TempFile(temp_file("badbody.toml", "http_body_budget = \"1KiB\"\n"));
+    let output = cli(&[
+        "agent",
+        "--name",
+        "x",
+        "--config",
+        &bad.0.display().to_string(),
+    ]);
+    let line = assert_one_line_error(&output, "a bad body budget in the file");
+    assert!(line.contains("http_body_budget"), "{line}");
 }

@@ -345,10 +345,39 @@ async fn garbage_and_stalled_connections_do_not_hurt_other_callers() {
     drop(stalled);
 }
 
+/// The hello and the RPC preface, framed, as a client opens an RPC connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_mebibyte_request_and_reply_cross_a_fresh_connection() {
+    let nodes = cluster(2).await;
+    let blob =
+        RpcService::new("blob").method("reverse", |mut bytes: serde_bytes::ByteBuf| async move {
+            bytes.reverse();
+            Ok(bytes)
+        });
+    nodes[1].serve(blob).await.unwrap();
+    instances_visible(&nodes[0], "blob", 1).await;
+    let request: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    // The first call opens the connection: its first frame after the preface is 1 MiB.
+    let reply: serde_bytes::ByteBuf = nodes[0]
+        .client("blob")
+        .call("reverse", &serde_bytes::ByteBuf::from(request.clone()))
+        .await
+        .unwrap();
+    let mut expected = request;
+    expected.reverse();
+    assert!(
+        reply.into_vec() == expected,
+        "the reply is not the reversed request"
+    );
+}
+
 fn preface_frame(preface: &[u8]) -> Vec<u8> {
-    let mut frame = (preface.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(preface);
-    frame
+    let mut frames = Vec::new();
+    for payload in [&grapevine::wire::hello_frame()[..], preface] {
+        frames.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frames.extend_from_slice(payload);
+    }
+    frames
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,10 +17,14 @@ joined to it by veth pairs and a ninth namespace for an attacker. Every agent ru
                 sides write config keys, and one key is written on the left and then, later,
                 on the right; heal; every agent sees all alive and holds the same config, in
                 which the later write won.
-  4. junk:      from the ninth namespace, connections send random bytes, and 256 connections
-                each declare an 8 MiB frame and send it slowly. The victim's RSS is sampled
-                from /proc during the attack (bound: MAX_RSS_MB, default 32) and it must
-                still answer and be seen alive by every other agent afterwards.
+  4. junk:      from the ninth namespace, at once: against n8's node port, connections send
+                random bytes, and 256 connections (half after a hello) each declare an 8 MiB
+                frame and send it slowly; against n7's HTTP API (it runs with --http and a token, which the
+                attacker is given: the worst case), 256 connections each PUT an 8 MiB body
+                (declared, or chunked) slowly. Each victim's RSS is sampled from /proc
+                during the attack (bound: MAX_RSS_MB, default 32) and for SETTLE_SECONDS
+                (default 60) after it; then it must be at most SETTLE_RSS_MB (default 16).
+                Both must still answer and be seen alive by every other agent afterwards.
 
 Everything the test made (agents, namespaces, veths, bridge) is removed at the end, on failure
 and on SIGINT/SIGTERM alike. Needs root, iproute2 and nftables. Python 3 standard library only.
@@ -39,7 +43,11 @@ import time
 NODES = [f"n{i}" for i in range(1, 9)]
 PORT = 7946
 POLL = 0.5
+HTTP_PORT = 8500
+# The HTTP victim's token (any non-loopback --http needs one); the attacker is given it.
+HTTP_TOKEN = "netns-fault-test"
 LEFT, RIGHT = NODES[:3], NODES[3:]
+TCP_VICTIM, HTTP_VICTIM = NODES[-1], NODES[-2]
 EVENT = re.compile(r'event=(Suspect|Down)\(Member \{ name: "([^"]+)"')
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -54,12 +62,15 @@ def run(*args, check=True, timeout=20, **kwargs):
 
 
 class Netns:
-    def __init__(self, binary, prefix, loss_seconds, loss_percent, max_rss_mb, log):
+    def __init__(self, binary, prefix, loss_seconds, loss_percent, max_rss_mb, settle_seconds,
+                 settle_rss_mb, log):
         self.binary = os.path.abspath(binary)
         self.prefix = prefix
         self.loss_seconds = loss_seconds
         self.loss_percent = loss_percent
         self.max_rss_mb = max_rss_mb
+        self.settle_seconds = settle_seconds
+        self.settle_rss_mb = settle_rss_mb
         self.log_level = log
         self.subnet = f"10.{random.randint(64, 250)}.{random.randint(0, 255)}"
         self.namespaces = []
@@ -109,6 +120,8 @@ class Netns:
                     "--advertise", f"{self.addr(node)}:{PORT}"]
             if node != NODES[0]:
                 args += ["--join", f"{self.addr(NODES[0])}:{PORT}"]
+            if node == HTTP_VICTIM:
+                args += ["--http", f"0.0.0.0:{HTTP_PORT}", "--http-token", HTTP_TOKEN]
             # `ip netns exec` execs the agent: this pid is the agent's.
             self.agents[node] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                                  env=env)
@@ -309,36 +322,74 @@ class Netns:
         raise Failure(f"{node}: no VmRSS")
 
     def step_junk(self, seconds=25):
-        victim = NODES[-1]
-        print(f"== 4. junk TCP from a ninth namespace against {victim}", flush=True)
-        attack = ATTACKER.format(host=self.addr(victim), port=PORT, seconds=seconds)
-        attacker = subprocess.Popen(["ip", "netns", "exec", self.ns("attacker"), "python3",
-                                     "-c", attack], stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
-        baseline = self.rss_kib(victim)
-        peak = baseline
+        victims = {"tcp": TCP_VICTIM, "http": HTTP_VICTIM}
+        print(f"== 4. junk from a ninth namespace: TCP frames against {TCP_VICTIM}, HTTP "
+              f"bodies against {HTTP_VICTIM}", flush=True)
+        attacks = {
+            "tcp": ATTACKER.format(host=self.addr(TCP_VICTIM), port=PORT, seconds=seconds),
+            "http": HTTP_ATTACKER.format(host=self.addr(HTTP_VICTIM), port=HTTP_PORT,
+                                         seconds=seconds, token=HTTP_TOKEN),
+        }
+        baseline = {kind: self.rss_kib(node) for kind, node in victims.items()}
+        peak = dict(baseline)
+        attackers = {kind: subprocess.Popen(["ip", "netns", "exec", self.ns("attacker"),
+                                             "python3", "-c", attack],
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                            text=True)
+                     for kind, attack in attacks.items()}
         started = time.monotonic()
-        while attacker.poll() is None and time.monotonic() - started < seconds + 15:
+        while (any(a.poll() is None for a in attackers.values())
+               and time.monotonic() - started < seconds + 15):
             self.check_agents_running()
-            peak = max(peak, self.rss_kib(victim))
+            for kind, node in victims.items():
+                peak[kind] = max(peak[kind], self.rss_kib(node))
             time.sleep(0.2)
-        if attacker.poll() is None:
-            attacker.kill()
-        report = attacker.communicate(timeout=5)[0].strip()
-        print(f"   attacker: {report}", flush=True)
-        print(f"   {victim} RSS: {baseline // 1024} MiB before, peak {peak / 1024:.1f} MiB "
-              f"during (bound {self.max_rss_mb} MiB)", flush=True)
-        print("NETNS_JUNK_RSS " + json.dumps({"baseline_kib": baseline, "peak_kib": peak}),
-              flush=True)
-        if peak > self.max_rss_mb * 1024:
-            self.failures.append(f"{victim} RSS peaked at {peak / 1024:.1f} MiB under junk "
-                                 f"TCP (bound {self.max_rss_mb} MiB)")
-        self.wait(f"{victim} answers and every agent sees all alive after the junk", 60,
+        for kind, attacker in attackers.items():
+            if attacker.poll() is None:
+                attacker.kill()
+            report = attacker.communicate(timeout=5)[0].strip()
+            print(f"   {kind} attacker: {report}", flush=True)
+        # A minute after the attack: memory must have gone back, not just stopped growing.
+        print(f"   sampling RSS for {self.settle_seconds} s after the attack", flush=True)
+        ended = time.monotonic()
+        while time.monotonic() - ended < self.settle_seconds:
+            self.check_agents_running()
+            for kind, node in victims.items():
+                peak[kind] = max(peak[kind], self.rss_kib(node))
+            time.sleep(1)
+        after = {kind: self.rss_kib(node) for kind, node in victims.items()}
+        for kind, node in victims.items():
+            print(f"   {node} RSS ({kind}): {baseline[kind] / 1024:.1f} MiB before, peak "
+                  f"{peak[kind] / 1024:.1f} MiB (bound {self.max_rss_mb} MiB), "
+                  f"{after[kind] / 1024:.1f} MiB {self.settle_seconds} s after "
+                  f"(bound {self.settle_rss_mb} MiB)", flush=True)
+            line = {"victim": node, "baseline_kib": baseline[kind], "peak_kib": peak[kind],
+                    "after_kib": after[kind], "after_seconds": self.settle_seconds}
+            tag = "NETNS_JUNK_RSS" if kind == "tcp" else "NETNS_HTTP_RSS"
+            print(f"{tag} " + json.dumps(line), flush=True)
+            if peak[kind] > self.max_rss_mb * 1024:
+                self.failures.append(f"{node} RSS peaked at {peak[kind] / 1024:.1f} MiB under "
+                                     f"the {kind} attack (bound {self.max_rss_mb} MiB)")
+            if after[kind] > self.settle_rss_mb * 1024:
+                self.failures.append(f"{node} RSS was {after[kind] / 1024:.1f} MiB "
+                                     f"{self.settle_seconds} s after the {kind} attack "
+                                     f"(bound {self.settle_rss_mb} MiB)")
+        self.wait("the victims answer and every agent sees all alive after the junk", 60,
                   self.all_see(NODES, {n: "alive" for n in NODES}))
+
+        def http_answers():
+            try:
+                out = self.in_ns(HTTP_VICTIM, "python3", "-c", HTTP_PROBE.format(
+                    port=HTTP_PORT, token=HTTP_TOKEN), check=False, timeout=10)
+            except subprocess.TimeoutExpired:
+                return False, "timeout"
+            return out.returncode == 0, out.stdout.strip() or out.stderr.strip()
+        self.wait(f"{HTTP_VICTIM}'s HTTP API answers after the attack", 30, http_answers)
 
 
 # Runs in the attacker's namespace: random bytes on some connections, and 256 connections
-# that each declare an 8 MiB frame and then send it slowly, until `seconds` have passed.
+# that each declare an 8 MiB frame (half of them after a hello) and then send it slowly,
+# until `seconds` have passed.
 ATTACKER = r"""
 import os, random, socket, struct, time
 host, port, seconds = "{host}", {port}, {seconds}
@@ -352,10 +403,15 @@ for _ in range(64):
         junk_sent += 1
     except OSError:
         pass
+# Half open with a hello, as anyone can on an unencrypted cluster: those reach the frame
+# budget; the other half are refused from their first header.
+hello = b"grapevin" + struct.pack(">H", 1)
 conns = []
-for _ in range(256):
+for index in range(256):
     try:
         s = socket.create_connection((host, port), timeout=3)
+        if index % 2 == 0:
+            s.sendall(struct.pack(">I", len(hello)) + hello)
         s.setblocking(False)
         s.send(struct.pack(">I", 8 * 1024 * 1024 - 16))
         conns.append(s)
@@ -382,6 +438,62 @@ print(f"{{junk_sent}} junk connections, {{opened}} slow 8 MiB frames opened, "
 """
 
 
+# Runs in the attacker's namespace: 256 connections that each PUT an 8 MiB body slowly
+# (half with Content-Length, half chunked), reconnecting whenever the agent closes one,
+# until `seconds` have passed.
+HTTP_ATTACKER = r"""
+import os, socket, time
+host, port, seconds, token = "{host}", {port}, {seconds}, "{token}"
+def open_one(index):
+    s = socket.create_connection((host, port), timeout=3)
+    if index % 2:
+        framing = "Transfer-Encoding: chunked"
+    else:
+        framing = "Content-Length: " + str(8 * 1024 * 1024)
+    head = ("PUT /v1/kv/hostile/" + str(index) + " HTTP/1.1\r\nHost: x\r\n"
+            "X-Consul-Token: " + token + "\r\n" + framing + "\r\n\r\n")
+    s.sendall(head.encode())
+    s.setblocking(False)
+    return s
+chunk = os.urandom(16 * 1024)
+framed_chunk = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+conns = {{}}
+opened = 0
+deadline = time.monotonic() + seconds
+sent = 0
+while time.monotonic() < deadline:
+    for index in range(256):
+        if index not in conns:
+            try:
+                conns[index] = open_one(index)
+                opened += 1
+            except OSError:
+                continue
+        s = conns[index]
+        try:
+            sent += s.send(framed_chunk if index % 2 else chunk)
+        except BlockingIOError:
+            pass
+        except OSError:
+            s.close()
+            del conns[index]
+    time.sleep(0.25)
+print(f"{{opened}} slow 8 MiB bodies opened, {{len(conns)}} still open at the end, "
+      f"{{sent // 1024}} KiB sent")
+"""
+
+# Runs in the HTTP victim's namespace: exits 0 when the API answers 200.
+HTTP_PROBE = r"""
+import socket, sys
+s = socket.create_connection(("127.0.0.1", {port}), timeout=5)
+s.sendall(b"GET /v1/status/leader HTTP/1.1\r\nHost: x\r\nX-Consul-Token: {token}\r\n"
+          b"Connection: close\r\n\r\n")
+answer = s.recv(256).decode(errors="replace")
+print(answer.splitlines()[0] if answer else "no answer")
+sys.exit(0 if " 200 " in answer else 1)
+"""
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bin", required=True, help="the grapevine binary")
@@ -390,13 +502,18 @@ def main():
     parser.add_argument("--loss-percent", type=int, default=25)
     parser.add_argument("--max-rss-mb", type=int,
                         default=int(os.environ.get("MAX_RSS_MB", "32")))
+    parser.add_argument("--settle-seconds", type=int,
+                        default=int(os.environ.get("SETTLE_SECONDS", "60")))
+    parser.add_argument("--settle-rss-mb", type=int,
+                        default=int(os.environ.get("SETTLE_RSS_MB", "16")))
     parser.add_argument("--prefix", default=f"gv{os.urandom(3).hex()}",
                         help="prefix of every name the test makes (at most 8 characters)")
     args = parser.parse_args()
     if len(args.prefix) > 8:
         parser.error("--prefix: at most 8 characters (interface names are short)")
     test = Netns(args.bin, args.prefix, args.loss_seconds, args.loss_percent,
-                 args.max_rss_mb, os.environ.get("FAULT_LOG", "info"))
+                 args.max_rss_mb, args.settle_seconds, args.settle_rss_mb,
+                 os.environ.get("FAULT_LOG", "info"))
 
     def on_signal(number, _frame):
         raise SystemExit(f"signal {number}")

@@ -131,6 +131,8 @@ pub struct AgentSettings {
     pub http_token_file: Option<PathBuf>,
     /// `--http-max-wait`.
     pub http_max_wait: Option<String>,
+    /// `--http-body-budget` (`"4MiB"`).
+    pub http_body_budget: Option<String>,
     /// `--dns`.
     pub dns: Option<String>,
     /// `--dns-domain`.

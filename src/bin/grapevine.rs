@@ -229,6 +229,10 @@ struct AgentArgs {
     /// Longest wait of an HTTP blocking query, e.g. 30s [default: 10m, as Consul's].
     #[arg(long, value_name = "DURATION", value_parser = parse_wait)]
     http_max_wait: Option<Duration>,
+    /// Bytes of HTTP request bodies that may be arriving at once, over all connections,
+    /// e.g. 4MiB; a request finding it spent gets 503 [default: 4MiB; at least 128KiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_body_budget)]
+    http_body_budget: Option<usize>,
     /// Answer DNS queries for the catalog on this address, UDP and TCP (default
     /// 127.0.0.1:8600 when given bare): `dig @127.0.0.1 -p 8600 web.service.consul SRV`.
     #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, num_args = 0..=1,
@@ -269,6 +273,39 @@ fn parse_wait(text: &str) -> Result<Duration, String> {
         return Err(format!("{text:?} must be at most 1 hour"));
     }
     Ok(wait)
+}
+
+/// A size in bytes: a number, optionally followed by `KiB` or `MiB`.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, ""),
+    };
+    let scale = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1024,
+        "MiB" => 1024 * 1024,
+        other => return Err(format!("{text:?}: unknown unit {other:?} (B, KiB or MiB)")),
+    };
+    number
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{text:?} is not a size such as 4MiB"))
+}
+
+fn parse_body_budget(text: &str) -> Result<usize, String> {
+    let budget = parse_size(text)?;
+    // Below the largest body, a body of that size could never be admitted.
+    let least = grapevine::http::HttpOptions::default().max_body;
+    if budget < least {
+        return Err(format!(
+            "{text:?} must be at least {} KiB (the largest request body)",
+            least / 1024
+        ));
+    }
+    Ok(budget)
 }
 
 fn parse_service(text: &str) -> Result<Service, String> {
@@ -730,6 +767,7 @@ struct AgentSetup {
     http_token: Option<String>,
     http_token_file: Option<std::path::PathBuf>,
     http_max_wait: Duration,
+    http_body_budget: usize,
 }
 
 /// Merges the flags over the `--config` file: a flag given wins; lists given on the command
@@ -814,6 +852,11 @@ fn agent_setup(args: AgentArgs) -> grapevine::Result<AgentSetup> {
         (None, Some(text)) => parse_wait(text).map_err(|e| field("http_max_wait", e))?,
         (None, None) => Duration::from_secs(600),
     };
+    let http_body_budget = match (args.http_body_budget, &file.http_body_budget) {
+        (Some(budget), _) => budget,
+        (None, Some(text)) => parse_body_budget(text).map_err(|e| field("http_body_budget", e))?,
+        (None, None) => grapevine::http::HttpOptions::default().max_bodies_in_flight,
+    };
     let (encrypt, keyring) = match (args.encrypt, args.keyring) {
         (None, None) => (file.encrypt, file.keyring),
         given => given,
@@ -852,6 +895,7 @@ fn agent_setup(args: AgentArgs) -> grapevine::Result<AgentSetup> {
         http_token: args.http_token.or(file.http_token),
         http_token_file: args.http_token_file.or(file.http_token_file),
         http_max_wait,
+        http_body_budget,
     })
 }
 
@@ -967,6 +1011,7 @@ async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
                     token: http_token.clone(),
                     max_wait: args.http_max_wait,
                     default_wait: args.http_max_wait.min(Duration::from_secs(300)),
+                    max_bodies_in_flight: args.http_body_budget,
                     ..Default::default()
                 },
             )

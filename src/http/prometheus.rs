@@ -229,6 +229,8 @@ impl Metrics {
                 .absolute(stats.tcp_refused_busy);
             counter!("grapevine_tcp_connections_total", "result" => "refused_budget")
                 .absolute(stats.tcp_refused_budget);
+            counter!("grapevine_tcp_connections_total", "result" => "refused_hello")
+                .absolute(stats.tcp_refused_hello);
             counter!("grapevine_member_events_lagged_total").absolute(stats.events_lagged);
             counter!("grapevine_sealed_refused_total").absolute(stats.sealed_refused);
             counter!("grapevine_failure_detector_stalls_total").absolute(stats.stalls);

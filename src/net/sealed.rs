@@ -10,7 +10,9 @@
 //!   from the shared key, both randoms and the label, one per direction; records are
 //!   `[length (4), ciphertext + tag]` under ChaCha20-Poly1305 with a per-direction counter
 //!   nonce, so nonces never repeat. The server proves it holds the key with its proof; the
-//!   client does with its first record (nothing is served before that decrypts).
+//!   client does with its first record, a fixed proof of its own (nothing is served before
+//!   that decrypts, and that record may be no larger than the proof: a peer that only knows
+//!   a key id cannot get more than a few bytes buffered).
 //! - The handshake magic, read as a frame length, is far above the frame limit, so a node
 //!   tells a sealed stream from a plaintext one by its first four bytes. Plaintext streams are
 //!   only good for control requests from loopback when encryption is on.
@@ -40,11 +42,16 @@ pub const MAX_KEYS: usize = 16;
 const MAX_RECORD: usize = 16 * 1024;
 const DATAGRAM_MAGIC: u8 = 0x53;
 const VERSION: u8 = 1;
+/// Version of the stream handshake (2: the client's first record is its proof).
+const STREAM_VERSION: u8 = 2;
 /// Read as a big-endian frame length this is ~4.3 GB: never a plaintext frame.
-const HANDSHAKE_MAGIC: [u8; 4] = [0xFF, b'G', b'S', VERSION];
+const HANDSHAKE_MAGIC: [u8; 4] = [0xFF, b'G', b'S', STREAM_VERSION];
 /// Sent instead of a server hello when the client's key is not in the ring.
 const REFUSED_MAGIC: [u8; 4] = [0xFF, b'G', b'S', 0];
 const PROOF: &[u8] = b"grapevine server proof";
+const CLIENT_PROOF: &[u8] = b"grapevine client proof";
+/// Bytes of a sealed record's tag.
+const TAG_LEN: usize = 16;
 /// Peers remembered for "logged once" refusals.
 const MAX_WARNED: usize = 1024;
 
@@ -389,8 +396,8 @@ impl Security {
         }
         let mut server = [0u8; 32];
         server.copy_from_slice(&reply[4..]);
-        let (send, mut receive) = self.session_keys(&key, &client, &server);
-        let proof = read_record(&mut stream).await?;
+        let (mut send, mut receive) = self.session_keys(&key, &client, &server);
+        let proof = read_record(&mut stream, PROOF.len() + TAG_LEN).await?;
         match receive.open(&proof) {
             Ok(plain) if plain == PROOF => {}
             _ => {
@@ -400,6 +407,7 @@ impl Security {
                 ))
             }
         }
+        stream.write_all(&send.seal_record(CLIENT_PROOF)?).await?;
         Ok(SealedStream::new(stream, send, receive, Vec::new()))
     }
 
@@ -436,12 +444,22 @@ impl Security {
         reply.extend_from_slice(&server);
         reply.extend_from_slice(&send.seal_record(PROOF)?);
         stream.write_all(&reply).await?;
-        // The client proves itself with its first record.
-        let first = read_record(&mut stream).await?;
+        // The client proves itself with its first record, no larger than its proof.
+        let first = read_record(&mut stream, CLIENT_PROOF.len() + TAG_LEN).await?;
         match receive.open(&first) {
-            Ok(plain) => Ok(Accepted::Sealed(SealedStream::new(
-                stream, send, receive, plain,
+            Ok(plain) if plain == CLIENT_PROOF => Ok(Accepted::Sealed(SealedStream::new(
+                stream,
+                send,
+                receive,
+                Vec::new(),
             ))),
+            Ok(_) => {
+                self.refuse(peer, "a connection", &SealError::Forged);
+                Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    SealError::Forged,
+                ))
+            }
             Err(error) => {
                 self.refuse(peer, "a connection", &error);
                 Err(io::Error::new(io::ErrorKind::PermissionDenied, error))
@@ -494,11 +512,12 @@ impl Cipher {
     }
 }
 
-async fn read_record<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<Vec<u8>> {
+/// Reads one handshake record of at most `max` bytes (checked before allocating).
+async fn read_record<S: AsyncRead + Unpin>(stream: &mut S, max: usize) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_RECORD + 16 {
+    if len > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "record too large",
@@ -944,5 +963,28 @@ mod tests {
             Accepted::Plain(_, prefix) => assert_eq!(prefix, [0, 0, 0, 5]),
             Accepted::Sealed(_) => panic!("plaintext taken for sealed"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_client_knowing_only_the_key_id_gets_no_large_record_read() {
+        let key = Key::generate().unwrap();
+        let server_side = security(&key, "prod");
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let accept =
+            tokio::spawn(async move { server_side.accept(server, peer).await.map(|_| ()) });
+        // A valid hello (the key id is public), then a 16 KiB "first record" it cannot seal.
+        let mut hello = HANDSHAKE_MAGIC.to_vec();
+        hello.extend_from_slice(&key.id().to_be_bytes());
+        hello.extend_from_slice(&[7u8; 32]);
+        client.write_all(&hello).await.unwrap();
+        let mut reply = [0u8; 4 + 32];
+        client.read_exact(&mut reply).await.unwrap();
+        client
+            .write_all(&((MAX_RECORD + TAG_LEN) as u32).to_be_bytes())
+            .await
+            .unwrap();
+        let error = accept.await.unwrap().unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
     }
 }

@@ -285,7 +285,7 @@ pub async fn watch_config(
             addr: agent,
             source,
         })?;
-    let mut framed = crate::wire::framed(stream);
+    let mut framed = crate::wire::dial(stream);
     let request = Request::Control(ControlRequest::ConfigWatch { prefix });
     framed
         .send(bytes::Bytes::from(crate::wire::encode_frame(&request)?))

@@ -964,6 +964,8 @@ mod tests {
                 };
                 count.fetch_add(1, Ordering::Relaxed);
                 let mut framed = wire::framed(stream);
+                let hello = framed.next().await;
+                assert!(matches!(&hello, Some(Ok(f)) if wire::check_hello(f).is_ok()));
                 while let Some(Ok(frame)) = framed.next().await {
                     let request: Request = wire::decode_frame(&frame).unwrap();
                     let Some(response) = answer(&request) else {

@@ -36,7 +36,8 @@ pub fn decode_request_for_fuzzing(bytes: &[u8]) -> bool {
     crate::wire::decode_frame::<protocol::Request>(bytes).is_ok()
 }
 
-/// The first frame a client sends to open an RPC connection to a node's port.
+/// The frame a client sends to open an RPC connection to a node's port, right after the
+/// hello ([`crate::wire::dial`] queues it; the RPC client opens through there).
 pub fn rpc_preface() -> bytes::Bytes {
     protocol::rpc_preface()
 }

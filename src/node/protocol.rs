@@ -46,8 +46,9 @@ pub(crate) enum Request {
     PushPullCheck(u64),
 }
 
-/// Version of the RPC protocol spoken after [`Request::Rpc`] (2: calls carry a trace context).
-pub(crate) const RPC_VERSION: u8 = 2;
+/// Version of the RPC protocol spoken after [`Request::Rpc`] (2: calls carry a trace context;
+/// 3: the connection opens with a hello, see [`wire::dial`]).
+pub(crate) const RPC_VERSION: u8 = 3;
 
 /// The first frame of every RPC connection.
 pub(crate) fn rpc_preface() -> bytes::Bytes {
@@ -121,7 +122,7 @@ pub(crate) async fn connect<T: Transport>(
         .await
         .map_err(|source| Error::Connect { addr, source })?;
     Ok(Connection {
-        framed: wire::framed(stream),
+        framed: wire::dial(stream),
         addr,
         bytes: 0,
     })

@@ -88,7 +88,10 @@ async fn handle<T: Transport>(
         authenticated: T::is_authenticated(&stream),
         encrypted: transport.security().is_some(),
     };
-    let mut framed = wire::framed_with_budget(stream, shared.frame_budget.clone());
+    let mut framed = wire::framed_accepting(stream, shared.frame_budget.clone());
+    if !hello(&mut framed, peer, shared, timeout).await? {
+        return Ok(());
+    }
     for _ in 0..MAX_REQUESTS_PER_CONNECTION {
         // Every step is bounded, so a client that stalls mid-frame only holds its own slot.
         let frame = match within(timeout, "request", async { Ok(framed.next().await) }).await? {
@@ -139,6 +142,69 @@ async fn handle<T: Transport>(
         .await?;
     }
     Ok(())
+}
+
+/// Reads the connection's hello; `false` if the peer closed before sending anything.
+///
+/// Until the hello is accepted the codec takes no frame above
+/// [`wire::frames::UNPROVEN_FRAME`], so a peer that proved nothing gets at most that much
+/// buffered. On an encrypted node only a key holder's hello (it arrives sealed) or a
+/// loopback one (control) lifts the limit: a plaintext peer elsewhere can do nothing with a
+/// big frame but be refused.
+async fn hello<S>(
+    framed: &mut tokio_util::codec::Framed<S, wire::FrameCodec>,
+    peer: Peer,
+    shared: &Shared,
+    timeout: std::time::Duration,
+) -> Result<bool>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let refused = |error: Error| {
+        Stats::add(&shared.stats.tcp_refused_hello, 1);
+        Err(error)
+    };
+    let frame = match within(timeout, "hello", async { Ok(framed.next().await) }).await? {
+        None => return Ok(false),
+        Some(Ok(frame)) => frame,
+        Some(Err(source)) if source.kind() == std::io::ErrorKind::PermissionDenied => {
+            return refused(Error::Connect {
+                addr: peer.addr,
+                source,
+            })
+        }
+        Some(Err(source)) => {
+            return Err(Error::Connect {
+                addr: peer.addr,
+                source,
+            })
+        }
+    };
+    if let Err(error) = wire::check_hello(&frame) {
+        // A grapevine of another protocol version (or one from before hellos) is told why;
+        // junk just loses its connection.
+        let ours = matches!(error, wire::HelloError::Version(_))
+            || wire::decode_frame::<Request>(&frame).is_ok();
+        if ours {
+            let refusal = Response::Error(format!("refused: {error}; upgrade one side"));
+            let bytes = wire::encode_frame(&refusal)?;
+            let _ = within(timeout, "response", async {
+                framed
+                    .send(bytes::Bytes::from(bytes))
+                    .await
+                    .map_err(|source| Error::Connect {
+                        addr: peer.addr,
+                        source,
+                    })
+            })
+            .await;
+        }
+        return refused(Error::Protocol(error.to_string()));
+    }
+    if !peer.encrypted || peer.authenticated || peer.addr.ip().is_loopback() {
+        framed.codec_mut().prove();
+    }
+    Ok(true)
 }
 
 /// Streams config changes to a watching client until it disconnects.

@@ -58,6 +58,10 @@ counters! {
     /// TCP connections closed because the node-wide memory budget for frames still
     /// arriving was spent (many large partial frames at once: an attack, or a surge).
     tcp_refused_budget,
+    /// TCP connections closed because they did not open with a hello of this node's
+    /// protocol, or declared a frame above 1 KiB before it (junk, another protocol, an older
+    /// grapevine).
+    tcp_refused_hello,
     /// Bytes read from and written to TCP exchanges.
     tcp_bytes,
     /// Push-pull exchanges that completed (either side).

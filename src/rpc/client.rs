@@ -263,7 +263,7 @@ impl Connection {
             .await
             .map_err(|_| unavailable(format!("connecting to {addr} timed out")))?
             .map_err(|error| unavailable(format!("cannot connect to {addr}: {error}")))?;
-        let mut framed = wire::framed(stream);
+        let mut framed = wire::dial(stream);
         framed
             .send(preface)
             .await
@@ -927,7 +927,11 @@ pub(super) mod tests {
                 let registry = registry.clone();
                 tokio::spawn(async move {
                     let mut framed = wire::framed(stream);
-                    // The preface.
+                    // The hello, then the preface.
+                    let hello = framed.next().await;
+                    if !matches!(&hello, Some(Ok(frame)) if wire::check_hello(frame).is_ok()) {
+                        return;
+                    }
                     if let Some(Ok(_)) = framed.next().await {
                         let _ = crate::rpc::serve_connection(framed, registry).await;
                     }
@@ -1132,6 +1136,10 @@ pub(super) mod tests {
             let (ours, theirs) = tokio::io::duplex(1 << 16);
             tokio::spawn(async move {
                 let mut framed = wire::framed(theirs);
+                let hello = framed.next().await;
+                if !matches!(&hello, Some(Ok(frame)) if wire::check_hello(frame).is_ok()) {
+                    return;
+                }
                 if let Some(Ok(_)) = framed.next().await {
                     let _ = crate::rpc::serve_connection(framed, registry).await;
                 }

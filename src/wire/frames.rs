@@ -8,6 +8,11 @@
 //! charges every partial frame above [`SMALL_FRAME`] to a node-wide [`FrameBudget`]: when the
 //! budget is spent, the connection that needs more is refused (and counted) instead of
 //! growing the heap.
+//!
+//! Before any of that, a connecting side opens with a small [hello](hello_frame) (a magic
+//! and [`TCP_PROTOCOL`]); until the listening side accepted it, a connection may declare no
+//! frame above [`UNPROVEN_FRAME`], so a peer that proved nothing cannot get more than a
+//! kilobyte buffered. [`dial`](super::dial) is the one place that sends it.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -18,6 +23,47 @@ use tokio_util::codec::{Decoder, Encoder};
 
 /// Bytes of a partial frame every connection may buffer without charging the budget.
 pub const SMALL_FRAME: usize = 8 * 1024;
+/// Largest frame a connection may declare before its hello was accepted.
+pub const UNPROVEN_FRAME: usize = 1024;
+/// Version of the TCP protocol a hello announces (1: connections open with a hello).
+pub const TCP_PROTOCOL: u16 = 1;
+/// What a hello starts with; the protocol version follows, big-endian.
+const HELLO_MAGIC: [u8; 8] = *b"grapevin";
+/// Bytes of a hello frame's payload.
+pub const HELLO_LEN: usize = HELLO_MAGIC.len() + 2;
+
+/// The payload of the hello frame a connecting side sends first.
+pub fn hello_frame() -> Bytes {
+    let mut hello = BytesMut::with_capacity(HELLO_LEN);
+    hello.extend_from_slice(&HELLO_MAGIC);
+    hello.put_u16(TCP_PROTOCOL);
+    hello.freeze()
+}
+
+/// Why a connection's first frame was not an acceptable hello.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HelloError {
+    /// Not a hello at all: an older grapevine, another protocol, or junk.
+    #[error("the connection did not open with a grapevine hello")]
+    Missing,
+    /// A hello of a protocol version this node does not speak.
+    #[error("TCP protocol version {0} is not supported (this node speaks {TCP_PROTOCOL})")]
+    Version(u16),
+}
+
+/// Checks that `frame` (a connection's first) is a hello of a version this node speaks.
+pub fn check_hello(frame: &[u8]) -> Result<(), HelloError> {
+    match frame {
+        [magic @ .., high, low] if frame.len() == HELLO_LEN && magic == HELLO_MAGIC => {
+            match u16::from_be_bytes([*high, *low]) {
+                TCP_PROTOCOL => Ok(()),
+                other => Err(HelloError::Version(other)),
+            }
+        }
+        _ => Err(HelloError::Missing),
+    }
+}
+
 /// Default node-wide budget for partial inbound frames above [`SMALL_FRAME`].
 pub const DEFAULT_FRAME_BUDGET: usize = 12 * 1024 * 1024;
 
@@ -75,6 +121,8 @@ impl FrameBudget {
 #[derive(Debug)]
 pub struct FrameCodec {
     max_frame: usize,
+    /// Largest frame accepted now: [`UNPROVEN_FRAME`] until [`FrameCodec::prove`].
+    limit: usize,
     /// Length of the frame being received, once its header is read.
     pending: Option<usize>,
     budget: Option<Arc<FrameBudget>>,
@@ -87,6 +135,7 @@ impl FrameCodec {
     pub fn new(max_frame: usize) -> Self {
         FrameCodec {
             max_frame,
+            limit: max_frame,
             pending: None,
             budget: None,
             charged: 0,
@@ -99,6 +148,25 @@ impl FrameCodec {
             budget: Some(budget),
             ..FrameCodec::new(max_frame)
         }
+    }
+
+    /// The listening side's codec: charged to `budget`, and taking no frame above
+    /// [`UNPROVEN_FRAME`] until [`FrameCodec::prove`] (a declared length above it is an
+    /// error of kind [`io::ErrorKind::PermissionDenied`] before anything is buffered).
+    pub fn accepting(max_frame: usize, budget: Arc<FrameBudget>) -> Self {
+        let mut codec = FrameCodec::with_budget(max_frame, budget);
+        codec.limit = UNPROVEN_FRAME.min(max_frame);
+        codec
+    }
+
+    /// The peer proved itself (its hello was accepted): frames up to the maximum from now on.
+    pub fn prove(&mut self) {
+        self.limit = self.max_frame;
+    }
+
+    /// Whether frames up to the maximum are accepted (see [`FrameCodec::prove`]).
+    pub fn is_proven(&self) -> bool {
+        self.limit == self.max_frame
     }
 
     /// Charges the budget for a read buffer of `capacity` bytes (beyond the free allowance).
@@ -145,6 +213,16 @@ impl Decoder for FrameCodec {
                     return Ok(None);
                 }
                 let len = src.get_u32() as usize;
+                if len > self.limit && !self.is_proven() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!(
+                            "frame of {len} bytes declared before the hello; at most {} \
+                             bytes until then",
+                            self.limit
+                        ),
+                    ));
+                }
                 if len > self.max_frame {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -279,5 +357,61 @@ mod tests {
         assert!(budget.used() > 0);
         drop(third);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn before_the_hello_only_small_frames_are_taken_and_nothing_is_charged() {
+        let budget = FrameBudget::new(1 << 20);
+        let mut codec = FrameCodec::accepting(8 << 20, budget.clone());
+        assert!(!codec.is_proven());
+        // A large declared frame is refused from its header, before a byte is buffered.
+        let mut big = header(200_000);
+        big.extend_from_slice(&vec![1; 60_000]);
+        let error = codec.decode(&mut big).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
+        assert_eq!(budget.used(), 0);
+        assert_eq!(budget.refused(), 0);
+        // So is one above the frame limit, the same way (junk before a hello).
+        let mut codec = FrameCodec::accepting(8 << 20, budget.clone());
+        let error = codec.decode(&mut header(u32::MAX)).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
+        // A hello passes; after `prove`, the large frame is taken and charged.
+        let mut codec = FrameCodec::accepting(8 << 20, budget.clone());
+        let mut wire = BytesMut::new();
+        FrameCodec::new(64)
+            .encode(hello_frame(), &mut wire)
+            .unwrap();
+        let hello = codec.decode(&mut wire).unwrap().unwrap();
+        assert_eq!(check_hello(&hello), Ok(()));
+        codec.prove();
+        assert!(codec.is_proven());
+        let mut big = header(200_000);
+        big.extend_from_slice(&vec![1; 60_000]);
+        assert!(codec.decode(&mut big).unwrap().is_none());
+        assert!(budget.used() > 0);
+        drop(codec);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn only_a_hello_of_this_version_is_a_hello() {
+        let hello = hello_frame();
+        assert_eq!(hello.len(), HELLO_LEN);
+        assert_eq!(check_hello(&hello), Ok(()));
+        let mut other = hello.to_vec();
+        other[HELLO_LEN - 1] = other[HELLO_LEN - 1].wrapping_add(1);
+        assert_eq!(
+            check_hello(&other),
+            Err(HelloError::Version(TCP_PROTOCOL.wrapping_add(1)))
+        );
+        assert_eq!(
+            check_hello(&hello[..HELLO_LEN - 1]),
+            Err(HelloError::Missing)
+        );
+        assert_eq!(check_hello(b""), Err(HelloError::Missing));
+        let mut longer = hello.to_vec();
+        longer.push(0);
+        assert_eq!(check_hello(&longer), Err(HelloError::Missing));
+        assert_eq!(check_hello(b"grapevix\0\x01"), Err(HelloError::Missing));
     }
 }

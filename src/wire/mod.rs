@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::Framed;
 
 pub mod frames;
-pub use frames::{FrameBudget, FrameCodec};
+pub use frames::{check_hello, hello_frame, FrameBudget, FrameCodec, HelloError};
 
 /// Largest UDP datagram grapevine sends or accepts, envelope included.
 pub const MAX_DATAGRAM: usize = 1400;
@@ -195,13 +195,26 @@ pub fn framed<S: AsyncRead + AsyncWrite>(stream: S) -> Framed<S, FrameCodec> {
     Framed::new(stream, FrameCodec::new(MAX_FRAME))
 }
 
-/// Like [`framed`], for an accepted connection: partial frames above
-/// [`frames::SMALL_FRAME`] are charged to the node's `budget`.
-pub fn framed_with_budget<S: AsyncRead + AsyncWrite>(
+/// Like [`framed`], for the connecting side of a node's TCP port: the
+/// [hello](frames::hello_frame) is queued first and goes out with the first frame sent
+/// (one write, no extra round trip). Every client of a node's port opens through here.
+pub fn dial<S: AsyncRead + AsyncWrite>(stream: S) -> Framed<S, FrameCodec> {
+    let mut framed = framed(stream);
+    let hello = frames::hello_frame();
+    let buffer = framed.write_buffer_mut();
+    buffer.extend_from_slice(&(hello.len() as u32).to_be_bytes());
+    buffer.extend_from_slice(&hello);
+    framed
+}
+
+/// Like [`framed`], for an accepted connection: no frame above [`frames::UNPROVEN_FRAME`]
+/// until the codec is [proved](FrameCodec::prove), and partial frames above
+/// [`frames::SMALL_FRAME`] charged to the node's `budget`.
+pub fn framed_accepting<S: AsyncRead + AsyncWrite>(
     stream: S,
     budget: std::sync::Arc<FrameBudget>,
 ) -> Framed<S, FrameCodec> {
-    Framed::new(stream, FrameCodec::with_budget(MAX_FRAME, budget))
+    Framed::new(stream, FrameCodec::accepting(MAX_FRAME, budget))
 }
 
 /// Stable 64-bit FNV-1a with a final avalanche (SplitMix64 finalizer), so that sums of
