@@ -287,7 +287,18 @@ async fn agent_catalog_and_health_answer_in_consul_shapes() {
         400
     );
     assert_eq!(put(addr, "/v1/agent/force-leave/zz", b"").await.status, 404);
-    assert_eq!(put(addr, "/v1/agent/force-leave/a", b"").await.status, 400);
+    // A live member stays, as Consul leaves an alive and reachable one in place.
+    assert_eq!(put(addr, "/v1/agent/force-leave/a", b"").await.status, 200);
+    assert_eq!(
+        put(addr, "/v1/agent/force-leave/a?wan", b"").await.status,
+        400
+    );
+    assert_eq!(
+        put(addr, "/v1/agent/force-leave/a?prune=maybe", b"")
+            .await
+            .status,
+        400
+    );
     let pretty = get(addr, "/v1/catalog/datacenters?pretty").await.text();
     assert!(pretty.contains('\n'), "{pretty}");
 
@@ -359,6 +370,86 @@ async fn join_at_run_time_merges_two_lone_agents() {
     })
     .await;
     http_a.shutdown().await;
+}
+
+/// Consul's member `Status` of `name` in a `/v1/agent/members` answer, if listed.
+async fn member_status(addr: std::net::SocketAddr, name: &str) -> Option<u64> {
+    let members = get(addr, "/v1/agent/members").await.json();
+    members
+        .as_array()?
+        .iter()
+        .find(|m| m["Name"] == name)
+        .and_then(|m| m["Status"].as_u64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_leave_turns_a_failed_member_left_everywhere_and_prune_drops_it() {
+    let a = node("fl-a", &[]).await;
+    let b = node("fl-b", &[a.addr()]).await;
+    let c = node("fl-c", &[a.addr()]).await;
+    for n in [&a, &b, &c] {
+        tokio::time::timeout(EVENT_WAIT, n.wait_for_members(|m| m.len() == 3))
+            .await
+            .expect("three members");
+    }
+    let _db = c
+        .register(grapevine::Service::new("db", "db-1", 5432))
+        .await
+        .expect("register");
+    let (http_a, http_b) = (
+        serve(&a, HttpOptions::default()).await,
+        serve(&b, HttpOptions::default()).await,
+    );
+    let (api_a, api_b) = (http_a.local_addr(), http_b.local_addr());
+    let healthy = |api| async move {
+        get(api, "/v1/health/service/db")
+            .await
+            .json()
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    eventually("both see c's service", || async {
+        healthy(api_a).await == 1 && healthy(api_b).await == 1
+    })
+    .await;
+    // c crashes (no leave): once a no longer finds it alive, force it out.
+    c.shutdown().await;
+    eventually("a suspects c", || async {
+        a.members()
+            .iter()
+            .any(|m| m.name == "fl-c" && m.status != grapevine::MemberStatus::Alive)
+    })
+    .await;
+    let reply = put(api_a, "/v1/agent/force-leave/fl-c", b"").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    consul_headers(&reply);
+    // Left (3) at once here, and on b by the leave notice; its instance leaves lookups.
+    assert_eq!(member_status(api_a, "fl-c").await, Some(3));
+    eventually("b sees c left", || async {
+        member_status(api_b, "fl-c").await == Some(3)
+    })
+    .await;
+    assert_eq!(healthy(api_a).await, 0);
+    eventually("c's service leaves b's lookups", || async {
+        healthy(api_b).await == 0
+    })
+    .await;
+    // ?prune drops it from a's member list; b still lists it as left.
+    let reply = put(api_a, "/v1/agent/force-leave/fl-c?prune", b"").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(member_status(api_a, "fl-c").await, None);
+    assert_eq!(member_status(api_b, "fl-c").await, Some(3));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        member_status(api_a, "fl-c").await,
+        None,
+        "a pruned member stays out of the list"
+    );
+    let gone = put(api_a, "/v1/agent/force-leave/fl-c", b"").await;
+    assert_eq!(gone.status, 404, "{}", gone.text());
+    assert!(gone.error().contains("No node found"), "{}", gone.text());
+    http_a.shutdown().await;
+    http_b.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use super::api::{answer, block_catalog, body_bytes, check_service_name, settle};
 use super::query::{parse_duration, Params};
 use super::{lock, ApiError, AppState};
-use crate::membership::{Member, MemberStatus};
+use crate::membership::{ForceLeave, Member, MemberStatus};
 use crate::node::{Check, HttpCheck, Instance, Node, ServiceHandle};
 use crate::state::catalog::{Health, Service};
 
@@ -683,22 +683,27 @@ pub(crate) async fn leave(
     Ok(ok_empty())
 }
 
+/// Consul's `force-leave`: a failed (suspect or down) member becomes `left` on every live
+/// node, so its instances leave lookups; `?prune` also drops it from this agent's member
+/// list. A live member stays (200, as Consul, which leaves an alive and reachable member
+/// in place).
 pub(crate) async fn force_leave(
     State(state): Shared,
     Path(node): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    params(&state, query.as_deref(), &["prune", "wan"], false)?;
-    match state.node.members().iter().find(|m| m.name == node) {
-        None => Err(ApiError::not_found(format!(
+    let params = params(&state, query.as_deref(), &["prune", "wan"], false)?;
+    if params.flag("wan")? {
+        return Err(ApiError::bad_request(
+            "?wan: this agent has no WAN pool (one datacenter only); force-leave without ?wan",
+        ));
+    }
+    let prune = params.flag("prune")?;
+    match state.node.force_leave(&node, prune).await? {
+        ForceLeave::NotFound => Err(ApiError::not_found(format!(
             "agent: No node found with name '{node}'"
         ))),
-        Some(m) if m.status == MemberStatus::Left => Ok(ok_empty()),
-        Some(m) => Err(ApiError::bad_request(format!(
-            "cannot force {node} ({:?}) to leave: grapevine's failure detector removes down \
-             members itself, and a live member leaves only on its own",
-            m.status
-        ))),
+        ForceLeave::Alive | ForceLeave::Left | ForceLeave::Pruned => Ok(ok_empty()),
     }
 }
 

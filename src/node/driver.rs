@@ -20,7 +20,7 @@ use super::stats::Stats;
 use super::View;
 use crate::error::{Error, Result};
 use crate::membership::{
-    BroadcastBacklog, MemberEvent, Membership, MembershipError, Profile, PushPull,
+    BroadcastBacklog, ForceLeave, MemberEvent, Membership, MembershipError, Profile, PushPull,
 };
 use crate::net::{Transport, UdpSocket};
 use crate::state::catalog::{CatalogError, Delta, Health, ServiceRecord};
@@ -78,6 +78,13 @@ pub(crate) enum Command {
     /// Join the cluster through `addr` (announce over UDP, push-pull over TCP), as a seed
     /// given at start would; the caller waits for the member list to show it.
     Join { addr: SocketAddr },
+    /// Force the failed member `name` into `left` (Consul's `force-leave`); the reply is
+    /// sent once the member list showing it is published.
+    ForceLeave {
+        name: String,
+        prune: bool,
+        reply: oneshot::Sender<Result<ForceLeave>>,
+    },
 }
 
 /// What a finished outbound TCP exchange brought back.
@@ -240,6 +247,15 @@ impl<T: Transport> Driver<T> {
                         return;
                     }
                     Some(Command::Join { addr }) => self.join_through(addr, &mut tasks),
+                    Some(Command::ForceLeave { name, prune, reply }) => {
+                        let result = self
+                            .membership
+                            .force_leave(&name, prune, now())
+                            .map_err(Error::from);
+                        self.flush(&mut progress).await;
+                        self.publish(&mut progress);
+                        let _ = reply.send(result);
+                    }
                     Some(command) => self.handle_command(command),
                     // Every handle is gone: the node was dropped.
                     None => return,
@@ -368,7 +384,7 @@ impl<T: Transport> Driver<T> {
                 }
             }
             Command::StateChanged => {}
-            Command::Leave { .. } | Command::Join { .. } => {
+            Command::Leave { .. } | Command::Join { .. } | Command::ForceLeave { .. } => {
                 unreachable!("handled by the loop")
             }
         }
