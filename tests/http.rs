@@ -808,9 +808,16 @@ async fn kv_answers_as_consul() {
             400,
         ),
         (
-            "non-zero flags",
+            "negative flags",
             "PUT",
-            "/v1/kv/prod/f?flags=7".into(),
+            "/v1/kv/prod/f?flags=-1".into(),
+            b"1",
+            400,
+        ),
+        (
+            "flags above 64 bits",
+            "PUT",
+            "/v1/kv/prod/f?flags=18446744073709551616".into(),
             b"1",
             400,
         ),
@@ -835,7 +842,17 @@ async fn kv_answers_as_consul() {
         assert_eq!(reply.status, status, "{what}: {}", reply.text());
         consul_headers(&reply);
     }
-    assert_eq!(put(addr, "/v1/kv/prod/f?flags=0", b"1").await.status, 200);
+    // ?flags is stored with the value and listed; a write without it stores 0, as Consul.
+    let reply = put(addr, "/v1/kv/prod/f?flags=18446744073709551615", b"1").await;
+    assert_eq!((reply.status, reply.json()), (200, json!(true)));
+    let entry = get(addr, "/v1/kv/prod/f").await.json();
+    assert_eq!(entry[0]["Flags"], json!(u64::MAX), "{entry}");
+    let listed = get(addr, "/v1/kv/prod/f?recurse").await.json();
+    assert_eq!(listed[0]["Flags"], json!(u64::MAX), "{listed}");
+    assert_eq!(put(addr, "/v1/kv/prod/f?flags=7", b"2").await.status, 200);
+    assert_eq!(get(addr, "/v1/kv/prod/f").await.json()[0]["Flags"], 7);
+    assert_eq!(put(addr, "/v1/kv/prod/f", b"3").await.status, 200);
+    assert_eq!(get(addr, "/v1/kv/prod/f").await.json()[0]["Flags"], 0);
 
     // DELETE answers true, absent keys included; ?recurse deletes a prefix.
     let reply = request(addr, "DELETE", "/v1/kv/prod/orders/max_conn", b"").await;

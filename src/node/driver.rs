@@ -62,6 +62,7 @@ pub(crate) enum Command {
     ConfigSet {
         key: String,
         value: Vec<u8>,
+        flags: u64,
         reply: oneshot::Sender<Result<Change, ConfigError>>,
     },
     /// Delete a config key.
@@ -360,8 +361,13 @@ impl<T: Transport> Driver<T> {
                 let result = sync::lock(&self.state).catalog.deregister(&id);
                 let _ = reply.send(result.map(|delta| self.announce(&delta)));
             }
-            Command::ConfigSet { key, value, reply } => {
-                let result = sync::lock(&self.state).config_set(&key, value);
+            Command::ConfigSet {
+                key,
+                value,
+                flags,
+                reply,
+            } => {
+                let result = sync::lock(&self.state).config_set(&key, value, flags);
                 if let Ok(change) = &result {
                     self.announce_config(change);
                 }

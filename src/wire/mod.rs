@@ -20,7 +20,9 @@ pub const ENVELOPE_LEN: usize = 3;
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 
 const MAGIC: u8 = 0x47; // 'G'
-const VERSION: u8 = 1;
+/// 2 since config entries carry `flags`: a node of version 1 would misread them, so its
+/// datagrams are refused as not grapevine's.
+const VERSION: u8 = 2;
 
 /// Errors of encoding and decoding.
 #[derive(Debug, thiserror::Error)]
