@@ -84,8 +84,8 @@ pub const DEFAULT_HISTORY_MAX_BYTES: usize = 64 * 1024 * 1024;
 /// Number of buckets of a [`Digest`].
 pub const DIGEST_BUCKETS: usize = 256;
 /// Fixed per-entry overhead counted by the byte budgets of the anti-entropy helpers, on top
-/// of key, value and writer lengths (covers timestamps, tags and length prefixes).
-pub const ENTRY_OVERHEAD_BYTES: usize = 48;
+/// of key, value and writer lengths (covers timestamps, flags, tags and length prefixes).
+pub const ENTRY_OVERHEAD_BYTES: usize = 57;
 /// Upper bound of the encoded size of one `(key, Entry)` as the budgets count it.
 pub const MAX_ENTRY_WIRE_BYTES: usize =
     MAX_KEY_LEN + MAX_VALUE_LEN + MAX_WRITER_LEN + ENTRY_OVERHEAD_BYTES;
@@ -1713,11 +1713,13 @@ mod tests {
             seq in any::<u64>(),
             buckets in proptest::collection::vec(any::<u64>(), 0..300),
             value in proptest::collection::vec(any::<u8>(), 0..2_000),
+            flags in any::<u64>(),
         ) {
             let cfg = bincode::config::standard().with_limit::<{ 1 << 20 }>();
             let mut e = e;
             if e.value.is_some() {
                 e.value = Some(value);
+                e.flags = flags;
             }
             let bytes = bincode::serde::encode_to_vec(&e, cfg).unwrap();
             let (back, used): (Entry, usize) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
