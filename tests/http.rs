@@ -372,6 +372,118 @@ async fn join_at_run_time_merges_two_lone_agents() {
     http_a.shutdown().await;
 }
 
+/// `(CreateIndex, ModifyIndex)` of an object of a Consul answer.
+fn indexes_of(value: &Value) -> (u64, u64) {
+    (
+        value["CreateIndex"].as_u64().expect("CreateIndex"),
+        value["ModifyIndex"].as_u64().expect("ModifyIndex"),
+    )
+}
+
+#[tokio::test]
+async fn catalog_and_health_records_carry_their_own_indexes() {
+    let a = node("idx-a", &[]).await;
+    let http = serve(&a, HttpOptions::default()).await;
+    let addr = http.local_addr();
+    let register = |body: &'static str| async move {
+        let reply = put(addr, "/v1/agent/service/register", body.as_bytes()).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    };
+    let entry = |id: &'static str| async move {
+        let entries = get(addr, "/v1/health/service/web").await.json();
+        entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["Service"]["ID"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {id} in {entries}"))
+    };
+    register(r#"{"Name":"web","ID":"web-1","Port":80,"Check":{"TTL":"30s","Status":"passing"}}"#)
+        .await;
+    let one = entry("web-1").await;
+    let (create, modify) = indexes_of(&one["Service"]);
+    assert!(create > 0 && modify == create, "{one}");
+    let node = indexes_of(&one["Node"]);
+    assert!(node.0 > 0 && node.0 <= create, "{one}");
+    let check = one["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["CheckID"] == "service:web-1")
+        .cloned()
+        .expect("the service check");
+    assert_eq!(indexes_of(&check).0, create);
+
+    // Another registration leaves web-1's indexes alone, and gets later ones.
+    register(r#"{"Name":"web","ID":"web-2","Port":81}"#).await;
+    eventually("web-2 listed", || async {
+        get(addr, "/v1/health/service/web")
+            .await
+            .json()
+            .as_array()
+            .is_some_and(|e| e.len() == 2)
+    })
+    .await;
+    assert_eq!(
+        indexes_of(&entry("web-1").await["Service"]),
+        (create, modify)
+    );
+    let two = indexes_of(&entry("web-2").await["Service"]);
+    assert!(two.0 > create && two.1 == two.0, "{two:?}");
+
+    // A health change moves the check's ModifyIndex, not the service's.
+    let reply = put(addr, "/v1/agent/check/fail/service:web-1", b"").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    eventually("web-1 critical", || async {
+        entry("web-1").await["Checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["CheckID"] == "service:web-1" && c["Status"] == "critical")
+    })
+    .await;
+    let failed = entry("web-1").await;
+    assert_eq!(indexes_of(&failed["Service"]), (create, modify), "{failed}");
+    let check = failed["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["CheckID"] == "service:web-1")
+        .cloned()
+        .unwrap();
+    let (check_create, check_modify) = indexes_of(&check);
+    assert!(check_create == create && check_modify > two.0, "{check}");
+
+    // Re-registering with another tag moves ModifyIndex; CreateIndex stays.
+    register(r#"{"Name":"web","ID":"web-1","Port":80,"Tags":["v2"]}"#).await;
+    eventually("web-1 retagged", || async {
+        entry("web-1").await["Service"]["Tags"] == json!(["v2"])
+    })
+    .await;
+    let (again_create, again_modify) = indexes_of(&entry("web-1").await["Service"]);
+    assert!(
+        again_create == create && again_modify > check_modify,
+        "{again_modify}"
+    );
+
+    // The catalog's and the agent's shapes carry the same indexes.
+    let listed = get(addr, "/v1/catalog/service/web").await.json();
+    let web1 = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["ServiceID"] == "web-1")
+        .cloned()
+        .unwrap();
+    assert_eq!(indexes_of(&web1), (again_create, again_modify), "{web1}");
+    let agent = get(addr, "/v1/agent/service/web-1").await.json();
+    assert_eq!(indexes_of(&agent), (again_create, again_modify), "{agent}");
+    let nodes = get(addr, "/v1/catalog/nodes").await.json();
+    assert_eq!(indexes_of(&nodes[0]).0, node.0, "{nodes}");
+    http.shutdown().await;
+}
+
 /// Consul's member `Status` of `name` in a `/v1/agent/members` answer, if listed.
 async fn member_status(addr: std::net::SocketAddr, name: &str) -> Option<u64> {
     let members = get(addr, "/v1/agent/members").await.json();

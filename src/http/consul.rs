@@ -26,7 +26,7 @@ use super::api::{answer, block_catalog, body_bytes, check_service_name, settle};
 use super::query::{parse_duration, Params};
 use super::{lock, ApiError, AppState};
 use crate::membership::{ForceLeave, Member, MemberStatus};
-use crate::node::{Check, HttpCheck, Instance, Node, ServiceHandle};
+use crate::node::{Check, HttpCheck, Instance, Node, RecordIndexes, ServiceHandle};
 use crate::state::catalog::{Health, Service};
 
 type Shared = State<Arc<AppState>>;
@@ -186,30 +186,6 @@ struct CatalogNode {
     modify_index: u64,
 }
 
-fn catalog_node(state: &AppState, member: &Member) -> CatalogNode {
-    let ip = member.addr.ip().to_string();
-    let mut tagged = BTreeMap::new();
-    let family = if member.addr.is_ipv4() {
-        "ipv4"
-    } else {
-        "ipv6"
-    };
-    for kind in ["lan", "wan"] {
-        tagged.insert(kind.to_string(), ip.clone());
-        tagged.insert(format!("{kind}_{family}"), ip.clone());
-    }
-    CatalogNode {
-        id: node_id(&member.name),
-        node: member.name.clone(),
-        address: ip,
-        datacenter: state.options.datacenter.clone(),
-        tagged_addresses: tagged,
-        meta: BTreeMap::new(),
-        create_index: 0,
-        modify_index: 0,
-    }
-}
-
 /// Consul's `AgentService` (also the `Service` of a health entry).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "PascalCase")]
@@ -301,8 +277,12 @@ struct Extras {
 /// of the services registered here.
 struct View {
     local: String,
+    /// The catalog index this view was read at.
+    index: u64,
     members: BTreeMap<String, Member>,
     instances: Vec<Instance>,
+    indexes: BTreeMap<(String, String), RecordIndexes>,
+    node_indexes: BTreeMap<String, RecordIndexes>,
     extras: BTreeMap<String, Extras>,
 }
 
@@ -315,12 +295,17 @@ impl View {
             .into_iter()
             .map(|m| (m.name.clone(), m))
             .collect();
-        let instances = node
-            .catalog()
-            .all_instances()
-            .into_iter()
-            .filter(|i| i.node_status.is_active())
-            .collect();
+        let catalog = node.catalog();
+        let index = catalog.index();
+        let (all, node_indexes) = catalog.all_instances_with_indexes();
+        let mut indexes = BTreeMap::new();
+        let mut instances = Vec::new();
+        for (instance, record) in all {
+            if instance.node_status.is_active() {
+                indexes.insert((instance.node.clone(), instance.id.clone()), record);
+                instances.push(instance);
+            }
+        }
         let extras = lock(&state.services)
             .iter()
             .map(|(id, s)| {
@@ -336,10 +321,60 @@ impl View {
             .collect();
         View {
             local,
+            index,
             members,
             instances,
+            indexes,
+            node_indexes,
             extras,
         }
+    }
+
+    /// Consul's catalog node of `member`, with this agent's indexes of it.
+    fn catalog_node(&self, state: &AppState, member: &Member) -> CatalogNode {
+        let indexes = self.node_indexes(member);
+        let ip = member.addr.ip().to_string();
+        let mut tagged = BTreeMap::new();
+        let family = if member.addr.is_ipv4() {
+            "ipv4"
+        } else {
+            "ipv6"
+        };
+        for kind in ["lan", "wan"] {
+            tagged.insert(kind.to_string(), ip.clone());
+            tagged.insert(format!("{kind}_{family}"), ip.clone());
+        }
+        CatalogNode {
+            id: node_id(&member.name),
+            node: member.name.clone(),
+            address: ip,
+            datacenter: state.options.datacenter.clone(),
+            tagged_addresses: tagged,
+            meta: BTreeMap::new(),
+            create_index: indexes.create,
+            modify_index: indexes.modify,
+        }
+    }
+
+    /// This agent's indexes of a member (the catalog index when it is not in the catalog
+    /// view yet: the member list is published just after it).
+    fn node_indexes(&self, member: &Member) -> RecordIndexes {
+        self.node_indexes
+            .get(&member.name)
+            .copied()
+            .unwrap_or(RecordIndexes {
+                create: self.index,
+                modify: self.index,
+                health: self.index,
+            })
+    }
+
+    /// This agent's indexes of an instance.
+    fn indexes(&self, instance: &Instance) -> RecordIndexes {
+        self.indexes
+            .get(&(instance.node.clone(), instance.id.clone()))
+            .copied()
+            .unwrap_or_default()
     }
 
     fn extras(&self, instance: &Instance) -> Option<&Extras> {
@@ -350,6 +385,7 @@ impl View {
 
     fn service(&self, state: &AppState, instance: &Instance) -> AgentService {
         let extras = self.extras(instance);
+        let indexes = self.indexes(instance);
         AgentService {
             id: instance.id.clone(),
             service: instance.service.clone(),
@@ -363,13 +399,14 @@ impl View {
             weights: extras.map(|e| e.weights).unwrap_or_default(),
             enable_tag_override: extras.is_some_and(|e| e.enable_tag_override),
             datacenter: state.options.datacenter.clone(),
-            create_index: 0,
-            modify_index: 0,
+            create_index: indexes.create,
+            modify_index: indexes.modify,
         }
     }
 
     /// The service checks of an instance (not `serfHealth`).
     fn checks(&self, instance: &Instance) -> Vec<HealthCheck> {
+        let indexes = self.indexes(instance);
         let check = |status: Health,
                      id: String,
                      name: String,
@@ -388,8 +425,8 @@ impl View {
             service_tags: instance.tags.clone(),
             kind: kind.to_string(),
             definition,
-            create_index: 0,
-            modify_index: 0,
+            create_index: indexes.create,
+            modify_index: indexes.health,
         };
         match self.extras(instance) {
             Some(extras) => extras
@@ -429,6 +466,7 @@ impl View {
 
     fn serf_check(&self, member: &Member) -> HealthCheck {
         let alive = member.status.is_active();
+        let indexes = self.node_indexes(member);
         HealthCheck {
             node: member.name.clone(),
             check_id: "serfHealth".to_string(),
@@ -446,8 +484,8 @@ impl View {
             service_tags: Vec::new(),
             kind: String::new(),
             definition: Value::Object(Map::new()),
-            create_index: 0,
-            modify_index: 0,
+            create_index: indexes.create,
+            modify_index: indexes.health,
         }
     }
 
@@ -456,7 +494,7 @@ impl View {
         let mut checks = vec![self.serf_check(member)];
         checks.extend(self.checks(instance));
         Some(ServiceEntry {
-            node: catalog_node(state, member),
+            node: self.catalog_node(state, member),
             service: self.service(state, instance),
             checks,
         })
@@ -1524,7 +1562,7 @@ pub(crate) async fn catalog_service(
             .filter(|i| i.service == name && tags_match(&params, i))
             .filter_map(|i| {
                 let member = view.members.get(&i.node)?;
-                let node = catalog_node(&state, member);
+                let node = view.catalog_node(&state, member);
                 let service = view.service(&state, i);
                 Some(CatalogService {
                     id: node.id,
@@ -1542,8 +1580,8 @@ pub(crate) async fn catalog_service(
                     service_weights: service.weights,
                     service_enable_tag_override: service.enable_tag_override,
                     service_tagged_addresses: service.tagged_addresses,
-                    create_index: 0,
-                    modify_index: 0,
+                    create_index: service.create_index,
+                    modify_index: service.modify_index,
                 })
             })
             .collect();
@@ -1561,7 +1599,8 @@ pub(crate) async fn catalog_nodes(
     let params = params(&state, query.as_deref(), &["near"], true)?;
     let (index, nodes) = block_catalog(&state, &params, |_: &Node| {
         let view = View::read(&state);
-        let mut nodes: Vec<CatalogNode> = view.nodes().map(|m| catalog_node(&state, m)).collect();
+        let mut nodes: Vec<CatalogNode> =
+            view.nodes().map(|m| view.catalog_node(&state, m)).collect();
         near(&params, &view.local, &mut nodes, |n| &n.node);
         nodes
     })
@@ -1586,7 +1625,7 @@ pub(crate) async fn catalog_node_services(
         let view = View::read(&state);
         let member = view.nodes().find(|m| m.name == node)?;
         Some(NodeServices {
-            node: catalog_node(&state, member),
+            node: view.catalog_node(&state, member),
             services: view
                 .instances
                 .iter()

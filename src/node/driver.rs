@@ -805,7 +805,8 @@ impl<T: Transport> Driver<T> {
                 Some(members) => CatalogView::build(&state.catalog, members),
                 None => CatalogView::build(&state.catalog, &self.view.borrow().members),
             };
-            view.index = self.catalog_view.borrow().index + 1;
+            let previous = self.catalog_view.borrow().clone();
+            view.carry_indexes(&previous, previous.index + 1);
             drop(state);
             self.catalog_view.send_replace(Arc::new(view));
             progress.state_published = Some(versions);

@@ -23,7 +23,7 @@ use rand::SeedableRng;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-pub use catalog::{CatalogHandle, Instance, Query, ServiceSummary, ServiceWatch};
+pub use catalog::{CatalogHandle, Instance, Query, RecordIndexes, ServiceSummary, ServiceWatch};
 pub use checks::{worst as worst_health, Check, HttpCheck, ServiceHandle};
 pub use config::{ConfigEvent, ConfigHandle, ConfigWatch};
 pub use seeds::{InvalidSeed, SeedName};
