@@ -481,6 +481,34 @@ async fn catalog_and_health_records_carry_their_own_indexes() {
     assert_eq!(indexes_of(&agent), (again_create, again_modify), "{agent}");
     let nodes = get(addr, "/v1/catalog/nodes").await.json();
     assert_eq!(indexes_of(&nodes[0]).0, node.0, "{nodes}");
+
+    // ?node-meta filters nodes by meta; grapevine nodes carry none, so a filter matches
+    // nothing (Consul's empty answers), and ?merge-central-config has nothing to merge.
+    for (path, empty) in [
+        ("/v1/catalog/services", json!({})),
+        ("/v1/catalog/service/web", json!([])),
+        ("/v1/catalog/nodes", json!([])),
+        ("/v1/health/service/web", json!([])),
+        ("/v1/health/checks/web", json!([])),
+        ("/v1/health/state/passing", json!([])),
+        ("/v1/health/state/any", json!([])),
+    ] {
+        let reply = get(addr, &format!("{path}?node-meta=rack:r1")).await;
+        assert_eq!((reply.status, reply.json()), (200, empty), "{path}");
+        let reply = get(addr, &format!("{path}?node-meta=")).await;
+        assert_eq!(reply.status, 200, "{path}");
+        let unfiltered = get(addr, path).await.json();
+        assert_eq!(
+            reply.json(),
+            unfiltered,
+            "{path}: an empty filter filters nothing"
+        );
+    }
+    for path in ["/v1/health/service/web", "/v1/catalog/service/web"] {
+        let merged = get(addr, &format!("{path}?merge-central-config")).await;
+        assert_eq!(merged.status, 200, "{path}");
+        assert_eq!(merged.json().as_array().map(Vec::len), Some(2), "{path}");
+    }
     http.shutdown().await;
 }
 

@@ -517,6 +517,13 @@ fn near<T>(params: &Params, local: &str, items: &mut [T], node: impl Fn(&T) -> &
     }
 }
 
+/// Whether every node passes the `?node-meta=key:value` filters (repeatable) of Consul's
+/// catalog and health reads: grapevine nodes carry no node meta (`Meta` is `{}`), so a
+/// filter naming any key matches no node.
+fn node_meta_matches(params: &Params) -> bool {
+    params.all("node-meta").iter().all(|f| f.is_empty())
+}
+
 fn tags_match(params: &Params, instance: &Instance) -> bool {
     params
         .all("tag")
@@ -1530,9 +1537,12 @@ pub(crate) async fn catalog_services(
     State(state): Shared,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = params(&state, query.as_deref(), &[], true)?;
+    let params = params(&state, query.as_deref(), &["node-meta"], true)?;
     let (index, services) = block_catalog(&state, &params, |node: &Node| {
         let mut services: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        if !node_meta_matches(&params) {
+            return services;
+        }
         for instance in node.catalog().all_instances() {
             if instance.node_status.is_active() {
                 services
@@ -1552,14 +1562,20 @@ pub(crate) async fn catalog_service(
     Path(name): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = params(&state, query.as_deref(), &["tag", "near"], true)?;
+    let params = params(
+        &state,
+        query.as_deref(),
+        &["tag", "near", "node-meta", "merge-central-config"],
+        true,
+    )?;
+    params.flag("merge-central-config")?;
     check_service_name(&name)?;
     let (index, entries) = block_catalog(&state, &params, |_: &Node| {
         let view = View::read(&state);
         let mut entries: Vec<CatalogService> = view
             .instances
             .iter()
-            .filter(|i| i.service == name && tags_match(&params, i))
+            .filter(|i| i.service == name && tags_match(&params, i) && node_meta_matches(&params))
             .filter_map(|i| {
                 let member = view.members.get(&i.node)?;
                 let node = view.catalog_node(&state, member);
@@ -1596,11 +1612,14 @@ pub(crate) async fn catalog_nodes(
     State(state): Shared,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = params(&state, query.as_deref(), &["near"], true)?;
+    let params = params(&state, query.as_deref(), &["near", "node-meta"], true)?;
     let (index, nodes) = block_catalog(&state, &params, |_: &Node| {
         let view = View::read(&state);
-        let mut nodes: Vec<CatalogNode> =
-            view.nodes().map(|m| view.catalog_node(&state, m)).collect();
+        let mut nodes: Vec<CatalogNode> = view
+            .nodes()
+            .filter(|_| node_meta_matches(&params))
+            .map(|m| view.catalog_node(&state, m))
+            .collect();
         near(&params, &view.local, &mut nodes, |n| &n.node);
         nodes
     })
@@ -1655,7 +1674,19 @@ pub(crate) async fn health_service(
     Path(name): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = params(&state, query.as_deref(), &["tag", "passing", "near"], true)?;
+    let params = params(
+        &state,
+        query.as_deref(),
+        &[
+            "tag",
+            "passing",
+            "near",
+            "node-meta",
+            "merge-central-config",
+        ],
+        true,
+    )?;
+    params.flag("merge-central-config")?;
     check_service_name(&name)?;
     let passing = params.flag("passing")?;
     let (index, entries) = block_catalog(&state, &params, |_: &Node| {
@@ -1663,7 +1694,7 @@ pub(crate) async fn health_service(
         let mut entries: Vec<ServiceEntry> = view
             .instances
             .iter()
-            .filter(|i| i.service == name && tags_match(&params, i))
+            .filter(|i| i.service == name && tags_match(&params, i) && node_meta_matches(&params))
             .filter_map(|i| view.entry(&state, i))
             .filter(|e| !passing || e.checks.iter().all(|c| c.status == "passing"))
             .collect();
@@ -1679,14 +1710,14 @@ pub(crate) async fn health_checks(
     Path(name): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = params(&state, query.as_deref(), &["near"], true)?;
+    let params = params(&state, query.as_deref(), &["near", "node-meta"], true)?;
     check_service_name(&name)?;
     let (index, checks) = block_catalog(&state, &params, |_: &Node| {
         let view = View::read(&state);
         let mut checks: Vec<HealthCheck> = view
             .instances
             .iter()
-            .filter(|i| i.service == name)
+            .filter(|i| i.service == name && node_meta_matches(&params))
             .flat_map(|i| view.checks(i))
             .collect();
         near(&params, &view.local, &mut checks, |c| &c.node);
@@ -1722,7 +1753,7 @@ pub(crate) async fn health_state(
     Path(wanted): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = params(&state, query.as_deref(), &["near"], true)?;
+    let params = params(&state, query.as_deref(), &["near", "node-meta"], true)?;
     if !matches!(wanted.as_str(), "any" | "passing" | "warning" | "critical") {
         return Err(ApiError::bad_request(format!(
             "Invalid state {wanted:?}: use any, passing, warning or critical"
@@ -1734,7 +1765,7 @@ pub(crate) async fn health_state(
         for instance in &view.instances {
             checks.extend(view.checks(instance));
         }
-        checks.retain(|c| wanted == "any" || c.status == wanted);
+        checks.retain(|c| (wanted == "any" || c.status == wanted) && node_meta_matches(&params));
         near(&params, &view.local, &mut checks, |c| &c.node);
         checks
     })
