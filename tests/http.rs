@@ -512,6 +512,50 @@ async fn catalog_and_health_records_carry_their_own_indexes() {
     http.shutdown().await;
 }
 
+#[tokio::test]
+async fn agent_health_of_a_local_service_answers_as_consul_for_load_balancers() {
+    let a = node("ah-a", &[]).await;
+    let http = serve(&a, HttpOptions::default()).await;
+    let addr = http.local_addr();
+    let body = br#"{"Name":"api","ID":"api-1","Port":80,"Check":{"TTL":"30s","Status":"passing"}}"#;
+    assert_eq!(
+        put(addr, "/v1/agent/service/register", body).await.status,
+        200
+    );
+    let by_id = "/v1/agent/health/service/id/api-1";
+    let by_name = "/v1/agent/health/service/name/api";
+    let reply = get(addr, by_id).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    consul_headers(&reply);
+    let health = reply.json();
+    assert_eq!(health["AggregatedStatus"], "passing");
+    assert_eq!(health["Service"]["ID"], "api-1");
+    assert_eq!(health["Checks"][0]["CheckID"], "service:api-1");
+    let text = get(addr, &format!("{by_id}?format=text")).await;
+    assert_eq!((text.status, text.text()), (200, "passing".to_string()));
+    for (verdict, code, status) in [("warn", 429, "warning"), ("fail", 503, "critical")] {
+        let path = format!("/v1/agent/check/{verdict}/service:api-1");
+        assert_eq!(put(addr, &path, b"").await.status, 200);
+        eventually(status, || async { get(addr, by_id).await.status == code }).await;
+        let reply = get(addr, by_id).await;
+        assert_eq!(reply.json()["AggregatedStatus"], status);
+        let named = get(addr, by_name).await;
+        assert_eq!(named.status, code);
+        assert_eq!(named.json()[0]["AggregatedStatus"], status);
+        let text = get(addr, &format!("{by_name}?format=text")).await;
+        assert_eq!((text.status, text.text()), (code, status.to_string()));
+    }
+    let unknown = get(addr, "/v1/agent/health/service/id/nope").await;
+    assert_eq!(unknown.status, 404);
+    consul_headers(&unknown);
+    assert_eq!(
+        get(addr, "/v1/agent/health/service/name/nope").await.status,
+        404
+    );
+    assert_eq!(get(addr, &format!("{by_id}?format=xml")).await.status, 400);
+    http.shutdown().await;
+}
+
 /// Consul's member `Status` of `name` in a `/v1/agent/members` answer, if listed.
 async fn member_status(addr: std::net::SocketAddr, name: &str) -> Option<u64> {
     let members = get(addr, "/v1/agent/members").await.json();

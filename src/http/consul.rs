@@ -16,7 +16,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -787,6 +787,125 @@ pub(crate) async fn agent_service(
         Some(service) => Ok(answer(&params, index, &service)),
         None => Err(ApiError::not_found(format!("unknown service ID: {id}")).with_index(index)),
     }
+}
+
+/// One local service's health as Consul's `agent/health/service` answers it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct AgentServiceHealth {
+    aggregated_status: &'static str,
+    service: AgentService,
+    checks: Vec<HealthCheck>,
+}
+
+/// The worst status of `checks` (passing when there are none), as Consul aggregates them.
+fn aggregate(checks: &[HealthCheck]) -> &'static str {
+    let rank = |s: &str| match s {
+        "critical" => 2,
+        "warning" => 1,
+        _ => 0,
+    };
+    checks
+        .iter()
+        .map(|c| c.status)
+        .max_by_key(|s| rank(s))
+        .unwrap_or("passing")
+}
+
+/// Consul's status code for an aggregated status: 200 passing, 429 warning, 503 critical.
+fn health_code(status: &str) -> StatusCode {
+    match status {
+        "passing" => StatusCode::OK,
+        "warning" => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// The answer of `agent/health/service/...`: JSON, or with `?format=text` the aggregated
+/// status alone, under the status's code either way.
+fn health_answer<T: Serialize>(
+    params: &Params,
+    index: u64,
+    status: &'static str,
+    body: &T,
+) -> Result<Response, ApiError> {
+    let mut response = match params.string("format") {
+        Some("text") => {
+            let mut response = (
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                status,
+            )
+                .into_response();
+            response
+                .headers_mut()
+                .insert(super::INDEX_HEADER, HeaderValue::from(index.max(1)));
+            response
+        }
+        None | Some("json") | Some("") => answer(params, index, body),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "format={other:?}: give text or json"
+            )))
+        }
+    };
+    *response.status_mut() = health_code(status);
+    Ok(response)
+}
+
+/// `GET /v1/agent/health/service/id/{id}`: a local service's aggregated health, as
+/// Consul's agent answers load balancers.
+pub(crate) async fn agent_health_by_id(
+    State(state): Shared,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = params(&state, query.as_deref(), &["format"], false)?;
+    let view = View::read(&state);
+    let Some(instance) = view
+        .instances
+        .iter()
+        .find(|i| i.node == view.local && i.id == id)
+    else {
+        return Err(ApiError::not_found(format!("ServiceId {id} not found")));
+    };
+    let checks = view.checks(instance);
+    let status = aggregate(&checks);
+    let body = AgentServiceHealth {
+        aggregated_status: status,
+        service: view.service(&state, instance),
+        checks,
+    };
+    health_answer(&params, view.index, status, &body)
+}
+
+/// `GET /v1/agent/health/service/name/{name}`: every local instance of a service with its
+/// aggregated health; the code is the worst one's.
+pub(crate) async fn agent_health_by_name(
+    State(state): Shared,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = params(&state, query.as_deref(), &["format"], false)?;
+    check_service_name(&name)?;
+    let view = View::read(&state);
+    let all: Vec<AgentServiceHealth> = view
+        .instances
+        .iter()
+        .filter(|i| i.node == view.local && i.service == name)
+        .map(|i| {
+            let checks = view.checks(i);
+            AgentServiceHealth {
+                aggregated_status: aggregate(&checks),
+                service: view.service(&state, i),
+                checks,
+            }
+        })
+        .collect();
+    if all.is_empty() {
+        return Err(ApiError::not_found(format!("ServiceName {name} Not Found")));
+    }
+    let worst: Vec<HealthCheck> = all.iter().flat_map(|h| h.checks.clone()).collect();
+    health_answer(&params, view.index, aggregate(&worst), &all)
 }
 
 pub(crate) async fn agent_checks(
