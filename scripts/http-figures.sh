@@ -7,13 +7,17 @@
 # RSS after the run. The agent is one of a 3-agent loopback cluster (release build) holding
 # 3 instances of `web` (one per agent) and 100 KV keys.
 #   usage: scripts/http-figures.sh          (needs wrk: apt-get install wrk)
+#          BIN=/path/to/release/grapevine scripts/http-figures.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUESTS=${REQUESTS:-5000}
 DURATION=${DURATION:-10}
 command -v wrk >/dev/null || { echo "error: wrk is needed (apt-get install wrk)" >&2; exit 1; }
-cargo build --release --quiet --bin grapevine
-BIN=target/release/grapevine
+# BIN=path/to/grapevine uses a release binary built elsewhere instead of building one.
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --quiet --bin grapevine
+  BIN=target/release/grapevine
+fi
 LOGS=$(mktemp -d)
 pids=()
 cleanup() {
