@@ -206,6 +206,11 @@ def run(clients, agents):
     _, keys = a.kv.get("app/", keys=True, separator="/")
     expect(keys == ["app/config/"], f"keys with separator {keys}")
     wait_for("kv replicated to b", lambda: b.kv.get("app/config/limit")[1] is not None)
+    expect(a.kv.put("app/config/flagged", "f", flags=42), "kv put with flags")
+    wait_for(
+        "kv flags replicated to b",
+        lambda: (b.kv.get("app/config/flagged")[1] or {}).get("Flags") == 42,
+    )
     index, _ = b.kv.get("app/config/limit")
     def write_later():
         time.sleep(0.5)

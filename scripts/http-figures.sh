@@ -2,17 +2,22 @@
 # Figures of the Consul-compatible HTTP API: lookup latency p50/p99 of
 # `GET /v1/health/service/web` and `GET /v1/kv/app/config/limit` with a keep-alive client
 # (Python's http.client, one connection, REQUESTS each, after a warm-up), then requests/s
-# with wrk (Debian) at 64 connections, 2 threads, DURATION s per endpoint, and the agent's
+# with wrk (Debian) on one connection (a native keep-alive client's latency) and at 64
+# connections, 2 threads, DURATION s per endpoint, and the agent's
 # RSS after the run. The agent is one of a 3-agent loopback cluster (release build) holding
 # 3 instances of `web` (one per agent) and 100 KV keys.
 #   usage: scripts/http-figures.sh          (needs wrk: apt-get install wrk)
+#          BIN=/path/to/release/grapevine scripts/http-figures.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUESTS=${REQUESTS:-5000}
 DURATION=${DURATION:-10}
 command -v wrk >/dev/null || { echo "error: wrk is needed (apt-get install wrk)" >&2; exit 1; }
-cargo build --release --quiet --bin grapevine
-BIN=target/release/grapevine
+# BIN=path/to/grapevine uses a release binary built elsewhere instead of building one.
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --quiet --bin grapevine
+  BIN=target/release/grapevine
+fi
 LOGS=$(mktemp -d)
 pids=()
 cleanup() {
@@ -81,6 +86,11 @@ for path in ["/v1/health/service/web", "/v1/kv/app/config/limit"]:
     p = lambda q: times[int(q * (len(times) - 1))] * 1e6
     print(f"keep-alive GET {path}: p50 {p(0.50):.0f} us, p99 {p(0.99):.0f} us ({n} requests, Python client)")
 PY
+# The same latency with a native keep-alive client: wrk on one connection, one thread.
+for path in /v1/health/service/web /v1/kv/app/config/limit; do
+  echo "wrk -t1 -c1 -d${DURATION}s --latency http://127.0.0.1:$A$path"
+  wrk -t1 -c1 -d"${DURATION}s" --latency "http://127.0.0.1:$A$path" | grep -E "Requests/sec|50%|99%|Non-2xx|Socket errors"
+done
 for path in /v1/health/service/web /v1/kv/app/config/limit; do
   echo "wrk -t2 -c64 -d${DURATION}s http://127.0.0.1:$A$path"
   wrk -t2 -c64 -d"${DURATION}s" --latency "http://127.0.0.1:$A$path" | grep -E "Requests/sec|50%|99%|Non-2xx|Socket errors"

@@ -34,7 +34,7 @@ pub mod sync;
 pub mod wire;
 
 pub use error::{Error, Result};
-pub use membership::{Member, MemberEvent, MemberStatus, NodeId, Profile};
+pub use membership::{ForceLeave, Member, MemberEvent, MemberStatus, NodeId, Profile};
 pub use node::{
     CatalogHandle, Check, ConfigEvent, ConfigHandle, ConfigWatch, Instance, MemberEvents, Node,
     NodeBuilder, Query, ServiceHandle, ServiceSummary, ServiceWatch, StatsSnapshot,

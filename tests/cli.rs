@@ -2012,3 +2012,54 @@ fn the_http_body_budget_is_set_by_flag_or_agent_file() {
     let line = assert_one_line_error(&output, "a bad body budget in the file");
     assert!(line.contains("http_body_budget"), "{line}");
 }
+
+#[test]
+fn force_leave_makes_a_killed_member_left_and_prune_drops_it() {
+    let mut agents = converged_cluster(&["fl-cli-a", "fl-cli-b"]);
+    let mut victim = agents.pop().expect("two agents");
+    let agent = agents[0].addr.to_string();
+    let force = |args: &[&str]| {
+        let mut all = vec!["force-leave"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--agent", &agent]);
+        cli(&all)
+    };
+    // A live member stays.
+    let output = force(&["fl-cli-b"]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("alive"),
+        "{output:?}"
+    );
+    victim.process.child.kill().expect("SIGKILL the agent");
+    victim.process.child.wait().expect("reap the agent");
+    poll_until("a to find b failing", CONVERGE, |last| {
+        let seen = statuses(&members(agents[0].addr).ok()?);
+        *last = format!("{seen:?}");
+        matches!(
+            seen.get("fl-cli-b").map(String::as_str),
+            Some("suspect" | "down")
+        )
+        .then_some(())
+    });
+    let output = force(&["fl-cli-b"]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("now left"),
+        "{output:?}"
+    );
+    let seen = statuses(&members(agents[0].addr).expect("members"));
+    assert_eq!(seen.get("fl-cli-b").map(String::as_str), Some("left"));
+
+    let output = force(&["fl-cli-b", "--prune"]);
+    assert!(output.status.success(), "{output:?}");
+    let seen = statuses(&members(agents[0].addr).expect("members"));
+    assert!(!seen.contains_key("fl-cli-b"), "{seen:?}");
+
+    let output = force(&["nobody"]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("No node found"),
+        "{output:?}"
+    );
+}

@@ -93,14 +93,18 @@ async fn full_restart_keeps_everything(clean: bool) {
         }
     }
     assert!(nodes[1].config().delete("prod/0/3").await.unwrap());
+    // Flags (Consul's KV `Flags`) replicate and persist with the value.
     nodes[2]
         .config()
-        .set_str("prod/1/1", "newer")
+        .set_with_flags("prod/1/1", "newer", u64::MAX - 1)
         .await
         .unwrap();
+    let flags = |n: &Node| n.config().get_entry("prod/1/1").map(|e| e.flags);
     for node in &nodes {
         eventually(node, "every write everywhere", |n| {
-            n.config().key_count() == 59 && value(n, "prod/1/1").as_deref() == Some("newer")
+            n.config().key_count() == 59
+                && value(n, "prod/1/1").as_deref() == Some("newer")
+                && flags(n) == Some(u64::MAX - 1)
         })
         .await;
     }
@@ -112,6 +116,7 @@ async fn full_restart_keeps_everything(clean: bool) {
         assert_eq!(node.config().key_count(), 59, "{}", node.identity());
         assert_eq!(value(node, "prod/0/3"), None, "a deleted key stays deleted");
         assert_eq!(value(node, "prod/1/1").as_deref(), Some("newer"));
+        assert_eq!(flags(node), Some(u64::MAX - 1), "flags kept on disk");
         assert_eq!(value(node, "prod/2/19").as_deref(), Some("v19"));
     }
     for node in &nodes {
@@ -125,7 +130,7 @@ async fn full_restart_keeps_everything(clean: bool) {
         .unwrap();
     for node in &nodes {
         eventually(node, "the new write", |n| {
-            value(n, "prod/1/1").as_deref() == Some("after")
+            value(n, "prod/1/1").as_deref() == Some("after") && flags(n) == Some(0)
         })
         .await;
     }

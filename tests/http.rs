@@ -287,7 +287,18 @@ async fn agent_catalog_and_health_answer_in_consul_shapes() {
         400
     );
     assert_eq!(put(addr, "/v1/agent/force-leave/zz", b"").await.status, 404);
-    assert_eq!(put(addr, "/v1/agent/force-leave/a", b"").await.status, 400);
+    // A live member stays, as Consul leaves an alive and reachable one in place.
+    assert_eq!(put(addr, "/v1/agent/force-leave/a", b"").await.status, 200);
+    assert_eq!(
+        put(addr, "/v1/agent/force-leave/a?wan", b"").await.status,
+        400
+    );
+    assert_eq!(
+        put(addr, "/v1/agent/force-leave/a?prune=maybe", b"")
+            .await
+            .status,
+        400
+    );
     let pretty = get(addr, "/v1/catalog/datacenters?pretty").await.text();
     assert!(pretty.contains('\n'), "{pretty}");
 
@@ -359,6 +370,270 @@ async fn join_at_run_time_merges_two_lone_agents() {
     })
     .await;
     http_a.shutdown().await;
+}
+
+/// `(CreateIndex, ModifyIndex)` of an object of a Consul answer.
+fn indexes_of(value: &Value) -> (u64, u64) {
+    (
+        value["CreateIndex"].as_u64().expect("CreateIndex"),
+        value["ModifyIndex"].as_u64().expect("ModifyIndex"),
+    )
+}
+
+#[tokio::test]
+async fn catalog_and_health_records_carry_their_own_indexes() {
+    let a = node("idx-a", &[]).await;
+    let http = serve(&a, HttpOptions::default()).await;
+    let addr = http.local_addr();
+    let register = |body: &'static str| async move {
+        let reply = put(addr, "/v1/agent/service/register", body.as_bytes()).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    };
+    let entry = |id: &'static str| async move {
+        let entries = get(addr, "/v1/health/service/web").await.json();
+        entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["Service"]["ID"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {id} in {entries}"))
+    };
+    register(r#"{"Name":"web","ID":"web-1","Port":80,"Check":{"TTL":"30s","Status":"passing"}}"#)
+        .await;
+    let one = entry("web-1").await;
+    let (create, modify) = indexes_of(&one["Service"]);
+    assert!(create > 0 && modify == create, "{one}");
+    let node = indexes_of(&one["Node"]);
+    assert!(node.0 > 0 && node.0 <= create, "{one}");
+    let check = one["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["CheckID"] == "service:web-1")
+        .cloned()
+        .expect("the service check");
+    assert_eq!(indexes_of(&check).0, create);
+
+    // Another registration leaves web-1's indexes alone, and gets later ones.
+    register(r#"{"Name":"web","ID":"web-2","Port":81}"#).await;
+    eventually("web-2 listed", || async {
+        get(addr, "/v1/health/service/web")
+            .await
+            .json()
+            .as_array()
+            .is_some_and(|e| e.len() == 2)
+    })
+    .await;
+    assert_eq!(
+        indexes_of(&entry("web-1").await["Service"]),
+        (create, modify)
+    );
+    let two = indexes_of(&entry("web-2").await["Service"]);
+    assert!(two.0 > create && two.1 == two.0, "{two:?}");
+
+    // A health change moves the check's ModifyIndex, not the service's.
+    let reply = put(addr, "/v1/agent/check/fail/service:web-1", b"").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    eventually("web-1 critical", || async {
+        entry("web-1").await["Checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["CheckID"] == "service:web-1" && c["Status"] == "critical")
+    })
+    .await;
+    let failed = entry("web-1").await;
+    assert_eq!(indexes_of(&failed["Service"]), (create, modify), "{failed}");
+    let check = failed["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["CheckID"] == "service:web-1")
+        .cloned()
+        .unwrap();
+    let (check_create, check_modify) = indexes_of(&check);
+    assert!(check_create == create && check_modify > two.0, "{check}");
+
+    // Re-registering with another tag moves ModifyIndex; CreateIndex stays.
+    register(r#"{"Name":"web","ID":"web-1","Port":80,"Tags":["v2"]}"#).await;
+    eventually("web-1 retagged", || async {
+        entry("web-1").await["Service"]["Tags"] == json!(["v2"])
+    })
+    .await;
+    let (again_create, again_modify) = indexes_of(&entry("web-1").await["Service"]);
+    assert!(
+        again_create == create && again_modify > check_modify,
+        "{again_modify}"
+    );
+
+    // The catalog's and the agent's shapes carry the same indexes.
+    let listed = get(addr, "/v1/catalog/service/web").await.json();
+    let web1 = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["ServiceID"] == "web-1")
+        .cloned()
+        .unwrap();
+    assert_eq!(indexes_of(&web1), (again_create, again_modify), "{web1}");
+    let agent = get(addr, "/v1/agent/service/web-1").await.json();
+    assert_eq!(indexes_of(&agent), (again_create, again_modify), "{agent}");
+    let nodes = get(addr, "/v1/catalog/nodes").await.json();
+    assert_eq!(indexes_of(&nodes[0]).0, node.0, "{nodes}");
+
+    // ?node-meta filters nodes by meta; grapevine nodes carry none, so a filter matches
+    // nothing (Consul's empty answers), and ?merge-central-config has nothing to merge.
+    for (path, empty) in [
+        ("/v1/catalog/services", json!({})),
+        ("/v1/catalog/service/web", json!([])),
+        ("/v1/catalog/nodes", json!([])),
+        ("/v1/health/service/web", json!([])),
+        ("/v1/health/checks/web", json!([])),
+        ("/v1/health/state/passing", json!([])),
+        ("/v1/health/state/any", json!([])),
+    ] {
+        let reply = get(addr, &format!("{path}?node-meta=rack:r1")).await;
+        assert_eq!((reply.status, reply.json()), (200, empty), "{path}");
+        let reply = get(addr, &format!("{path}?node-meta=")).await;
+        assert_eq!(reply.status, 200, "{path}");
+        let unfiltered = get(addr, path).await.json();
+        assert_eq!(
+            reply.json(),
+            unfiltered,
+            "{path}: an empty filter filters nothing"
+        );
+    }
+    for path in ["/v1/health/service/web", "/v1/catalog/service/web"] {
+        let merged = get(addr, &format!("{path}?merge-central-config")).await;
+        assert_eq!(merged.status, 200, "{path}");
+        assert_eq!(merged.json().as_array().map(Vec::len), Some(2), "{path}");
+    }
+    http.shutdown().await;
+}
+
+#[tokio::test]
+async fn agent_health_of_a_local_service_answers_as_consul_for_load_balancers() {
+    let a = node("ah-a", &[]).await;
+    let http = serve(&a, HttpOptions::default()).await;
+    let addr = http.local_addr();
+    let body = br#"{"Name":"api","ID":"api-1","Port":80,"Check":{"TTL":"30s","Status":"passing"}}"#;
+    assert_eq!(
+        put(addr, "/v1/agent/service/register", body).await.status,
+        200
+    );
+    let by_id = "/v1/agent/health/service/id/api-1";
+    let by_name = "/v1/agent/health/service/name/api";
+    let reply = get(addr, by_id).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    consul_headers(&reply);
+    let health = reply.json();
+    assert_eq!(health["AggregatedStatus"], "passing");
+    assert_eq!(health["Service"]["ID"], "api-1");
+    assert_eq!(health["Checks"][0]["CheckID"], "service:api-1");
+    let text = get(addr, &format!("{by_id}?format=text")).await;
+    assert_eq!((text.status, text.text()), (200, "passing".to_string()));
+    for (verdict, code, status) in [("warn", 429, "warning"), ("fail", 503, "critical")] {
+        let path = format!("/v1/agent/check/{verdict}/service:api-1");
+        assert_eq!(put(addr, &path, b"").await.status, 200);
+        eventually(status, || async { get(addr, by_id).await.status == code }).await;
+        let reply = get(addr, by_id).await;
+        assert_eq!(reply.json()["AggregatedStatus"], status);
+        let named = get(addr, by_name).await;
+        assert_eq!(named.status, code);
+        assert_eq!(named.json()[0]["AggregatedStatus"], status);
+        let text = get(addr, &format!("{by_name}?format=text")).await;
+        assert_eq!((text.status, text.text()), (code, status.to_string()));
+    }
+    let unknown = get(addr, "/v1/agent/health/service/id/nope").await;
+    assert_eq!(unknown.status, 404);
+    consul_headers(&unknown);
+    assert_eq!(
+        get(addr, "/v1/agent/health/service/name/nope").await.status,
+        404
+    );
+    assert_eq!(get(addr, &format!("{by_id}?format=xml")).await.status, 400);
+    http.shutdown().await;
+}
+
+/// Consul's member `Status` of `name` in a `/v1/agent/members` answer, if listed.
+async fn member_status(addr: std::net::SocketAddr, name: &str) -> Option<u64> {
+    let members = get(addr, "/v1/agent/members").await.json();
+    members
+        .as_array()?
+        .iter()
+        .find(|m| m["Name"] == name)
+        .and_then(|m| m["Status"].as_u64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_leave_turns_a_failed_member_left_everywhere_and_prune_drops_it() {
+    let a = node("fl-a", &[]).await;
+    let b = node("fl-b", &[a.addr()]).await;
+    let c = node("fl-c", &[a.addr()]).await;
+    for n in [&a, &b, &c] {
+        tokio::time::timeout(EVENT_WAIT, n.wait_for_members(|m| m.len() == 3))
+            .await
+            .expect("three members");
+    }
+    let _db = c
+        .register(grapevine::Service::new("db", "db-1", 5432))
+        .await
+        .expect("register");
+    let (http_a, http_b) = (
+        serve(&a, HttpOptions::default()).await,
+        serve(&b, HttpOptions::default()).await,
+    );
+    let (api_a, api_b) = (http_a.local_addr(), http_b.local_addr());
+    let healthy = |api| async move {
+        get(api, "/v1/health/service/db")
+            .await
+            .json()
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    eventually("both see c's service", || async {
+        healthy(api_a).await == 1 && healthy(api_b).await == 1
+    })
+    .await;
+    // c crashes (no leave): once a no longer finds it alive, force it out.
+    c.shutdown().await;
+    eventually("a suspects c", || async {
+        a.members()
+            .iter()
+            .any(|m| m.name == "fl-c" && m.status != grapevine::MemberStatus::Alive)
+    })
+    .await;
+    let reply = put(api_a, "/v1/agent/force-leave/fl-c", b"").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    consul_headers(&reply);
+    // Left (3) at once here, and on b by the leave notice; its instance leaves lookups.
+    assert_eq!(member_status(api_a, "fl-c").await, Some(3));
+    eventually("b sees c left", || async {
+        member_status(api_b, "fl-c").await == Some(3)
+    })
+    .await;
+    assert_eq!(healthy(api_a).await, 0);
+    eventually("c's service leaves b's lookups", || async {
+        healthy(api_b).await == 0
+    })
+    .await;
+    // ?prune drops it from a's member list; b still lists it as left.
+    let reply = put(api_a, "/v1/agent/force-leave/fl-c?prune", b"").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(member_status(api_a, "fl-c").await, None);
+    assert_eq!(member_status(api_b, "fl-c").await, Some(3));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        member_status(api_a, "fl-c").await,
+        None,
+        "a pruned member stays out of the list"
+    );
+    let gone = put(api_a, "/v1/agent/force-leave/fl-c", b"").await;
+    assert_eq!(gone.status, 404, "{}", gone.text());
+    assert!(gone.error().contains("No node found"), "{}", gone.text());
+    http_a.shutdown().await;
+    http_b.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -717,9 +992,16 @@ async fn kv_answers_as_consul() {
             400,
         ),
         (
-            "non-zero flags",
+            "negative flags",
             "PUT",
-            "/v1/kv/prod/f?flags=7".into(),
+            "/v1/kv/prod/f?flags=-1".into(),
+            b"1",
+            400,
+        ),
+        (
+            "flags above 64 bits",
+            "PUT",
+            "/v1/kv/prod/f?flags=18446744073709551616".into(),
             b"1",
             400,
         ),
@@ -744,7 +1026,17 @@ async fn kv_answers_as_consul() {
         assert_eq!(reply.status, status, "{what}: {}", reply.text());
         consul_headers(&reply);
     }
-    assert_eq!(put(addr, "/v1/kv/prod/f?flags=0", b"1").await.status, 200);
+    // ?flags is stored with the value and listed; a write without it stores 0, as Consul.
+    let reply = put(addr, "/v1/kv/prod/f?flags=18446744073709551615", b"1").await;
+    assert_eq!((reply.status, reply.json()), (200, json!(true)));
+    let entry = get(addr, "/v1/kv/prod/f").await.json();
+    assert_eq!(entry[0]["Flags"], json!(u64::MAX), "{entry}");
+    let listed = get(addr, "/v1/kv/prod/f?recurse").await.json();
+    assert_eq!(listed[0]["Flags"], json!(u64::MAX), "{listed}");
+    assert_eq!(put(addr, "/v1/kv/prod/f?flags=7", b"2").await.status, 200);
+    assert_eq!(get(addr, "/v1/kv/prod/f").await.json()[0]["Flags"], 7);
+    assert_eq!(put(addr, "/v1/kv/prod/f", b"3").await.status, 200);
+    assert_eq!(get(addr, "/v1/kv/prod/f").await.json()[0]["Flags"], 0);
 
     // DELETE answers true, absent keys included; ?recurse deletes a prefix.
     let reply = request(addr, "DELETE", "/v1/kv/prod/orders/max_conn", b"").await;

@@ -8,7 +8,7 @@ use grapevine::agent::settings::{AgentSettings, CheckChoice};
 use grapevine::node::{control, SeedName};
 use std::time::Duration;
 
-use grapevine::{Instance, Member, Node, Profile, Service};
+use grapevine::{ForceLeave, Instance, Member, Node, Profile, Service};
 
 #[derive(Parser)]
 #[command(
@@ -81,6 +81,19 @@ enum Command {
         /// Nodes to join through (IP:PORT or HOST:PORT); the agent waits up to 5 s for each.
         #[arg(required = true, value_name = "HOST:PORT", value_parser = parse_addr)]
         addrs: Vec<SocketAddr>,
+        /// The agent to ask.
+        #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, default_value = "127.0.0.1:7946")]
+        agent: SocketAddr,
+    },
+    /// Force a failed member into the `left` state through a running agent (as
+    /// `consul force-leave`): its instances leave lookups on every live node. A live member
+    /// is left as it is.
+    ForceLeave {
+        /// The member's node name.
+        node: String,
+        /// Also remove it from the agent's member list at once (this agent only).
+        #[arg(long)]
+        prune: bool,
         /// The agent to ask.
         #[arg(long, value_name = "IP:PORT", value_parser = parse_addr, default_value = "127.0.0.1:7946")]
         agent: SocketAddr,
@@ -474,6 +487,20 @@ async fn run(cli: Cli) -> grapevine::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
             println!("Successfully joined cluster by contacting {joined} nodes.");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ForceLeave { node, prune, agent } => {
+            match control::force_leave(agent, &node, prune).await? {
+                ForceLeave::NotFound => {
+                    eprintln!("error: agent: No node found with name '{node}'");
+                    return Ok(ExitCode::FAILURE);
+                }
+                ForceLeave::Alive => {
+                    println!("{node} is alive and reachable: it stays a member");
+                }
+                ForceLeave::Left => println!("{node} is now left"),
+                ForceLeave::Pruned => println!("{node} is left and pruned from the member list"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Info { agent, json } => {

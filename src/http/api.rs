@@ -53,6 +53,14 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/agent/service/deregister/{id}", put(c::deregister))
         .route("/v1/agent/service/{id}", get(c::agent_service))
         .route("/v1/agent/checks", get(c::agent_checks))
+        .route(
+            "/v1/agent/health/service/id/{id}",
+            get(c::agent_health_by_id),
+        )
+        .route(
+            "/v1/agent/health/service/name/{name}",
+            get(c::agent_health_by_name),
+        )
         .route("/v1/agent/check/update/{id}", put(c::check_update))
         .route("/v1/agent/check/{verdict}/{id}", put(c::check_verdict))
         .route("/v1/catalog/services", get(c::catalog_services))

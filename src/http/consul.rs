@@ -16,7 +16,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -25,8 +25,8 @@ use sha2::{Digest, Sha256};
 use super::api::{answer, block_catalog, body_bytes, check_service_name, settle};
 use super::query::{parse_duration, Params};
 use super::{lock, ApiError, AppState};
-use crate::membership::{Member, MemberStatus};
-use crate::node::{Check, HttpCheck, Instance, Node, ServiceHandle};
+use crate::membership::{ForceLeave, Member, MemberStatus};
+use crate::node::{Check, HttpCheck, Instance, Node, RecordIndexes, ServiceHandle};
 use crate::state::catalog::{Health, Service};
 
 type Shared = State<Arc<AppState>>;
@@ -186,30 +186,6 @@ struct CatalogNode {
     modify_index: u64,
 }
 
-fn catalog_node(state: &AppState, member: &Member) -> CatalogNode {
-    let ip = member.addr.ip().to_string();
-    let mut tagged = BTreeMap::new();
-    let family = if member.addr.is_ipv4() {
-        "ipv4"
-    } else {
-        "ipv6"
-    };
-    for kind in ["lan", "wan"] {
-        tagged.insert(kind.to_string(), ip.clone());
-        tagged.insert(format!("{kind}_{family}"), ip.clone());
-    }
-    CatalogNode {
-        id: node_id(&member.name),
-        node: member.name.clone(),
-        address: ip,
-        datacenter: state.options.datacenter.clone(),
-        tagged_addresses: tagged,
-        meta: BTreeMap::new(),
-        create_index: 0,
-        modify_index: 0,
-    }
-}
-
 /// Consul's `AgentService` (also the `Service` of a health entry).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "PascalCase")]
@@ -301,8 +277,12 @@ struct Extras {
 /// of the services registered here.
 struct View {
     local: String,
+    /// The catalog index this view was read at.
+    index: u64,
     members: BTreeMap<String, Member>,
     instances: Vec<Instance>,
+    indexes: BTreeMap<(String, String), RecordIndexes>,
+    node_indexes: BTreeMap<String, RecordIndexes>,
     extras: BTreeMap<String, Extras>,
 }
 
@@ -315,12 +295,17 @@ impl View {
             .into_iter()
             .map(|m| (m.name.clone(), m))
             .collect();
-        let instances = node
-            .catalog()
-            .all_instances()
-            .into_iter()
-            .filter(|i| i.node_status.is_active())
-            .collect();
+        let catalog = node.catalog();
+        let index = catalog.index();
+        let (all, node_indexes) = catalog.all_instances_with_indexes();
+        let mut indexes = BTreeMap::new();
+        let mut instances = Vec::new();
+        for (instance, record) in all {
+            if instance.node_status.is_active() {
+                indexes.insert((instance.node.clone(), instance.id.clone()), record);
+                instances.push(instance);
+            }
+        }
         let extras = lock(&state.services)
             .iter()
             .map(|(id, s)| {
@@ -336,10 +321,60 @@ impl View {
             .collect();
         View {
             local,
+            index,
             members,
             instances,
+            indexes,
+            node_indexes,
             extras,
         }
+    }
+
+    /// Consul's catalog node of `member`, with this agent's indexes of it.
+    fn catalog_node(&self, state: &AppState, member: &Member) -> CatalogNode {
+        let indexes = self.node_indexes(member);
+        let ip = member.addr.ip().to_string();
+        let mut tagged = BTreeMap::new();
+        let family = if member.addr.is_ipv4() {
+            "ipv4"
+        } else {
+            "ipv6"
+        };
+        for kind in ["lan", "wan"] {
+            tagged.insert(kind.to_string(), ip.clone());
+            tagged.insert(format!("{kind}_{family}"), ip.clone());
+        }
+        CatalogNode {
+            id: node_id(&member.name),
+            node: member.name.clone(),
+            address: ip,
+            datacenter: state.options.datacenter.clone(),
+            tagged_addresses: tagged,
+            meta: BTreeMap::new(),
+            create_index: indexes.create,
+            modify_index: indexes.modify,
+        }
+    }
+
+    /// This agent's indexes of a member (the catalog index when it is not in the catalog
+    /// view yet: the member list is published just after it).
+    fn node_indexes(&self, member: &Member) -> RecordIndexes {
+        self.node_indexes
+            .get(&member.name)
+            .copied()
+            .unwrap_or(RecordIndexes {
+                create: self.index,
+                modify: self.index,
+                health: self.index,
+            })
+    }
+
+    /// This agent's indexes of an instance.
+    fn indexes(&self, instance: &Instance) -> RecordIndexes {
+        self.indexes
+            .get(&(instance.node.clone(), instance.id.clone()))
+            .copied()
+            .unwrap_or_default()
     }
 
     fn extras(&self, instance: &Instance) -> Option<&Extras> {
@@ -350,6 +385,7 @@ impl View {
 
     fn service(&self, state: &AppState, instance: &Instance) -> AgentService {
         let extras = self.extras(instance);
+        let indexes = self.indexes(instance);
         AgentService {
             id: instance.id.clone(),
             service: instance.service.clone(),
@@ -363,13 +399,14 @@ impl View {
             weights: extras.map(|e| e.weights).unwrap_or_default(),
             enable_tag_override: extras.is_some_and(|e| e.enable_tag_override),
             datacenter: state.options.datacenter.clone(),
-            create_index: 0,
-            modify_index: 0,
+            create_index: indexes.create,
+            modify_index: indexes.modify,
         }
     }
 
     /// The service checks of an instance (not `serfHealth`).
     fn checks(&self, instance: &Instance) -> Vec<HealthCheck> {
+        let indexes = self.indexes(instance);
         let check = |status: Health,
                      id: String,
                      name: String,
@@ -388,8 +425,8 @@ impl View {
             service_tags: instance.tags.clone(),
             kind: kind.to_string(),
             definition,
-            create_index: 0,
-            modify_index: 0,
+            create_index: indexes.create,
+            modify_index: indexes.health,
         };
         match self.extras(instance) {
             Some(extras) => extras
@@ -429,6 +466,7 @@ impl View {
 
     fn serf_check(&self, member: &Member) -> HealthCheck {
         let alive = member.status.is_active();
+        let indexes = self.node_indexes(member);
         HealthCheck {
             node: member.name.clone(),
             check_id: "serfHealth".to_string(),
@@ -446,8 +484,8 @@ impl View {
             service_tags: Vec::new(),
             kind: String::new(),
             definition: Value::Object(Map::new()),
-            create_index: 0,
-            modify_index: 0,
+            create_index: indexes.create,
+            modify_index: indexes.health,
         }
     }
 
@@ -456,7 +494,7 @@ impl View {
         let mut checks = vec![self.serf_check(member)];
         checks.extend(self.checks(instance));
         Some(ServiceEntry {
-            node: catalog_node(state, member),
+            node: self.catalog_node(state, member),
             service: self.service(state, instance),
             checks,
         })
@@ -477,6 +515,13 @@ fn near<T>(params: &Params, local: &str, items: &mut [T], node: impl Fn(&T) -> &
         let name = if near == "_agent" { local } else { near };
         items.sort_by_key(|item| node(item) != name);
     }
+}
+
+/// Whether every node passes the `?node-meta=key:value` filters (repeatable) of Consul's
+/// catalog and health reads: grapevine nodes carry no node meta (`Meta` is `{}`), so a
+/// filter naming any key matches no node.
+fn node_meta_matches(params: &Params) -> bool {
+    params.all("node-meta").iter().all(|f| f.is_empty())
 }
 
 fn tags_match(params: &Params, instance: &Instance) -> bool {
@@ -683,22 +728,27 @@ pub(crate) async fn leave(
     Ok(ok_empty())
 }
 
+/// Consul's `force-leave`: a failed (suspect or down) member becomes `left` on every live
+/// node, so its instances leave lookups; `?prune` also drops it from this agent's member
+/// list. A live member stays (200, as Consul, which leaves an alive and reachable member
+/// in place).
 pub(crate) async fn force_leave(
     State(state): Shared,
     Path(node): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    params(&state, query.as_deref(), &["prune", "wan"], false)?;
-    match state.node.members().iter().find(|m| m.name == node) {
-        None => Err(ApiError::not_found(format!(
+    let params = params(&state, query.as_deref(), &["prune", "wan"], false)?;
+    if params.flag("wan")? {
+        return Err(ApiError::bad_request(
+            "?wan: this agent has no WAN pool (one datacenter only); force-leave without ?wan",
+        ));
+    }
+    let prune = params.flag("prune")?;
+    match state.node.force_leave(&node, prune).await? {
+        ForceLeave::NotFound => Err(ApiError::not_found(format!(
             "agent: No node found with name '{node}'"
         ))),
-        Some(m) if m.status == MemberStatus::Left => Ok(ok_empty()),
-        Some(m) => Err(ApiError::bad_request(format!(
-            "cannot force {node} ({:?}) to leave: grapevine's failure detector removes down \
-             members itself, and a live member leaves only on its own",
-            m.status
-        ))),
+        ForceLeave::Alive | ForceLeave::Left | ForceLeave::Pruned => Ok(ok_empty()),
     }
 }
 
@@ -737,6 +787,125 @@ pub(crate) async fn agent_service(
         Some(service) => Ok(answer(&params, index, &service)),
         None => Err(ApiError::not_found(format!("unknown service ID: {id}")).with_index(index)),
     }
+}
+
+/// One local service's health as Consul's `agent/health/service` answers it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct AgentServiceHealth {
+    aggregated_status: &'static str,
+    service: AgentService,
+    checks: Vec<HealthCheck>,
+}
+
+/// The worst status of `checks` (passing when there are none), as Consul aggregates them.
+fn aggregate(checks: &[HealthCheck]) -> &'static str {
+    let rank = |s: &str| match s {
+        "critical" => 2,
+        "warning" => 1,
+        _ => 0,
+    };
+    checks
+        .iter()
+        .map(|c| c.status)
+        .max_by_key(|s| rank(s))
+        .unwrap_or("passing")
+}
+
+/// Consul's status code for an aggregated status: 200 passing, 429 warning, 503 critical.
+fn health_code(status: &str) -> StatusCode {
+    match status {
+        "passing" => StatusCode::OK,
+        "warning" => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// The answer of `agent/health/service/...`: JSON, or with `?format=text` the aggregated
+/// status alone, under the status's code either way.
+fn health_answer<T: Serialize>(
+    params: &Params,
+    index: u64,
+    status: &'static str,
+    body: &T,
+) -> Result<Response, ApiError> {
+    let mut response = match params.string("format") {
+        Some("text") => {
+            let mut response = (
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                status,
+            )
+                .into_response();
+            response
+                .headers_mut()
+                .insert(super::INDEX_HEADER, HeaderValue::from(index.max(1)));
+            response
+        }
+        None | Some("json") | Some("") => answer(params, index, body),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "format={other:?}: give text or json"
+            )))
+        }
+    };
+    *response.status_mut() = health_code(status);
+    Ok(response)
+}
+
+/// `GET /v1/agent/health/service/id/{id}`: a local service's aggregated health, as
+/// Consul's agent answers load balancers.
+pub(crate) async fn agent_health_by_id(
+    State(state): Shared,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = params(&state, query.as_deref(), &["format"], false)?;
+    let view = View::read(&state);
+    let Some(instance) = view
+        .instances
+        .iter()
+        .find(|i| i.node == view.local && i.id == id)
+    else {
+        return Err(ApiError::not_found(format!("ServiceId {id} not found")));
+    };
+    let checks = view.checks(instance);
+    let status = aggregate(&checks);
+    let body = AgentServiceHealth {
+        aggregated_status: status,
+        service: view.service(&state, instance),
+        checks,
+    };
+    health_answer(&params, view.index, status, &body)
+}
+
+/// `GET /v1/agent/health/service/name/{name}`: every local instance of a service with its
+/// aggregated health; the code is the worst one's.
+pub(crate) async fn agent_health_by_name(
+    State(state): Shared,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = params(&state, query.as_deref(), &["format"], false)?;
+    check_service_name(&name)?;
+    let view = View::read(&state);
+    let all: Vec<AgentServiceHealth> = view
+        .instances
+        .iter()
+        .filter(|i| i.node == view.local && i.service == name)
+        .map(|i| {
+            let checks = view.checks(i);
+            AgentServiceHealth {
+                aggregated_status: aggregate(&checks),
+                service: view.service(&state, i),
+                checks,
+            }
+        })
+        .collect();
+    if all.is_empty() {
+        return Err(ApiError::not_found(format!("ServiceName {name} Not Found")));
+    }
+    let worst: Vec<HealthCheck> = all.iter().flat_map(|h| h.checks.clone()).collect();
+    health_answer(&params, view.index, aggregate(&worst), &all)
 }
 
 pub(crate) async fn agent_checks(
@@ -1487,9 +1656,12 @@ pub(crate) async fn catalog_services(
     State(state): Shared,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = params(&state, query.as_deref(), &[], true)?;
+    let params = params(&state, query.as_deref(), &["node-meta"], true)?;
     let (index, services) = block_catalog(&state, &params, |node: &Node| {
         let mut services: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        if !node_meta_matches(&params) {
+            return services;
+        }
         for instance in node.catalog().all_instances() {
             if instance.node_status.is_active() {
                 services
@@ -1509,17 +1681,23 @@ pub(crate) async fn catalog_service(
     Path(name): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = params(&state, query.as_deref(), &["tag", "near"], true)?;
+    let params = params(
+        &state,
+        query.as_deref(),
+        &["tag", "near", "node-meta", "merge-central-config"],
+        true,
+    )?;
+    params.flag("merge-central-config")?;
     check_service_name(&name)?;
     let (index, entries) = block_catalog(&state, &params, |_: &Node| {
         let view = View::read(&state);
         let mut entries: Vec<CatalogService> = view
             .instances
             .iter()
-            .filter(|i| i.service == name && tags_match(&params, i))
+            .filter(|i| i.service == name && tags_match(&params, i) && node_meta_matches(&params))
             .filter_map(|i| {
                 let member = view.members.get(&i.node)?;
-                let node = catalog_node(&state, member);
+                let node = view.catalog_node(&state, member);
                 let service = view.service(&state, i);
                 Some(CatalogService {
                     id: node.id,
@@ -1537,8 +1715,8 @@ pub(crate) async fn catalog_service(
                     service_weights: service.weights,
                     service_enable_tag_override: service.enable_tag_override,
                     service_tagged_addresses: service.tagged_addresses,
-                    create_index: 0,
-                    modify_index: 0,
+                    create_index: service.create_index,
+                    modify_index: service.modify_index,
                 })
             })
             .collect();
@@ -1553,10 +1731,14 @@ pub(crate) async fn catalog_nodes(
     State(state): Shared,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = params(&state, query.as_deref(), &["near"], true)?;
+    let params = params(&state, query.as_deref(), &["near", "node-meta"], true)?;
     let (index, nodes) = block_catalog(&state, &params, |_: &Node| {
         let view = View::read(&state);
-        let mut nodes: Vec<CatalogNode> = view.nodes().map(|m| catalog_node(&state, m)).collect();
+        let mut nodes: Vec<CatalogNode> = view
+            .nodes()
+            .filter(|_| node_meta_matches(&params))
+            .map(|m| view.catalog_node(&state, m))
+            .collect();
         near(&params, &view.local, &mut nodes, |n| &n.node);
         nodes
     })
@@ -1581,7 +1763,7 @@ pub(crate) async fn catalog_node_services(
         let view = View::read(&state);
         let member = view.nodes().find(|m| m.name == node)?;
         Some(NodeServices {
-            node: catalog_node(&state, member),
+            node: view.catalog_node(&state, member),
             services: view
                 .instances
                 .iter()
@@ -1611,7 +1793,19 @@ pub(crate) async fn health_service(
     Path(name): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = params(&state, query.as_deref(), &["tag", "passing", "near"], true)?;
+    let params = params(
+        &state,
+        query.as_deref(),
+        &[
+            "tag",
+            "passing",
+            "near",
+            "node-meta",
+            "merge-central-config",
+        ],
+        true,
+    )?;
+    params.flag("merge-central-config")?;
     check_service_name(&name)?;
     let passing = params.flag("passing")?;
     let (index, entries) = block_catalog(&state, &params, |_: &Node| {
@@ -1619,7 +1813,7 @@ pub(crate) async fn health_service(
         let mut entries: Vec<ServiceEntry> = view
             .instances
             .iter()
-            .filter(|i| i.service == name && tags_match(&params, i))
+            .filter(|i| i.service == name && tags_match(&params, i) && node_meta_matches(&params))
             .filter_map(|i| view.entry(&state, i))
             .filter(|e| !passing || e.checks.iter().all(|c| c.status == "passing"))
             .collect();
@@ -1635,14 +1829,14 @@ pub(crate) async fn health_checks(
     Path(name): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = params(&state, query.as_deref(), &["near"], true)?;
+    let params = params(&state, query.as_deref(), &["near", "node-meta"], true)?;
     check_service_name(&name)?;
     let (index, checks) = block_catalog(&state, &params, |_: &Node| {
         let view = View::read(&state);
         let mut checks: Vec<HealthCheck> = view
             .instances
             .iter()
-            .filter(|i| i.service == name)
+            .filter(|i| i.service == name && node_meta_matches(&params))
             .flat_map(|i| view.checks(i))
             .collect();
         near(&params, &view.local, &mut checks, |c| &c.node);
@@ -1678,7 +1872,7 @@ pub(crate) async fn health_state(
     Path(wanted): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let params = params(&state, query.as_deref(), &["near"], true)?;
+    let params = params(&state, query.as_deref(), &["near", "node-meta"], true)?;
     if !matches!(wanted.as_str(), "any" | "passing" | "warning" | "critical") {
         return Err(ApiError::bad_request(format!(
             "Invalid state {wanted:?}: use any, passing, warning or critical"
@@ -1690,7 +1884,7 @@ pub(crate) async fn health_state(
         for instance in &view.instances {
             checks.extend(view.checks(instance));
         }
-        checks.retain(|c| wanted == "any" || c.status == wanted);
+        checks.retain(|c| (wanted == "any" || c.status == wanted) && node_meta_matches(&params));
         near(&params, &view.local, &mut checks, |c| &c.node);
         checks
     })

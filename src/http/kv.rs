@@ -45,7 +45,7 @@ impl From<KeyValue> for KvPair {
     fn from(kv: KeyValue) -> Self {
         KvPair {
             lock_index: 0,
-            flags: 0,
+            flags: kv.flags,
             value: (!kv.value.is_empty())
                 .then(|| base64::engine::general_purpose::STANDARD.encode(&kv.value)),
             key: kv.key,
@@ -186,19 +186,20 @@ pub(crate) async fn put(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let params = write_params(&state, query.as_deref(), &["flags"])?;
-    if let Some(flags) = params.string("flags") {
-        let flags: u64 = flags.parse().map_err(|_| {
+    // Consul's `Flags`: an opaque number stored, replicated and persisted with the value.
+    let flags = match params.string("flags") {
+        None => 0,
+        Some(flags) => flags.parse::<u64>().map_err(|_| {
             ApiError::bad_request(format!("flags={flags:?} is not an unsigned 64-bit integer"))
-        })?;
-        if flags != 0 {
-            return Err(ApiError::bad_request(
-                "non-zero ?flags are not stored by this agent (entries carry Flags 0)",
-            ));
-        }
-    }
+        })?,
+    };
     check_key(&key)?;
     let value = body_bytes(body)?;
-    let change = state.node.config().set(&key, value.to_vec()).await?;
+    let change = state
+        .node
+        .config()
+        .set_with_flags(&key, value.to_vec(), flags)
+        .await?;
     Ok(answer(&params, change.seq, &true))
 }
 
@@ -248,6 +249,7 @@ mod tests {
         KeyValue {
             key: key.to_string(),
             value: vec![],
+            flags: 0,
             indexes: LocalIndexes {
                 create: 1,
                 modify: 1,

@@ -144,6 +144,21 @@ impl MemberEvent {
     }
 }
 
+/// What [`Membership::force_leave`] did, as Consul's `force-leave` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ForceLeave {
+    /// No member of that name is listed.
+    NotFound,
+    /// The member is alive (or is this node): left as it is, as Consul leaves a live,
+    /// reachable member in place.
+    Alive,
+    /// The failed (suspect or down) member is now `left`, here and, by a leave notice, on
+    /// every live peer; its instances leave lookups.
+    Left,
+    /// The member was `left` (now or before) and is removed from this node's member list.
+    Pruned,
+}
+
 /// Full member list exchanged over TCP so that join bursts and missed broadcasts heal.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PushPull {
@@ -190,6 +205,9 @@ pub struct Membership<B: BroadcastHandler<NodeId> = NoCustomBroadcast> {
     backlog: BroadcastBacklog,
     view: BTreeMap<String, ViewEntry>,
     left: VecDeque<NodeId>,
+    /// Identities `force-leave -prune` removed from the view: foca still holds them as
+    /// down, and they stay out of the view unless they come back.
+    pruned: VecDeque<NodeId>,
     events: Vec<MemberEvent>,
     outbox: Vec<(SocketAddr, Vec<u8>)>,
     /// The identity the codec recognises hashed destinations by (see `codec`).
@@ -251,6 +269,7 @@ where
             backlog: BroadcastBacklog::default(),
             view,
             left: VecDeque::new(),
+            pruned: VecDeque::new(),
             events: Vec::new(),
             outbox: Vec::new(),
             local,
@@ -425,6 +444,83 @@ where
         Ok(result?)
     }
 
+    /// Forces the failed member `name` into the `left` state (Consul's `force-leave`): it
+    /// is declared down in foca and remembered as left, and every live peer gets the leave
+    /// notice the member would have sent itself. A live member is left alone (it would
+    /// refute, as in Consul). With `prune`, a left member is also dropped from this node's
+    /// member list at once instead of after the retention time; the prune is local.
+    pub fn force_leave(
+        &mut self,
+        name: &str,
+        prune: bool,
+        now: Instant,
+    ) -> Result<ForceLeave, MembershipError> {
+        let Some(entry) = self.view.get(name) else {
+            return Ok(ForceLeave::NotFound);
+        };
+        let listed = entry.member.clone();
+        if name == self.identity().name || listed.status == MemberStatus::Alive {
+            return Ok(ForceLeave::Alive);
+        }
+        // Every identity foca holds under that name, and the one listed (foca may have
+        // forgotten it already).
+        let mut ids: Vec<NodeId> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.id().name == name)
+            .map(|m| m.id().clone())
+            .collect();
+        let listed_id = NodeId {
+            name: listed.name.clone(),
+            addr: listed.addr,
+            generation: listed.generation,
+        };
+        if !ids.contains(&listed_id) {
+            ids.push(listed_id);
+        }
+        let mut result = Ok(());
+        if listed.status != MemberStatus::Left {
+            let peers = self.active_peer_addrs();
+            for id in &ids {
+                let mut notice = Vec::with_capacity(wire::MAX_DATAGRAM);
+                wire::begin_datagram(DatagramKind::Leave, &mut notice);
+                wire::encode_datagram_into(id, &mut notice, wire::MAX_DATAGRAM)?;
+                for addr in peers.iter().filter(|a| **a != id.addr) {
+                    self.outbox.push((*addr, notice.clone()));
+                }
+                self.remember_left(id.clone());
+            }
+            let live: Vec<_> = ids
+                .iter()
+                .filter(|id| self.foca.iter_members().any(|m| m.id() == *id))
+                .cloned()
+                .map(foca::Member::down)
+                .collect();
+            if !live.is_empty() {
+                result = self
+                    .foca
+                    .apply_many(live.into_iter(), true, &mut self.runtime);
+            }
+            self.after_call(now);
+        }
+        result?;
+        if !prune {
+            return Ok(ForceLeave::Left);
+        }
+        for id in ids {
+            if !self.pruned.contains(&id) {
+                if self.pruned.len() >= MAX_LEFT_REMEMBERED {
+                    self.pruned.pop_front();
+                }
+                self.pruned.push_back(id);
+            }
+        }
+        if self.view.remove(name).is_some() {
+            self.view_version += 1;
+        }
+        Ok(ForceLeave::Pruned)
+    }
+
     /// This node's state for a push-pull exchange.
     pub fn push_pull_state(&self) -> PushPull {
         let mut members: Vec<_> = self.foca.iter_membership_state().cloned().collect();
@@ -582,7 +678,9 @@ where
         let mut latest: BTreeMap<String, foca::Member<NodeId>> = BTreeMap::new();
         for member in self.foca.iter_membership_state() {
             let name = &member.id().name;
-            if *name == me.name {
+            if *name == me.name
+                || (member.state() == State::Down && self.pruned.contains(member.id()))
+            {
                 continue;
             }
             match latest.get(name) {

@@ -79,6 +79,30 @@ pub struct ServiceSummary {
     pub passing: usize,
 }
 
+/// This node's local indexes of one catalog record (an instance or a node): the catalog
+/// [`CatalogHandle::index`] at which it appeared, at which its registration (or a node's
+/// address) last changed, and at which its health (or a node's liveness) last changed. They
+/// are what Consul's `CreateIndex` and `ModifyIndex` mean on one agent: monotonic, local to
+/// this node and this run of it, not replicated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordIndexes {
+    /// Index at which the record appeared (again, after it was gone).
+    pub create: u64,
+    /// Index of the last change of the registration (or the node's address).
+    pub modify: u64,
+    /// Index of the last change of the health (or the node's liveness).
+    pub health: u64,
+}
+
+/// What a node's indexes follow: its address and generation, and its liveness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodeMark {
+    addr: std::net::SocketAddr,
+    generation: u64,
+    status: MemberStatus,
+    indexes: RecordIndexes,
+}
+
 /// The catalog joined with membership, published by the driver after every change.
 #[derive(Debug, Default)]
 pub(crate) struct CatalogView {
@@ -87,6 +111,10 @@ pub(crate) struct CatalogView {
     pub(crate) index: u64,
     /// Instances by service name, sorted by node then id.
     pub(crate) services: BTreeMap<String, Vec<Instance>>,
+    /// Local indexes of every instance, by node then id.
+    indexes: BTreeMap<(String, String), RecordIndexes>,
+    /// Local indexes of every member listed, by name.
+    nodes: BTreeMap<String, NodeMark>,
 }
 
 impl CatalogView {
@@ -118,7 +146,88 @@ impl CatalogView {
                     });
             }
         }
-        CatalogView { index: 0, services }
+        let nodes = members
+            .iter()
+            .map(|m| {
+                let mark = NodeMark {
+                    addr: m.addr,
+                    generation: m.generation,
+                    status: m.status,
+                    indexes: RecordIndexes::default(),
+                };
+                (m.name.clone(), mark)
+            })
+            .collect();
+        CatalogView {
+            index: 0,
+            services,
+            indexes: BTreeMap::new(),
+            nodes,
+        }
+    }
+
+    /// Sets this view's `index` to `index` and its records' indexes from `previous`: kept
+    /// where a record did not change, moved to `index` where it changed or appeared.
+    pub(crate) fn carry_indexes(&mut self, previous: &CatalogView, index: u64) {
+        self.index = index;
+        let before: BTreeMap<(&str, &str), &Instance> = previous
+            .services
+            .values()
+            .flatten()
+            .map(|i| ((i.node.as_str(), i.id.as_str()), i))
+            .collect();
+        let fresh = RecordIndexes {
+            create: index,
+            modify: index,
+            health: index,
+        };
+        for instance in self.services.values().flatten() {
+            let key = (instance.node.as_str(), instance.id.as_str());
+            let owned = (instance.node.clone(), instance.id.clone());
+            let indexes = match (before.get(&key), previous.indexes.get(&owned)) {
+                (Some(old), Some(kept)) => {
+                    let registration_changed = old.service != instance.service
+                        || old.addr != instance.addr
+                        || old.port != instance.port
+                        || old.tags != instance.tags
+                        || old.meta != instance.meta;
+                    let health_changed =
+                        old.health != instance.health || old.node_status != instance.node_status;
+                    RecordIndexes {
+                        create: kept.create,
+                        modify: if registration_changed {
+                            index
+                        } else {
+                            kept.modify
+                        },
+                        health: if health_changed || registration_changed {
+                            index
+                        } else {
+                            kept.health
+                        },
+                    }
+                }
+                _ => fresh,
+            };
+            self.indexes.insert(owned, indexes);
+        }
+        for (name, mark) in &mut self.nodes {
+            mark.indexes = match previous.nodes.get(name) {
+                Some(old) => {
+                    let moved = old.addr != mark.addr || old.generation != mark.generation;
+                    RecordIndexes {
+                        create: old.indexes.create,
+                        modify: if moved { index } else { old.indexes.modify },
+                        health: if moved || old.status != mark.status {
+                            index
+                        } else {
+                            old.indexes.health
+                        },
+                    }
+                }
+                None => fresh,
+            };
+        }
     }
 
     pub(crate) fn query(&self, name: &str, query: &Query) -> Vec<Instance> {
@@ -178,6 +287,35 @@ impl CatalogHandle {
             .flatten()
             .cloned()
             .collect()
+    }
+
+    /// Every known instance (as [`Self::all_instances`]) with its local indexes, and the
+    /// local indexes of every listed member by name, read from one view so that they agree.
+    pub fn all_instances_with_indexes(
+        &self,
+    ) -> (
+        Vec<(Instance, RecordIndexes)>,
+        BTreeMap<String, RecordIndexes>,
+    ) {
+        let view = self.view.borrow();
+        let instances = view
+            .services
+            .values()
+            .flatten()
+            .map(|i| {
+                let key = (i.node.clone(), i.id.clone());
+                (
+                    i.clone(),
+                    view.indexes.get(&key).copied().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let nodes = view
+            .nodes
+            .iter()
+            .map(|(name, mark)| (name.clone(), mark.indexes))
+            .collect();
+        (instances, nodes)
     }
 
     /// A monotonic index of the catalog changes this node applied (registrations, health

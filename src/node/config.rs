@@ -55,11 +55,23 @@ impl ConfigHandle {
     /// Writes `key` (e.g. `prod/orders/max_conn`) on every node. With a data dir, returns
     /// once the write is committed to disk.
     pub async fn set(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<Change> {
+        self.set_with_flags(key, value, 0).await
+    }
+
+    /// As [`Self::set`], storing `flags` with the value: an opaque number that replicates
+    /// and persists with it (Consul's KV `Flags`, `PUT /v1/kv/KEY?flags=N`).
+    pub async fn set_with_flags(
+        &self,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+        flags: u64,
+    ) -> Result<Change> {
         let key = key.to_string();
         let value = value.into();
         let change = ask(&self.commands, |reply| Command::ConfigSet {
             key,
             value,
+            flags,
             reply,
         })
         .await??;
@@ -80,6 +92,7 @@ impl ConfigHandle {
             let change = ask(&self.commands, |reply| Command::ConfigSet {
                 key,
                 value,
+                flags: 0,
                 reply,
             })
             .await??;
@@ -156,11 +169,14 @@ impl ConfigHandle {
     /// The value of `key` with its local seqs (Consul's `CreateIndex`/`ModifyIndex`).
     pub fn get_entry(&self, key: &str) -> Option<KeyValue> {
         let state = sync::lock(&self.state);
-        let value = state.config.get(key)?.to_vec();
+        let entry = state.config.entry(key)?;
+        let value = entry.value.clone()?;
+        let flags = entry.flags;
         let indexes = state.config.indexes(key)?;
         Some(KeyValue {
             key: key.to_string(),
             value,
+            flags,
             indexes,
         })
     }

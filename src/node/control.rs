@@ -11,7 +11,7 @@ use super::config::ConfigEvent;
 use super::protocol::{exchange, Request, Response};
 use super::stats::StatsSnapshot;
 use crate::error::{Error, Result};
-use crate::membership::{Member, Profile};
+use crate::membership::{ForceLeave, Member, Profile};
 use crate::net::sealed::{Key, KeyError, Keyring};
 use crate::net::TokioTransport;
 
@@ -70,6 +70,13 @@ pub enum ControlRequest {
     Join {
         /// The node to join through.
         addr: SocketAddr,
+    },
+    /// Force a failed member into the `left` state (as `consul force-leave` does).
+    ForceLeave {
+        /// The member's name.
+        node: String,
+        /// Also drop it from the agent's member list at once.
+        prune: bool,
     },
 }
 
@@ -135,6 +142,8 @@ pub enum ControlResponse {
     Joined,
     /// The request was refused.
     Refused(String),
+    /// Answer to [`ControlRequest::ForceLeave`].
+    ForcedLeave(ForceLeave),
 }
 
 /// Identity and counters of a node.
@@ -231,6 +240,20 @@ pub async fn join(agent: SocketAddr, addr: SocketAddr) -> Result<()> {
     let timeout = JOIN_WAIT + CONTROL_TIMEOUT;
     match control_request(agent, ControlRequest::Join { addr }, timeout).await? {
         ControlResponse::Joined => Ok(()),
+        ControlResponse::Refused(message) => Err(Error::Remote(message)),
+        other => Err(Error::Protocol(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// Makes the agent at `agent` force the failed member `node` into the `left` state (and,
+/// with `prune`, drop it from its member list); see [`crate::Node::force_leave`].
+pub async fn force_leave(agent: SocketAddr, node: &str, prune: bool) -> Result<ForceLeave> {
+    let request = ControlRequest::ForceLeave {
+        node: node.to_string(),
+        prune,
+    };
+    match control_request(agent, request, CONTROL_TIMEOUT * 2).await? {
+        ControlResponse::ForcedLeave(outcome) => Ok(outcome),
         ControlResponse::Refused(message) => Err(Error::Remote(message)),
         other => Err(Error::Protocol(format!("unexpected answer {other:?}"))),
     }

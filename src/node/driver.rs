@@ -21,7 +21,7 @@ use super::stats::Stats;
 use super::View;
 use crate::error::{Error, Result};
 use crate::membership::{
-    BroadcastBacklog, MemberEvent, Membership, MembershipError, Profile, PushPull,
+    BroadcastBacklog, ForceLeave, MemberEvent, Membership, MembershipError, Profile, PushPull,
 };
 use crate::net::{Transport, UdpSocket};
 use crate::state::catalog::{CatalogError, Delta, Health, ServiceRecord};
@@ -63,6 +63,7 @@ pub(crate) enum Command {
     ConfigSet {
         key: String,
         value: Vec<u8>,
+        flags: u64,
         reply: oneshot::Sender<Result<Change, ConfigError>>,
     },
     /// Delete a config key.
@@ -79,6 +80,13 @@ pub(crate) enum Command {
     /// Join the cluster through `addr` (announce over UDP, push-pull over TCP), as a seed
     /// given at start would; the caller waits for the member list to show it.
     Join { addr: SocketAddr },
+    /// Force the failed member `name` into `left` (Consul's `force-leave`); the reply is
+    /// sent once the member list showing it is published.
+    ForceLeave {
+        name: String,
+        prune: bool,
+        reply: oneshot::Sender<Result<ForceLeave>>,
+    },
 }
 
 /// What a finished outbound TCP exchange brought back.
@@ -245,6 +253,15 @@ impl<T: Transport> Driver<T> {
                         return;
                     }
                     Some(Command::Join { addr }) => self.join_through(addr, &mut tasks),
+                    Some(Command::ForceLeave { name, prune, reply }) => {
+                        let result = self
+                            .membership
+                            .force_leave(&name, prune, now())
+                            .map_err(Error::from);
+                        self.flush(&mut progress).await;
+                        self.publish(&mut progress);
+                        let _ = reply.send(result);
+                    }
                     Some(command) => self.handle_command(command),
                     // Every handle is gone: the node was dropped.
                     None => return,
@@ -361,8 +378,13 @@ impl<T: Transport> Driver<T> {
                 let result = sync::lock(&self.state).catalog.deregister(&id);
                 let _ = reply.send(result.map(|delta| self.announce(&delta)));
             }
-            Command::ConfigSet { key, value, reply } => {
-                let result = sync::lock(&self.state).config_set(&key, value);
+            Command::ConfigSet {
+                key,
+                value,
+                flags,
+                reply,
+            } => {
+                let result = sync::lock(&self.state).config_set(&key, value, flags);
                 if let Ok(change) = &result {
                     self.announce_config(change);
                 }
@@ -385,7 +407,7 @@ impl<T: Transport> Driver<T> {
                 }
             }
             Command::StateChanged => {}
-            Command::Leave { .. } | Command::Join { .. } => {
+            Command::Leave { .. } | Command::Join { .. } | Command::ForceLeave { .. } => {
                 unreachable!("handled by the loop")
             }
         }
@@ -828,7 +850,8 @@ impl<T: Transport> Driver<T> {
                 Some(members) => CatalogView::build(&state.catalog, members),
                 None => CatalogView::build(&state.catalog, &self.view.borrow().members),
             };
-            view.index = self.catalog_view.borrow().index + 1;
+            let previous = self.catalog_view.borrow().clone();
+            view.carry_indexes(&previous, previous.index + 1);
             drop(state);
             self.catalog_view.send_replace(Arc::new(view));
             progress.state_published = Some(versions);

@@ -24,7 +24,7 @@ use rand::SeedableRng;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-pub use catalog::{CatalogHandle, Instance, Query, ServiceSummary, ServiceWatch};
+pub use catalog::{CatalogHandle, Instance, Query, RecordIndexes, ServiceSummary, ServiceWatch};
 pub use checks::{worst as worst_health, Check, HttpCheck, ServiceHandle};
 pub use config::{ConfigEvent, ConfigHandle, ConfigWatch};
 pub use seeds::{InvalidSeed, SeedName};
@@ -44,7 +44,7 @@ pub fn rpc_preface() -> bytes::Bytes {
 
 use crate::error::{Error, Result};
 use crate::membership::{
-    validate_name, BroadcastBacklog, Member, MemberEvent, Membership, NodeId, Profile,
+    validate_name, BroadcastBacklog, ForceLeave, Member, MemberEvent, Membership, NodeId, Profile,
 };
 use crate::net::sealed::{Keyring, SecureTransport, Security};
 use crate::net::{Listener, TokioTransport, Transport, UdpSocket};
@@ -64,6 +64,8 @@ use std::path::PathBuf;
 const EVENT_CHANNEL: usize = 1024;
 /// How long a clean stop waits for the last config changes to reach the disk.
 const FLUSH_ON_STOP: Duration = Duration::from_secs(2);
+/// How long a force-leave waits for the driver to apply it.
+const FORCE_LEAVE_WAIT: Duration = Duration::from_secs(5);
 /// How many times a free port is looked for when UDP's port is taken on TCP.
 const PORT_ATTEMPTS: usize = 16;
 
@@ -130,6 +132,28 @@ impl Shared {
             .map_err(|_| Error::Timeout {
                 what: "join",
                 after: wait,
+            })?
+    }
+
+    pub(crate) async fn force_leave(&self, name: &str, prune: bool) -> Result<ForceLeave> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::ForceLeave {
+            name: name.to_string(),
+            prune,
+            reply,
+        };
+        let exchange = async {
+            self.commands
+                .send(command)
+                .await
+                .map_err(|_| Error::Stopped)?;
+            answer.await.map_err(|_| Error::Stopped)?
+        };
+        tokio::time::timeout(FORCE_LEAVE_WAIT, exchange)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "force-leave",
+                after: FORCE_LEAVE_WAIT,
             })?
     }
 
@@ -1045,6 +1069,14 @@ impl Node {
     /// Fails with [`Error::Timeout`] when `addr` does not answer within `wait`.
     pub async fn join(&self, addr: SocketAddr, wait: Duration) -> Result<()> {
         self.shared.join(addr, wait).await
+    }
+
+    /// Forces the failed member `name` into the `left` state, as Consul's `force-leave`:
+    /// a suspect or down member becomes `left` here and (by a leave notice) on every live
+    /// peer, and its instances leave lookups. A live member is left as it is. With `prune`,
+    /// a left member is dropped from this node's member list at once. See [`ForceLeave`].
+    pub async fn force_leave(&self, name: &str, prune: bool) -> Result<ForceLeave> {
+        self.shared.force_leave(name, prune).await
     }
 
     /// Leaves the cluster gracefully (peers see this node as `left`, never `down`), then

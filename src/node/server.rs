@@ -405,6 +405,14 @@ async fn control<T: Transport>(
             Ok(()) => ControlResponse::Joined,
             Err(error) => ControlResponse::Refused(format!("failed to join {addr}: {error}")),
         },
+        ControlRequest::ForceLeave { node, prune } => {
+            match shared.force_leave(&node, prune).await {
+                Ok(outcome) => ControlResponse::ForcedLeave(outcome),
+                Err(error) => {
+                    ControlResponse::Refused(format!("cannot force {node} to leave: {error}"))
+                }
+            }
+        }
         // Handled by the connection loop, which streams.
         ControlRequest::ConfigWatch { .. } => {
             ControlResponse::Refused("a watch needs a connection of its own".into())

@@ -84,8 +84,8 @@ pub const DEFAULT_HISTORY_MAX_BYTES: usize = 64 * 1024 * 1024;
 /// Number of buckets of a [`Digest`].
 pub const DIGEST_BUCKETS: usize = 256;
 /// Fixed per-entry overhead counted by the byte budgets of the anti-entropy helpers, on top
-/// of key, value and writer lengths (covers timestamps, tags and length prefixes).
-pub const ENTRY_OVERHEAD_BYTES: usize = 48;
+/// of key, value and writer lengths (covers timestamps, flags, tags and length prefixes).
+pub const ENTRY_OVERHEAD_BYTES: usize = 57;
 /// Upper bound of the encoded size of one `(key, Entry)` as the budgets count it.
 pub const MAX_ENTRY_WIRE_BYTES: usize =
     MAX_KEY_LEN + MAX_VALUE_LEN + MAX_WRITER_LEN + ENTRY_OVERHEAD_BYTES;
@@ -234,6 +234,9 @@ pub struct Version {
 pub struct Entry {
     /// The value; `None` is a tombstone (the key was deleted).
     pub value: Option<Vec<u8>>,
+    /// An opaque number the writer stored with the value (Consul's KV `Flags`); 0 for a
+    /// tombstone.
+    pub flags: u64,
     /// Version of the write that produced this entry.
     pub version: Version,
 }
@@ -250,6 +253,7 @@ impl Entry {
         self.version
             .cmp(&other.version)
             .then_with(|| self.value.cmp(&other.value))
+            .then_with(|| self.flags.cmp(&other.flags))
     }
 
     /// Whether this entry replaces `other` in a merge.
@@ -277,6 +281,8 @@ pub struct Change {
     pub key: String,
     /// The new value; `None` if the key was deleted.
     pub value: Option<Vec<u8>>,
+    /// The flags stored with the value (see [`Entry::flags`]).
+    pub flags: u64,
     /// Version of the write.
     pub version: Version,
 }
@@ -286,6 +292,7 @@ impl Change {
     pub fn entry(&self) -> Entry {
         Entry {
             value: self.value.clone(),
+            flags: self.flags,
             version: self.version.clone(),
         }
     }
@@ -361,6 +368,8 @@ pub struct KeyValue {
     pub key: String,
     /// The value.
     pub value: Vec<u8>,
+    /// The flags stored with it (see [`Entry::flags`]).
+    pub flags: u64,
     /// Local seqs of the value.
     pub indexes: LocalIndexes,
 }
@@ -466,6 +475,17 @@ impl ConfigStore {
         value: impl Into<Vec<u8>>,
         now_ms: u64,
     ) -> Result<Change, ConfigError> {
+        self.set_with_flags(key, value, 0, now_ms)
+    }
+
+    /// As [`Self::set`], storing `flags` (Consul's KV `Flags`, opaque here) with the value.
+    pub fn set_with_flags(
+        &mut self,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+        flags: u64,
+        now_ms: u64,
+    ) -> Result<Change, ConfigError> {
         let value = value.into();
         validate_key(key)?;
         validate_value(key, &value)?;
@@ -475,6 +495,7 @@ impl ConfigStore {
             key.to_owned(),
             Entry {
                 value: Some(value),
+                flags,
                 version,
             },
         ))
@@ -494,6 +515,7 @@ impl ConfigStore {
             key.to_owned(),
             Entry {
                 value: None,
+                flags: 0,
                 version,
             },
         )))
@@ -520,6 +542,7 @@ impl ConfigStore {
                 s.entry.value.as_ref().map(|v| KeyValue {
                     key: k.clone(),
                     value: v.clone(),
+                    flags: s.entry.flags,
                     indexes: s.indexes,
                 })
             })
@@ -677,6 +700,7 @@ impl ConfigStore {
             seq: self.seq,
             key: key.clone(),
             value: entry.value.clone(),
+            flags: entry.flags,
             version: entry.version.clone(),
         };
         if let Some(dirty) = &mut self.dirty {
@@ -988,6 +1012,7 @@ fn entry_hash(key: &str, entry: &Entry) -> u64 {
     h.write(&entry.version.hlc.wall_ms.to_le_bytes());
     h.write(&entry.version.hlc.logical.to_le_bytes());
     h.write_len_prefixed(entry.version.writer.as_bytes());
+    h.write(&entry.flags.to_le_bytes());
     match &entry.value {
         None => h.write(&[0]),
         Some(v) => {
@@ -1021,6 +1046,7 @@ mod tests {
     fn entry(value: Option<&[u8]>, wall_ms: u64, logical: u32, writer: &str) -> Entry {
         Entry {
             value: value.map(<[u8]>::to_vec),
+            flags: 0,
             version: Version {
                 hlc: Timestamp::new(wall_ms, logical),
                 writer: writer.to_owned(),
@@ -1522,8 +1548,11 @@ mod tests {
             0u64..6,
             0u32..3,
             0usize..3,
+            0u64..2,
         )
-            .prop_map(|(value, wall, logical, w)| Entry {
+            .prop_map(|(value, wall, logical, w, flags)| Entry {
+                // A tombstone carries no flags (as every write path makes it).
+                flags: if value.is_some() { flags } else { 0 },
                 value,
                 version: Version {
                     hlc: Timestamp::new(NOW + wall, logical),
@@ -1684,11 +1713,13 @@ mod tests {
             seq in any::<u64>(),
             buckets in proptest::collection::vec(any::<u64>(), 0..300),
             value in proptest::collection::vec(any::<u8>(), 0..2_000),
+            flags in any::<u64>(),
         ) {
             let cfg = bincode::config::standard().with_limit::<{ 1 << 20 }>();
             let mut e = e;
             if e.value.is_some() {
                 e.value = Some(value);
+                e.flags = flags;
             }
             let bytes = bincode::serde::encode_to_vec(&e, cfg).unwrap();
             let (back, used): (Entry, usize) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
@@ -1701,7 +1732,7 @@ mod tests {
             let (back, _): (Digest, usize) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
             prop_assert_eq!(back, d);
 
-            let c = Change { seq, key, value: e.value.clone(), version: e.version.clone() };
+            let c = Change { seq, key, value: e.value.clone(), flags: e.flags, version: e.version.clone() };
             let bytes = bincode::serde::encode_to_vec(&c, cfg).unwrap();
             let (back, _): (Change, usize) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
             prop_assert_eq!(back, c);
@@ -1728,7 +1759,7 @@ mod tests {
         ) {
             let mut s = ConfigStore::new("n".into());
             let _ = validate_key(&key);
-            let e = Entry { value, version: Version { hlc: Timestamp::new(wall, logical), writer } };
+            let e = Entry { value, flags: 0, version: Version { hlc: Timestamp::new(wall, logical), writer } };
             let _ = s.apply(&key, e, now);
             let _ = s.set(&key, "v", now);
             let _ = s.delete(&key, now);

@@ -23,14 +23,17 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::state::catalog::Service;
-use crate::state::config::{Entry, DIGEST_BUCKETS};
+use crate::state::config::{Entry, Version, DIGEST_BUCKETS};
 use crate::state::hlc::Timestamp;
 
 #[cfg(test)]
 mod tests;
 
-/// Version of the store's layout; a store written with another one is refused.
-pub const FORMAT_VERSION: u64 = 1;
+/// Version of the store's layout. Version 1 (config entries without `flags`) is upgraded in
+/// place when opened; a store written with any other version is refused.
+pub const FORMAT_VERSION: u64 = 2;
+/// The layout before config entries carried `flags` (Consul's KV `Flags`).
+const FORMAT_V1: u64 = 1;
 /// Name of the store file inside the data directory.
 pub const STORE_FILE: &str = "grapevine.redb";
 /// Name of the lock file inside the data directory.
@@ -124,6 +127,13 @@ pub enum StoreError {
         /// What failed.
         reason: String,
     },
+}
+
+/// A config entry as format 1 saved it: without `flags`.
+#[derive(Deserialize)]
+struct EntryV1 {
+    value: Option<Vec<u8>>,
+    version: Version,
 }
 
 /// A health check as it is saved with its service: plain data, re-armed at start.
@@ -306,7 +316,7 @@ impl DataDir {
                         meta.insert(key, value).map_err(|e| self.write_error(e))?;
                     }
                 }
-                Some(Some(FORMAT_VERSION)) => {
+                Some(Some(found @ (FORMAT_V1 | FORMAT_VERSION))) => {
                     let text = |key| -> Result<String, StoreError> {
                         let value = meta.get(key).map_err(|e| self.corrupt(e.to_string()))?;
                         let value = value.ok_or_else(|| self.corrupt(format!("no {key}")))?;
@@ -324,6 +334,11 @@ impl DataDir {
                             label: label.to_string(),
                         });
                     }
+                    if found == FORMAT_V1 {
+                        self.upgrade_v1(&txn)?;
+                        meta.insert(META_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())
+                            .map_err(|e| self.write_error(e))?;
+                    }
                 }
                 Some(Some(found)) => {
                     return Err(StoreError::Format {
@@ -340,6 +355,33 @@ impl DataDir {
             }
         }
         txn.commit().map_err(|e| self.write_error(e))
+    }
+
+    /// Rewrites format 1's config entries with `flags` 0, in the claiming transaction: the
+    /// upgrade commits whole with the new format version, or not at all.
+    fn upgrade_v1(&self, txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let mut config = txn.open_table(CONFIG).map_err(|e| self.write_error(e))?;
+        let mut upgraded = Vec::new();
+        for row in config.iter().map_err(|e| self.corrupt(e.to_string()))? {
+            let (key, value) = row.map_err(|e| self.corrupt(e.to_string()))?;
+            let old: EntryV1 = self.decode(key.value(), value.value())?;
+            let entry = Entry {
+                value: old.value,
+                flags: 0,
+                version: old.version,
+            };
+            upgraded.push((key.value().to_string(), self.encode(&entry)?));
+        }
+        for (key, bytes) in &upgraded {
+            config
+                .insert(key.as_str(), bytes.as_slice())
+                .map_err(|e| self.write_error(e))?;
+        }
+        tracing::info!(
+            entries = upgraded.len(),
+            "store upgraded from format 1 (config entries now carry flags)"
+        );
+        Ok(())
     }
 
     fn load(&self) -> Result<Loaded, StoreError> {

@@ -4,6 +4,7 @@ use crate::state::config::Version;
 fn entry(value: Option<&str>, wall_ms: u64, writer: &str) -> Entry {
     Entry {
         value: value.map(|v| v.as_bytes().to_vec()),
+        flags: 0,
         version: Version {
             hlc: Timestamp::new(wall_ms, 0),
             writer: writer.to_string(),
@@ -181,4 +182,66 @@ fn a_garbled_store_is_refused_with_the_recovery() {
     let error = DataDir::open(&dir, "n1", "prod").unwrap_err();
     assert!(matches!(error, StoreError::Corrupt { .. }), "{error}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn flags_persist_and_a_format_1_store_is_upgraded_in_place() {
+    // A format 1 store, as the previous version wrote it: entries without flags.
+    #[derive(Serialize)]
+    struct EntryV1 {
+        value: Option<Vec<u8>>,
+        version: Version,
+    }
+    let dir = temp_dir("format1");
+    std::fs::create_dir_all(&dir).unwrap();
+    {
+        let db = Database::create(dir.join(STORE_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert(META_FORMAT, 1u64.to_le_bytes().as_slice())
+                .unwrap();
+            meta.insert(META_NODE_NAME, b"n1".as_slice()).unwrap();
+            meta.insert(META_CLUSTER_LABEL, b"prod".as_slice()).unwrap();
+            let mut config = txn.open_table(CONFIG).unwrap();
+            for (key, value) in [("a/x", Some(b"1".to_vec())), ("a/y", None)] {
+                let old = EntryV1 {
+                    value,
+                    version: Version {
+                        hlc: Timestamp::new(10, 0),
+                        writer: "n1#1".into(),
+                    },
+                };
+                let bytes = crate::wire::encode_frame(&old).unwrap();
+                config.insert(key, bytes.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    {
+        let (store, loaded) = DataDir::open(&dir, "n1", "prod").unwrap();
+        let keys: Vec<_> = loaded.config.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["a/x", "a/y"]);
+        let (x, y) = (&loaded.config[0].1, &loaded.config[1].1);
+        assert_eq!((x.value.as_deref(), x.flags), (Some(&b"1"[..]), 0));
+        assert!(y.is_tombstone());
+        assert_eq!(x.version.writer, "n1#1");
+        let mut flagged = entry(Some("2"), 11, "n1#1");
+        flagged.flags = 42;
+        store
+            .commit_config(&ConfigBatch {
+                upserts: vec![("a/x".into(), flagged)],
+                removed: vec![],
+                hlc: Timestamp::new(11, 0),
+                gc_watermarks: vec![],
+            })
+            .unwrap();
+    }
+    let (store, loaded) = DataDir::open(&dir, "n1", "prod").unwrap();
+    assert_eq!(loaded.config[0].1.flags, 42);
+    assert_eq!(loaded.config[0].1.value.as_deref(), Some(&b"2"[..]));
+    let txn = store.db.begin_read().unwrap();
+    let format = txn.open_table(META).unwrap().get(META_FORMAT).unwrap();
+    assert_eq!(decode_u64(format.unwrap().value()), Some(FORMAT_VERSION));
+    let _ = std::fs::remove_dir_all(&dir);
 }

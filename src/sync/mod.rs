@@ -206,9 +206,14 @@ impl Replicated {
     }
 
     /// Writes a config key locally.
-    pub fn config_set(&mut self, key: &str, value: Vec<u8>) -> Result<Change, config::ConfigError> {
+    pub fn config_set(
+        &mut self,
+        key: &str,
+        value: Vec<u8>,
+        flags: u64,
+    ) -> Result<Change, config::ConfigError> {
         let now = self.now_ms();
-        let change = self.config.set(key, value, now)?;
+        let change = self.config.set_with_flags(key, value, flags, now)?;
         self.touch();
         Ok(change)
     }

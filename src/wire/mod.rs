@@ -28,7 +28,8 @@ pub type DatagramTag = [u8; TAG_LEN];
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 
 const MAGIC: u8 = 0x47; // 'G'
-                        // 2: SWIM datagrams carry the sender's tag.
+/// 2: SWIM datagrams carry the sender's tag, and config entries carry `flags`; a node of
+/// version 1 would misread them, so its datagrams are refused as not grapevine's.
 const VERSION: u8 = 2;
 
 /// Errors of encoding and decoding.

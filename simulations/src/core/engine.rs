@@ -1637,7 +1637,7 @@ impl Sim {
     /// Node `i` writes a config key; returns the change to watch.
     pub fn config_set(&mut self, i: usize, key: &str, value: &[u8]) -> Option<Target> {
         let state = self.nodes[i].state.clone()?;
-        let change = sync::lock(&state).config_set(key, value.to_vec()).ok()?;
+        let change = sync::lock(&state).config_set(key, value.to_vec(), 0).ok()?;
         let origin = self.core(i).name().to_owned();
         let item = Replicated::config_broadcast_item(&change, &origin).ok()?;
         let now = self.instant(self.now);
