@@ -828,6 +828,10 @@ impl<T: Transport> Driver<T> {
             self.membership.suspicion_notices_sent(),
             std::sync::atomic::Ordering::Relaxed,
         );
+        self.stats.suspicions_shortened.store(
+            self.membership.suspicions_shortened(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let state = sync::lock(&self.state);
         let config_seq = state.config.current_seq();
         if *self.config_seq.borrow() != config_seq {

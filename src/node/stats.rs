@@ -90,6 +90,9 @@ counters! {
     /// Datagrams telling a member this node suspects that it is suspected, so that it
     /// refutes (Lifeguard's buddy system); none while nobody is suspected.
     suspicion_notices,
+    /// Suspects declared down before the fixed suspicion time because other members
+    /// independently confirmed the suspicion (Lifeguard's dynamic suspicion).
+    suspicions_shortened,
 }
 
 impl Stats {
