@@ -17,7 +17,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER = os.path.join(ROOT, "benches", "peers", "memberlist-idle")
-TARGET = os.path.join(ROOT, "target", "peers")
+BUILD = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+TARGET = os.path.join(BUILD, "peers")
 
 
 def build():
@@ -41,7 +42,7 @@ def main():
     parser.add_argument("--settle", type=int, default=10)
     args = parser.parse_args()
     build()
-    grapevine = os.path.join(ROOT, "target", "release", "examples", "idle_traffic")
+    grapevine = os.path.join(BUILD, "release", "examples", "idle_traffic")
     memberlist = os.path.join(TARGET, "release", "memberlist-idle")
     window = ["--idle", str(args.idle), "--settle", str(args.settle)]
     rows = []

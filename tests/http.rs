@@ -1346,6 +1346,7 @@ async fn two_nodes_metrics_and_status() {
     value("grapevine_rpc_in_flight");
     assert_eq!(value("grapevine_failure_detector_stalls_total"), 0.0);
     value("grapevine_suspicion_notices_total");
+    assert_eq!(value("grapevine_suspicions_shortened_total"), 0.0);
     value("grapevine_sync_suppressed_total{exchange=\"anti_entropy\"}");
     value("grapevine_sync_suppressed_total{exchange=\"push_pull\"}");
     value("grapevine_http_watchers");

@@ -86,6 +86,10 @@ fn describe() {
         "grapevine_suspicion_notices_total",
         "Datagrams telling a suspected member that it is suspected, so that it refutes."
     );
+    describe_counter!(
+        "grapevine_suspicions_shortened_total",
+        "Suspects declared down before the fixed suspicion time, on independent confirmations."
+    );
     describe_gauge!("grapevine_rpc_in_flight", "RPC calls this node is serving.");
     describe_gauge!(
         "grapevine_rpc_services_served",
@@ -235,6 +239,7 @@ impl Metrics {
             counter!("grapevine_sealed_refused_total").absolute(stats.sealed_refused);
             counter!("grapevine_failure_detector_stalls_total").absolute(stats.stalls);
             counter!("grapevine_suspicion_notices_total").absolute(stats.suspicion_notices);
+            counter!("grapevine_suspicions_shortened_total").absolute(stats.suspicions_shortened);
             gauge!("grapevine_rpc_in_flight").set(node.rpc_in_flight() as f64);
             gauge!("grapevine_rpc_services_served").set(node.rpc_services().len() as f64);
             for health in [Health::Passing, Health::Warning, Health::Critical] {

@@ -8,6 +8,7 @@ mod buddy;
 mod codec;
 mod identity;
 mod profile;
+pub mod suspicion;
 mod timers;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -25,6 +26,7 @@ pub use buddy::SuspicionNotices;
 pub use codec::{BincodeCodec, LocalIdentity};
 pub use identity::{validate_name, NodeId, MAX_NAME_LEN};
 pub use profile::Profile;
+pub use suspicion::{DynamicSuspicion, WithSuspicions};
 pub use timers::{TimerQueue, MAX_HEALTH_SCORE};
 
 use crate::wire::{self, DatagramKind, WireError};
@@ -191,7 +193,7 @@ struct ViewEntry {
     since: Instant,
 }
 
-type SwimCore<B> = Foca<NodeId, BincodeCodec<NodeId>, SmallRng, B>;
+type SwimCore<B> = Foca<NodeId, BincodeCodec<NodeId>, SmallRng, WithSuspicions<B, NodeId>>;
 
 /// SWIM membership of one node, without IO. `B` receives the custom broadcasts
 /// (replicated-state deltas) that ride on SWIM packets.
@@ -216,6 +218,8 @@ pub struct Membership<B: BroadcastHandler<NodeId> = NoCustomBroadcast> {
     view_version: u64,
     notices: SuspicionNotices<NodeId>,
     notice_codec: BincodeCodec<NodeId>,
+    /// Lifeguard's dynamic suspicion, shared with the broadcast handler.
+    suspicion: DynamicSuspicion<NodeId>,
 }
 
 impl Membership {
@@ -239,13 +243,15 @@ where
         handler: B,
     ) -> Self {
         let local = LocalIdentity::new(identity.clone());
+        let (min, max, k) = profile.suspicion_bounds(1);
+        let suspicion = DynamicSuspicion::new(min, max, k);
         let foca = Foca::with_custom_broadcast(
             identity.clone(),
             profile.foca_config(1),
             SmallRng::seed_from_u64(seed),
             // A hashed destination that is not ours: no node has an empty name.
             BincodeCodec::with_local(local.clone(), NodeId::seed(identity.addr)),
-            handler,
+            WithSuspicions::new(handler, suspicion.clone()),
         );
         let mut view = BTreeMap::new();
         view.insert(
@@ -277,6 +283,7 @@ where
             view_version: 0,
             notices: SuspicionNotices::new(profile.foca_config(1).probe_period),
             notice_codec: BincodeCodec::default(),
+            suspicion,
         }
     }
 
@@ -314,6 +321,8 @@ where
         match kind {
             DatagramKind::Swim => {
                 let backlog = self.foca.custom_broadcast_backlog();
+                // Confirmations of suspicions that arrive in it are dated now.
+                self.suspicion.at(now);
                 let result = self.foca.handle_data(payload, &mut self.runtime);
                 if self.foca.custom_broadcast_backlog() > backlog {
                     // News arrived: pass it on now rather than on the next gossip round,
@@ -385,7 +394,10 @@ where
 
     /// The deadline of the earliest pending timer.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.timers.next_deadline()
+        match (self.timers.next_deadline(), self.suspicion.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Fires every timer due at `now`, in deadline order. Timers found far overdue (the
@@ -409,11 +421,42 @@ where
             // Timers scheduled while handling this one are relative to `now`.
             self.after_call(now);
         }
+        self.declare_confirmed_suspects(now);
         if self.timers.stalls() > stalls {
             tracing::warn!(
                 "this node was stalled: overdue failure-detector timers re-armed, not fired"
             );
         }
+    }
+
+    /// Declares down the suspects whose suspicion independent confirmations shortened
+    /// (see [`suspicion`]), as foca's own verdict would: through foca, gossiped.
+    fn declare_confirmed_suspects(&mut self, now: Instant) {
+        // The failed probe that raised a suspicion adds one to the score itself; more means
+        // this node's own view is doubtful.
+        let healthy = self.timers.health_score(now) <= 1;
+        let verdicts =
+            self.suspicion
+                .take_verdicts(now, healthy, self.foca.iter_membership_state());
+        if verdicts.is_empty() {
+            return;
+        }
+        for verdict in &verdicts {
+            tracing::debug!(member = %verdict.id(), "suspicion confirmed by peers: down");
+        }
+        let result = self
+            .foca
+            .apply_many(verdicts.into_iter(), true, &mut self.runtime);
+        self.after_call(now);
+        if let Err(error) = result {
+            tracing::debug!(%error, "could not declare a confirmed suspect down");
+        }
+    }
+
+    /// Suspicions this node declared down before foca's fixed time, thanks to independent
+    /// confirmations (Lifeguard's dynamic suspicion).
+    pub fn suspicions_shortened(&self) -> u64 {
+        self.suspicion.shortened()
     }
 
     /// Local health (Lifeguard): 0 when healthy, up to [`MAX_HEALTH_SCORE`] after failed
@@ -609,8 +652,12 @@ where
         while let Some((to, data)) = self.runtime.to_send() {
             self.outbox.push((to.addr, swim_datagram(&data)));
         }
+        let mut confirmations = Vec::new();
         while let Some((after, timer)) = self.runtime.to_schedule() {
             self.notices.note_timer(&timer, now);
+            if let Some(item) = self.suspicion.note_timer(&timer, self.foca.identity(), now) {
+                confirmations.push(item);
+            }
             self.timers.schedule(after, timer, now);
         }
         let mut defunct = false;
@@ -637,6 +684,25 @@ where
         self.refresh_view(now);
         self.send_suspicion_notices(now);
         self.retune();
+        if !confirmations.is_empty() && !self.leaving {
+            self.gossip_confirmations(&confirmations, now);
+        }
+    }
+
+    /// Gossips this node's own suspicions (see [`suspicion`]), sent to a few peers at once.
+    fn gossip_confirmations(&mut self, items: &[Vec<u8>], now: Instant) {
+        for item in items {
+            if self.foca.custom_broadcast_backlog() >= MAX_BROADCAST_BACKLOG {
+                break;
+            }
+            if let Err(error) = self.foca.add_broadcast(item) {
+                tracing::debug!(%error, "could not gossip a suspicion");
+            }
+        }
+        if let Err(error) = self.foca.broadcast(&mut self.runtime) {
+            tracing::debug!(%error, "eager broadcast failed");
+        }
+        self.after_call(now);
     }
 
     /// Tells the members this node suspects that they are suspected (see [`buddy`]).
@@ -667,6 +733,8 @@ where
             if let Err(error) = self.foca.set_config(self.profile.foca_config(size)) {
                 tracing::debug!(%error, "could not re-tune foca");
             }
+            let (min, max, k) = self.profile.suspicion_bounds(size);
+            self.suspicion.retune(min, max, k);
             self.tuned_for = size;
         }
     }
@@ -867,7 +935,11 @@ pub fn suspicion_subject<T: Clone>(timer: &foca::Timer<T>) -> Option<T> {
 }
 
 /// Whether foca holds `id` as down (a suspicion verdict applied).
-pub fn is_down<B: BroadcastHandler<NodeId>>(foca: &SwimCore<B>, id: &NodeId) -> bool {
+pub fn is_down<B>(foca: &SwimCore<B>, id: &NodeId) -> bool
+where
+    B: BroadcastHandler<NodeId>,
+    B::Error: 'static,
+{
     foca.iter_membership_state()
         .any(|m| m.id() == id && m.state() == State::Down)
 }

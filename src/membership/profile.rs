@@ -85,6 +85,25 @@ impl Profile {
         config
     }
 
+    /// Bounds of Lifeguard's dynamic suspicion in a cluster of `cluster_size` (see
+    /// [`suspicion`](super::suspicion)): `(min, max, k)`. `max` is foca's fixed suspicion
+    /// time; `min` is half of it, but at least three probe periods, so that a healthy
+    /// suspect that could not hear for a while has time to get a suspicion notice (one per
+    /// probe period) and refute it; `k` confirmations are expected, none
+    /// in a cluster too small to give them (memberlist's rule).
+    pub fn suspicion_bounds(self, cluster_size: usize) -> (Duration, Duration, u32) {
+        let config = self.foca_config(cluster_size);
+        let max = config.suspect_to_down_after;
+        let min = (max / 2).max(config.probe_period * 3).min(max);
+        let k = super::suspicion::EXPECTED_CONFIRMATIONS;
+        let k = if (cluster_size.saturating_sub(2) as u32) < k {
+            0
+        } else {
+            k
+        };
+        (min, max, k)
+    }
+
     /// How often a node exchanges its full member list with a random peer over TCP.
     pub fn push_pull_interval(self) -> Duration {
         match self {
@@ -165,6 +184,21 @@ mod tests {
             .map(Profile::push_pull_scale)
             .collect();
         assert_eq!(scales, vec![1, 1, 2, 2, 3, 3, 6, 10]);
+    }
+
+    #[test]
+    fn dynamic_suspicion_spans_half_to_all_of_focas_time_and_three_probes_at_least() {
+        let bounds = |n| {
+            let (min, max, k) = Profile::Lan.suspicion_bounds(n);
+            (min.as_millis(), max.as_millis(), k)
+        };
+        assert_eq!(bounds(4), (3000, 3000, 0), "too few members to confirm");
+        // Small clusters keep their fixed time; large ones gain up to half of it.
+        assert_eq!(bounds(100), (3000, 3000, 3));
+        assert_eq!(bounds(1000), (3000, 4500, 3));
+        assert_eq!(bounds(10_000), (3000, 6000, 3));
+        let (min, max, _) = Profile::Local.suspicion_bounds(100);
+        assert_eq!((min.as_millis(), max.as_millis()), (1500, 3000));
     }
 
     #[test]

@@ -466,3 +466,84 @@ fn a_node_that_missed_an_update_differs_until_a_push_pull_repairs_it() {
         net.nodes[&SimNet::addr(0)].members_fingerprint()
     );
 }
+
+/// Lifeguard's dynamic suspicion: a crashed member that several probers fail on is
+/// declared down before foca's fixed suspicion time runs out.
+#[test]
+fn a_crash_confirmed_by_several_probers_is_declared_down_before_the_fixed_time() {
+    let size = 40;
+    let mut shortened_runs = 0;
+    for seed in 0..3 {
+        let mut net = SimNet::new(size, 500 + seed);
+        join_all(&mut net, size);
+        net.run_for(Duration::from_secs(6));
+        let victim = SimNet::addr(size - 1);
+        net.crashed.insert(victim);
+        net.events.clear();
+        net.run_for(Duration::from_secs(6));
+        let name = format!("n{}", size - 1);
+        let first = |down: bool| {
+            net.events
+                .iter()
+                .filter(|(_, _, e)| match e {
+                    MemberEvent::Down(m) => down && m.name == name,
+                    MemberEvent::Suspect(m) => !down && m.name == name,
+                    _ => false,
+                })
+                .map(|(t, _, _)| *t)
+                .min()
+                .unwrap()
+        };
+        let (suspected, down) = (first(false), first(true));
+        let shortened: u64 = net.nodes.values().map(|n| n.suspicions_shortened()).sum();
+        let (min, max, _) = Profile::Local.suspicion_bounds(usize::from(size));
+        assert!(min + Duration::from_millis(600) < max);
+        if shortened > 0 {
+            shortened_runs += 1;
+            assert!(
+                down - suspected < min + Duration::from_millis(600),
+                "seed {seed}: down {:?} after the first suspicion",
+                down - suspected
+            );
+        }
+        for i in 0..size - 1 {
+            assert_eq!(net.statuses(SimNet::addr(i))[&name], MemberStatus::Down);
+        }
+    }
+    assert!(shortened_runs >= 2, "{shortened_runs} of 3 runs shortened");
+}
+
+/// Confirmations never condemn a suspect that refutes: n1 cannot hear for 1.2 s (its
+/// probers fail and confirm each other), then hears its suspicion and refutes, which
+/// cancels every shortened verdict.
+#[test]
+fn a_confirmed_suspicion_is_cancelled_by_the_refutation() {
+    let size = 12;
+    for seed in 0..6 {
+        let mut net = SimNet::new(size, 700 + seed);
+        join_all(&mut net, size);
+        net.run_for(Duration::from_secs(10));
+        let deaf = SimNet::addr(1);
+        net.deaf.insert(deaf);
+        net.run_for(Duration::from_millis(1200));
+        net.deaf.remove(&deaf);
+        net.run_for(Duration::from_secs(10));
+        let confirmations: u64 = net
+            .nodes
+            .values()
+            .map(|n| n.suspicion.confirmations())
+            .sum();
+        assert!(confirmations > 1, "seed {seed}: {confirmations}");
+        assert_eq!(net.nodes[&deaf].identity().generation, 1, "seed {seed}");
+        assert!(
+            !net.events
+                .iter()
+                .any(|(_, _, e)| matches!(e, MemberEvent::Down(m) if m.name == "n1")),
+            "seed {seed}"
+        );
+        for node in net.nodes.values() {
+            assert_eq!(node.suspicions_shortened(), 0, "seed {seed}");
+            assert_eq!(node.suspicion.tracked(), 0, "seed {seed}: over, forgotten");
+        }
+    }
+}

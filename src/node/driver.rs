@@ -14,7 +14,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::agreement::{tag_of, Agreement};
 use super::catalog::CatalogView;
-use super::limiter::ExchangeLimiter;
+use super::limiter::{ExchangeLimiter, Refusal};
 use super::protocol::{connect, exchange, within, Request, Response};
 use super::seeds::Seeds;
 use super::stats::Stats;
@@ -181,8 +181,52 @@ impl std::fmt::Display for Exchange {
 enum Start {
     /// A tick of the schedule: never limited.
     Scheduled,
-    /// Driven by an event (a hint, a first contact, a follow-up, a member back).
-    Unscheduled,
+    /// Driven by an event: rate-limited.
+    Unscheduled(Trigger),
+}
+
+/// The events that start an exchange outside the schedule (issue 18). Each fires once per
+/// change (a hint is news once, contact is first made once, a member comes back once per
+/// time it was down) and goes through the rate limit of its kind of exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// A hint of a change too big to gossip: fetch it from its owner (anti-entropy).
+    HintFetch,
+    /// Peers appeared where there were none: anti-entropy at once.
+    FirstContactSync,
+    /// Peers appeared where there were none: push-pull at once.
+    FirstContactPushPull,
+    /// The push-pulls 1, 2 and 4 s after the first contact.
+    FollowUp,
+    /// A member seen back after being down or left: push-pull with it (rejoin).
+    MemberBack,
+}
+
+impl Trigger {
+    fn exchange(self) -> Exchange {
+        match self {
+            Trigger::HintFetch | Trigger::FirstContactSync => Exchange::AntiEntropy,
+            Trigger::FirstContactPushPull | Trigger::FollowUp | Trigger::MemberBack => {
+                Exchange::PushPull
+            }
+        }
+    }
+}
+
+impl Limits {
+    /// Takes an unscheduled start of `trigger` with `peer`, if its kind's limit allows.
+    fn admit(&mut self, trigger: Trigger, peer: SocketAddr, now: Instant) -> Result<(), Refusal> {
+        match trigger.exchange() {
+            Exchange::AntiEntropy => self.sync.try_start(peer, now),
+            Exchange::PushPull => self.push_pull.try_start(peer, now),
+        }
+    }
+}
+
+/// The gap before the follow-up push-pull after one `gap` after the first contact: they
+/// double, and stop after [`FOLLOWUP_LAST`], so a join causes three and no more.
+fn next_followup(gap: Duration) -> Option<Duration> {
+    (gap < FOLLOWUP_LAST).then(|| gap * 2)
 }
 
 /// Peers remembered for "logged once" refusals.
@@ -203,6 +247,28 @@ struct Progress {
     dead_since: BTreeMap<String, Instant>,
     /// `(when, local max version)` samples: tombstones older than the horizon are collected.
     tombstone_marks: VecDeque<(Instant, u64)>,
+}
+
+impl Progress {
+    /// Notes a member event; the address of a member back from down or left (the
+    /// [`Trigger::MemberBack`] push-pull), once per time it was given up on.
+    fn member_back(&mut self, event: &MemberEvent, now: Instant) -> Option<SocketAddr> {
+        match event {
+            MemberEvent::Down(m) | MemberEvent::Left(m) => {
+                self.dead_since.entry(m.name.clone()).or_insert(now);
+                None
+            }
+            // Contact resumed with a member we had given up on (a healed partition, a
+            // restart): swap member lists at once rather than at the next, possibly
+            // scaled-down, push-pull.
+            MemberEvent::Joined(m) => self.dead_since.remove(&m.name).map(|_| m.addr),
+            MemberEvent::Updated(m) => {
+                self.dead_since.remove(&m.name);
+                None
+            }
+            MemberEvent::Suspect(_) => None,
+        }
+    }
 }
 
 impl<T: Transport> Driver<T> {
@@ -294,10 +360,8 @@ impl<T: Transport> Driver<T> {
                 },
                 () = sleep_until_opt(followup.map(|(at, _)| at)) => {
                     if let Some((_, gap)) = followup.take() {
-                        self.push_pull_random(&mut tasks);
-                        if gap < FOLLOWUP_LAST {
-                            followup = Some((Instant::now() + gap * 2, gap * 2));
-                        }
+                        self.push_pull_random(&mut tasks, Trigger::FollowUp);
+                        followup = next_followup(gap).map(|next| (Instant::now() + next, next));
                     }
                 }
                 _ = join_tick.tick() => {
@@ -341,9 +405,13 @@ impl<T: Transport> Driver<T> {
             let has_peers = self.membership.num_active_peers() > 0;
             if has_peers && !progress.had_peers {
                 // Just joined: fetch the whole member list and state instead of waiting.
-                self.push_pull_random(&mut tasks);
+                self.push_pull_random(&mut tasks, Trigger::FirstContactPushPull);
                 if let Some(peer) = self.random_peer() {
-                    self.start_sync(peer, &mut tasks, Start::Unscheduled);
+                    self.start_sync(
+                        peer,
+                        &mut tasks,
+                        Start::Unscheduled(Trigger::FirstContactSync),
+                    );
                 }
                 followup = Some((Instant::now() + FOLLOWUP_FIRST, FOLLOWUP_FIRST));
             }
@@ -351,7 +419,7 @@ impl<T: Transport> Driver<T> {
             self.follow_identity();
             self.flush(&mut progress).await;
             for peer in std::mem::take(&mut progress.rejoined) {
-                self.start_push_pull(peer, &mut tasks);
+                self.start_push_pull(peer, &mut tasks, Trigger::MemberBack);
             }
             self.publish(&mut progress);
         }
@@ -525,7 +593,7 @@ impl<T: Transport> Driver<T> {
         if !fresh && self.limits.sync.check(addr, now).is_err() {
             return;
         }
-        if self.start_sync(addr, tasks, Start::Unscheduled) {
+        if self.start_sync(addr, tasks, Start::Unscheduled(Trigger::HintFetch)) {
             self.limits.deferred.remove(&owner);
         } else if !self.limits.deferred.contains_key(&owner) {
             if self.limits.deferred.len() >= MAX_DEFERRED {
@@ -552,16 +620,16 @@ impl<T: Transport> Driver<T> {
 
     /// Whether an exchange of `kind` may start with `peer`: scheduled ones always, the
     /// others within the rate limit. A refusal is counted, and the first one logged.
-    fn allowed(&mut self, peer: SocketAddr, start: Start, kind: Exchange) -> bool {
-        if start == Start::Scheduled {
+    fn allowed(&mut self, peer: SocketAddr, start: Start) -> bool {
+        let Start::Unscheduled(trigger) = start else {
             return true;
-        }
-        let now = Instant::now();
-        let (limiter, counter) = match kind {
-            Exchange::AntiEntropy => (&mut self.limits.sync, &self.stats.sync_suppressed),
-            Exchange::PushPull => (&mut self.limits.push_pull, &self.stats.push_pull_suppressed),
         };
-        match limiter.try_start(peer, now) {
+        let kind = trigger.exchange();
+        let counter = match kind {
+            Exchange::AntiEntropy => &self.stats.sync_suppressed,
+            Exchange::PushPull => &self.stats.push_pull_suppressed,
+        };
+        match self.limits.admit(trigger, peer, Instant::now()) {
             Ok(()) => true,
             Err(refusal) => {
                 Stats::add(counter, 1);
@@ -631,14 +699,19 @@ impl<T: Transport> Driver<T> {
         Some(peers[self.rng.random_range(0..peers.len())])
     }
 
-    fn push_pull_random(&mut self, tasks: &mut JoinSet<Result<Outcome>>) {
+    fn push_pull_random(&mut self, tasks: &mut JoinSet<Result<Outcome>>, trigger: Trigger) {
         if let Some(peer) = self.random_peer() {
-            self.start_push_pull(peer, tasks);
+            self.start_push_pull(peer, tasks, trigger);
         }
     }
 
-    fn start_push_pull(&mut self, peer: SocketAddr, tasks: &mut JoinSet<Result<Outcome>>) {
-        self.start_push_pull_with(peer, tasks, PushPullKind::Full);
+    fn start_push_pull(
+        &mut self,
+        peer: SocketAddr,
+        tasks: &mut JoinSet<Result<Outcome>>,
+        trigger: Trigger,
+    ) {
+        self.start_push_pull_with(peer, tasks, PushPullKind::Full(trigger));
     }
 
     /// A push-pull with `peer`; for a seed we are joining through, a failure is reported
@@ -653,9 +726,9 @@ impl<T: Transport> Driver<T> {
         // Joins and periodic rounds have their ticks; the others are driven by events.
         let start = match kind {
             PushPullKind::Join | PushPullKind::Periodic => Start::Scheduled,
-            PushPullKind::Full => Start::Unscheduled,
+            PushPullKind::Full(trigger) => Start::Unscheduled(trigger),
         };
-        if tasks.len() >= MAX_OUTBOUND || !self.allowed(peer, start, Exchange::PushPull) {
+        if tasks.len() >= MAX_OUTBOUND || !self.allowed(peer, start) {
             return;
         }
         let request = Request::PushPull(self.membership.push_pull_state());
@@ -689,7 +762,7 @@ impl<T: Transport> Driver<T> {
         tasks: &mut JoinSet<Result<Outcome>>,
         start: Start,
     ) -> bool {
-        if tasks.len() >= MAX_OUTBOUND || !self.allowed(peer, start, Exchange::AntiEntropy) {
+        if tasks.len() >= MAX_OUTBOUND || !self.allowed(peer, start) {
             return false;
         }
         let state = self.state.clone();
@@ -796,25 +869,8 @@ impl<T: Transport> Driver<T> {
         }
         for event in self.membership.drain_events() {
             tracing::info!(?event, "membership");
-            match &event {
-                MemberEvent::Down(m) | MemberEvent::Left(m) => {
-                    progress
-                        .dead_since
-                        .entry(m.name.clone())
-                        .or_insert_with(Instant::now);
-                }
-                MemberEvent::Joined(m) => {
-                    if progress.dead_since.remove(&m.name).is_some() {
-                        // Contact resumed with a member we had given up on (a healed
-                        // partition, a restart): swap member lists at once rather than
-                        // at the next, possibly scaled-down, push-pull.
-                        progress.rejoined.push(m.addr);
-                    }
-                }
-                MemberEvent::Updated(m) => {
-                    progress.dead_since.remove(&m.name);
-                }
-                MemberEvent::Suspect(_) => {}
+            if let Some(back) = progress.member_back(&event, Instant::now()) {
+                progress.rejoined.push(back);
             }
             // No subscriber is fine; a lagging one is counted when it reads.
             let _ = self.events.send(event);
@@ -837,6 +893,10 @@ impl<T: Transport> Driver<T> {
             .store(backlog, std::sync::atomic::Ordering::Relaxed);
         self.stats.suspicion_notices.store(
             self.membership.suspicion_notices_sent(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.stats.suspicions_shortened.store(
+            self.membership.suspicions_shortened(),
             std::sync::atomic::Ordering::Relaxed,
         );
         let state = sync::lock(&self.state);
@@ -895,7 +955,7 @@ enum PushPullKind {
     /// Joining through a seed: member lists always, failures reported.
     Join,
     /// First contact, its follow-ups, a member back from down: member lists always.
-    Full,
+    Full(Trigger),
     /// The periodic repair round: fingerprint first.
     Periodic,
 }
@@ -1069,5 +1129,167 @@ mod tests {
             .unwrap();
         assert!(matches!(outcome, Outcome::Members(_)));
         assert_eq!(accepted.load(Ordering::Relaxed), 2);
+    }
+
+    /// Issue 18: one test per unscheduled exchange trigger, each showing that the trigger
+    /// cannot fire again before its interval without a new change.
+    mod triggers {
+        use super::*;
+        use crate::membership::{Member, MemberStatus};
+        use crate::sync::HintMemory;
+
+        fn addr(port: u16) -> SocketAddr {
+            ([127, 0, 0, 1], port).into()
+        }
+
+        /// The per-peer gap of the LAN profile (a quarter sync interval).
+        fn gap() -> Duration {
+            Profile::Lan.sync_interval() / 4
+        }
+
+        fn member(status: MemberStatus) -> Member {
+            Member {
+                name: "b".into(),
+                addr: addr(2),
+                status,
+                generation: 1,
+            }
+        }
+
+        /// Every start of `trigger` with the same peer a datagram (1 ms) apart over 2 s, as
+        /// the storm repeated it: how many the limit lets through, at which offsets.
+        fn repeated(trigger: Trigger) -> Vec<Duration> {
+            let mut limits = Limits::new(Profile::Lan);
+            let t0 = Instant::now();
+            (0..2000u64)
+                .map(Duration::from_millis)
+                .filter(|&at| limits.admit(trigger, addr(2), t0 + at).is_ok())
+                .collect()
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_hint_fetch_acts_once_per_hint_and_once_per_gap() {
+            // The same hint again is no change: no fetch at all.
+            let mut hints = HintMemory::default();
+            assert!(hints.catalog_first_seen("owner", 1, 5));
+            assert!(!hints.catalog_first_seen("owner", 1, 5));
+            // New hints of the same owner after every datagram: one fetch per gap.
+            let mut limits = Limits::new(Profile::Lan);
+            let t0 = Instant::now();
+            let mut fetched = Vec::new();
+            for ms in 0..2000u64 {
+                let at = t0 + Duration::from_millis(ms);
+                if hints.catalog_first_seen("owner", 1, 6 + ms)
+                    && limits.admit(Trigger::HintFetch, addr(2), at).is_ok()
+                {
+                    fetched.push(ms);
+                }
+            }
+            assert_eq!(fetched, vec![0, 500, 1000, 1500]);
+            assert_eq!(repeated(Trigger::HintFetch).len(), fetched.len());
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn first_contact_exchanges_cannot_repeat_within_the_gap() {
+            // They fire on the change "no peer" -> "a peer"; a flapping contact (lost and
+            // found after every datagram) starts one of each per gap.
+            for trigger in [Trigger::FirstContactPushPull, Trigger::FirstContactSync] {
+                let starts = repeated(trigger);
+                assert_eq!(starts.len(), 4, "{trigger:?}");
+                assert!(
+                    starts.windows(2).all(|w| w[1] - w[0] >= gap()),
+                    "{trigger:?}"
+                );
+            }
+            // Each kind has its own limit: the first contact starts both at once.
+            let mut limits = Limits::new(Profile::Lan);
+            let t0 = Instant::now();
+            assert_eq!(
+                limits.admit(Trigger::FirstContactPushPull, addr(2), t0),
+                Ok(())
+            );
+            assert_eq!(limits.admit(Trigger::FirstContactSync, addr(2), t0), Ok(()));
+            assert_eq!(
+                limits.admit(Trigger::FirstContactPushPull, addr(2), t0),
+                Err(Refusal::PeerTooSoon)
+            );
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn follow_ups_are_three_and_each_waits_its_gap() {
+            // After a first contact: 1, 2 and 4 s later, then never without a new one.
+            let mut gaps = vec![FOLLOWUP_FIRST];
+            while let Some(next) = next_followup(*gaps.last().unwrap()) {
+                gaps.push(next);
+            }
+            assert_eq!(gaps, [1, 2, 4].map(Duration::from_secs));
+            // Each one with the first contact's peer is admitted (a second apart at least),
+            // but a follow-up repeated within the gap is not.
+            let mut limits = Limits::new(Profile::Lan);
+            let t0 = Instant::now();
+            assert_eq!(
+                limits.admit(Trigger::FirstContactPushPull, addr(2), t0),
+                Ok(())
+            );
+            let mut at = t0;
+            for gap in gaps {
+                at += gap;
+                assert_eq!(limits.admit(Trigger::FollowUp, addr(2), at), Ok(()));
+                assert_eq!(
+                    limits.admit(Trigger::FollowUp, addr(2), at + Duration::from_millis(499)),
+                    Err(Refusal::PeerTooSoon)
+                );
+            }
+            assert_eq!(repeated(Trigger::FollowUp).len(), 4);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_member_back_is_pushed_once_per_time_it_was_down() {
+            let mut progress = Progress::default();
+            let t0 = Instant::now();
+            let joined = MemberEvent::Joined(member(MemberStatus::Alive));
+            let down = MemberEvent::Down(member(MemberStatus::Down));
+            assert_eq!(
+                progress.member_back(&joined, t0),
+                None,
+                "never down: no rejoin"
+            );
+            assert_eq!(progress.member_back(&down, t0), None);
+            assert_eq!(progress.member_back(&joined, t0), Some(addr(2)));
+            // The same member seen joined again, or updated, is no new change.
+            assert_eq!(progress.member_back(&joined, t0), None);
+            let updated = MemberEvent::Updated(member(MemberStatus::Alive));
+            assert_eq!(progress.member_back(&updated, t0), None);
+            // A member flapping down and back after every datagram: one rejoin push-pull
+            // per gap.
+            let mut limits = Limits::new(Profile::Lan);
+            let mut pushed = 0;
+            for ms in 0..2000u64 {
+                let at = t0 + Duration::from_millis(ms);
+                assert_eq!(progress.member_back(&down, at), None);
+                if let Some(peer) = progress.member_back(&joined, at) {
+                    if limits.admit(Trigger::MemberBack, peer, at).is_ok() {
+                        pushed += 1;
+                    }
+                }
+            }
+            assert_eq!(pushed, 4);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn unscheduled_starts_share_a_node_budget_across_peers() {
+            // Triggers spread over many peers still stay within the node's budget: a burst
+            // of 8, then one push-pull per sync interval.
+            let mut limits = Limits::new(Profile::Lan);
+            let t0 = Instant::now();
+            let started = (0..10_000u64)
+                .filter(|&ms| {
+                    let peer = addr(2 + (ms % 100) as u16);
+                    let at = t0 + Duration::from_millis(ms);
+                    limits.admit(Trigger::MemberBack, peer, at).is_ok()
+                })
+                .count();
+            assert!((8..=14).contains(&started), "{started}");
+        }
     }
 }

@@ -97,6 +97,9 @@ counters! {
     /// Scheduled anti-entropy rounds and push-pulls not started because every peer heard
     /// from since the last tick had the same state and member list (their datagrams' tags).
     exchanges_agreed,
+    /// Suspects declared down before the fixed suspicion time because other members
+    /// independently confirmed the suspicion (Lifeguard's dynamic suspicion).
+    suspicions_shortened,
 }
 
 impl Stats {

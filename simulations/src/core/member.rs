@@ -22,7 +22,8 @@ use std::time::Instant;
 
 use foca::{AccumulatingRuntime, Foca, OwnedNotification, State};
 use grapevine::membership::{
-    fingerprint_of, suspicion_subject, Profile, SuspicionNotices, TimerQueue, MAX_BROADCAST_ITEM,
+    fingerprint_of, suspicion_subject, DynamicSuspicion, Profile, SuspicionNotices, TimerQueue,
+    WithSuspicions, MAX_BROADCAST_BACKLOG, MAX_BROADCAST_ITEM,
 };
 use grapevine::membership::{
     BincodeCodec, LocalIdentity, MemberEvent, Membership, NodeId, PushPull,
@@ -312,7 +313,7 @@ impl Core {
     pub fn next_deadline(&self) -> Option<Instant> {
         match self {
             Core::Library(m) => m.next_deadline(),
-            Core::Lean(l) => l.timers.next_deadline(),
+            Core::Lean(l) => l.next_deadline(),
         }
     }
 
@@ -425,7 +426,7 @@ impl Core {
 /// foca with `Membership`'s protocol logic and no member view. Every method mirrors the
 /// method of the same name in `grapevine::membership::Membership`.
 pub struct Lean {
-    foca: Foca<SimId, BincodeCodec<SimId>, SmallRng, StateBroadcasts>,
+    foca: Foca<SimId, BincodeCodec<SimId>, SmallRng, WithSuspicions<StateBroadcasts, SimId>>,
     /// The identity the codec recognises hashed destinations by, as in `Membership`.
     local: LocalIdentity<SimId>,
     runtime: AccumulatingRuntime<SimId>,
@@ -438,6 +439,7 @@ pub struct Lean {
     leaving: bool,
     notices: SuspicionNotices<SimId>,
     notice_codec: BincodeCodec<SimId>,
+    suspicion: DynamicSuspicion<SimId>,
 }
 
 /// Push-pull states shared between nodes holding the same member list in the same order
@@ -497,13 +499,15 @@ impl Lean {
             .expect("simulated nodes have IPv4 addresses");
         let local = LocalIdentity::new(identity);
         let stranger = SimId::new("", identity.addr(), 0).expect("an IPv4 address");
+        let (min, max, k) = profile.suspicion_bounds(1);
+        let suspicion = DynamicSuspicion::new(min, max, k);
         Lean {
             foca: Foca::with_custom_broadcast(
                 identity,
                 profile.foca_config(1),
                 SmallRng::seed_from_u64(seed),
                 BincodeCodec::with_local(local.clone(), stranger),
-                handler,
+                WithSuspicions::new(handler, suspicion.clone()),
             ),
             local,
             runtime: AccumulatingRuntime::new(),
@@ -516,6 +520,14 @@ impl Lean {
             leaving: false,
             notices: SuspicionNotices::new(profile.foca_config(1).probe_period),
             notice_codec: BincodeCodec::default(),
+            suspicion,
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        match (self.timers.next_deadline(), self.suspicion.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -531,6 +543,7 @@ impl Lean {
         match kind {
             DatagramKind::Swim => {
                 let backlog = self.foca.custom_broadcast_backlog();
+                self.suspicion.at(now);
                 let result = self.foca.handle_data(payload, &mut self.runtime);
                 if self.foca.custom_broadcast_backlog() > backlog {
                     let _ = self.foca.broadcast(&mut self.runtime);
@@ -580,6 +593,17 @@ impl Lean {
                     self.withhold_sends_to(subject);
                 }
             }
+            self.after_call(now);
+        }
+        // As `Membership`: Lifeguard's dynamic suspicion.
+        let healthy = self.timers.health_score(now) <= 1;
+        let verdicts =
+            self.suspicion
+                .take_verdicts(now, healthy, self.foca.iter_membership_state());
+        if !verdicts.is_empty() {
+            let _ = self
+                .foca
+                .apply_many(verdicts.into_iter(), true, &mut self.runtime);
             self.after_call(now);
         }
     }
@@ -724,8 +748,12 @@ impl Lean {
         while let Some((to, data)) = self.runtime.to_send() {
             self.outbox.push((to.addr(), swim_datagram(&data)));
         }
+        let mut confirmations = Vec::new();
         while let Some((after, timer)) = self.runtime.to_schedule() {
             self.notices.note_timer(&timer, now);
+            if let Some(item) = self.suspicion.note_timer(&timer, self.foca.identity(), now) {
+                confirmations.push(item);
+            }
             self.timers.schedule(after, timer, now);
         }
         let mut defunct = false;
@@ -773,7 +801,19 @@ impl Lean {
         let size = self.foca.num_members() + 1;
         if size > self.tuned_for * 2 || size * 2 < self.tuned_for {
             let _ = self.foca.set_config(self.profile.foca_config(size));
+            let (min, max, k) = self.profile.suspicion_bounds(size);
+            self.suspicion.retune(min, max, k);
             self.tuned_for = size;
+        }
+        if !confirmations.is_empty() && !self.leaving {
+            for item in &confirmations {
+                if self.foca.custom_broadcast_backlog() >= MAX_BROADCAST_BACKLOG {
+                    break;
+                }
+                let _ = self.foca.add_broadcast(item);
+            }
+            let _ = self.foca.broadcast(&mut self.runtime);
+            self.collect(now);
         }
     }
 }
