@@ -4,13 +4,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use grapevine::{AppError, LoadBalance, Node, RpcError, RpcService};
+use grapevine::{AppError, LoadBalance, RpcError, RpcService};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
 
-use common::{cluster, start, WAIT};
+use common::{cluster, instances_visible, start, WAIT};
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 struct Add {
@@ -39,17 +39,6 @@ fn adder(node: &str) -> RpcService {
         .method("fail", |code: u32| async move {
             Err::<(), _>(AppError::new(code, "refused on purpose"))
         })
-}
-
-async fn instances_visible(node: &Node, service: &str, count: usize) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while node.catalog().lookup(service).len() != count {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{service} never had {count} instances"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 mod common;
 
-use common::{cluster, WAIT};
+use common::{cluster, instances_visible};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Entry {
@@ -115,17 +115,6 @@ impl Store for MemStore {
 
     async fn node(&self) -> Result<String, AppError> {
         Ok(self.node.clone())
-    }
-}
-
-async fn instances_visible(node: &Node, service: &str, count: usize) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while node.catalog().lookup(service).len() != count {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{service} never had {count} instances"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -105,13 +105,7 @@ async fn handle<T: Transport>(
                 "this cluster encrypts its traffic; connect with the cluster key".into(),
             );
             let bytes = wire::encode_frame(&refusal)?;
-            let _ = within(timeout, "response", async {
-                framed
-                    .send(bytes::Bytes::from(bytes))
-                    .await
-                    .map_err(|source| Error::Connect { addr, source })
-            })
-            .await;
+            let _ = send_frame(&mut framed, bytes, addr, timeout, "response").await;
             return Err(Error::Protocol(
                 "plaintext request on an encrypted node".into(),
             ));
@@ -133,13 +127,7 @@ async fn handle<T: Transport>(
             &shared.stats.tcp_bytes,
             (frame.len() + bytes.len() + 8) as u64,
         );
-        within(timeout, "response", async {
-            framed
-                .send(bytes::Bytes::from(bytes))
-                .await
-                .map_err(|source| Error::Connect { addr, source })
-        })
-        .await?;
+        send_frame(&mut framed, bytes, addr, timeout, "response").await?;
     }
     Ok(())
 }
@@ -188,16 +176,7 @@ where
         if ours {
             let refusal = Response::Error(format!("refused: {error}; upgrade one side"));
             let bytes = wire::encode_frame(&refusal)?;
-            let _ = within(timeout, "response", async {
-                framed
-                    .send(bytes::Bytes::from(bytes))
-                    .await
-                    .map_err(|source| Error::Connect {
-                        addr: peer.addr,
-                        source,
-                    })
-            })
-            .await;
+            let _ = send_frame(framed, bytes, peer.addr, timeout, "response").await;
         }
         return refused(Error::Protocol(error.to_string()));
     }
@@ -221,16 +200,7 @@ where
     if !control_allowed(shared, peer) {
         let refusal = Response::Control(ControlResponse::Refused(loopback_only(peer)));
         let bytes = wire::encode_frame(&refusal)?;
-        let _ = within(timeout, "response", async {
-            framed
-                .send(bytes::Bytes::from(bytes))
-                .await
-                .map_err(|source| Error::Connect {
-                    addr: peer.addr,
-                    source,
-                })
-        })
-        .await;
+        let _ = send_frame(&mut framed, bytes, peer.addr, timeout, "response").await;
         return Ok(());
     }
     let mut watch = shared.config().watch_prefix(&prefix);
@@ -244,16 +214,30 @@ where
                 let frame = Response::Control(ControlResponse::ConfigEvent(event));
                 let bytes = wire::encode_frame(&frame)?;
                 // A client that stops reading is dropped rather than buffered for.
-                within(timeout, "watch event", async {
-                    framed
-                        .send(bytes::Bytes::from(bytes))
-                        .await
-                        .map_err(|source| Error::Connect { addr: peer.addr, source })
-                })
-                .await?;
+                send_frame(&mut framed, bytes, peer.addr, timeout, "watch event").await?;
             }
         }
     }
+}
+
+/// Sends one encoded frame to `addr`, within `timeout` (`what` names the wait in errors).
+async fn send_frame<S>(
+    framed: &mut tokio_util::codec::Framed<S, wire::FrameCodec>,
+    bytes: Vec<u8>,
+    addr: SocketAddr,
+    timeout: std::time::Duration,
+    what: &'static str,
+) -> Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    within(timeout, what, async {
+        framed
+            .send(bytes::Bytes::from(bytes))
+            .await
+            .map_err(|source| Error::Connect { addr, source })
+    })
+    .await
 }
 
 /// Control is for loopback, for peers holding the cluster key, and for anyone when the

@@ -75,3 +75,15 @@ pub fn summary(instances: &[Instance]) -> Vec<(String, String, String, Health)> 
     rows.sort();
     rows
 }
+
+/// Waits (up to [`WAIT`]) until `node` looks up exactly `count` instances of `service`.
+pub async fn instances_visible(node: &Node, service: &str, count: usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while node.catalog().lookup(service).len() != count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{service} never had {count} instances"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
