@@ -526,17 +526,17 @@ impl<T: Transport> Driver<T> {
     /// This node's datagram tag: fingerprints of its state and member list, recomputed
     /// only when either changed.
     fn local_tag(&mut self) -> DatagramTag {
-        let versions = (
-            sync::lock(&self.state).version(),
-            self.membership.view_version(),
-        );
+        // One lock for the version check and, when it changed, the digest.
+        let state = sync::lock(&self.state);
+        let versions = (state.version(), self.membership.view_version());
         if let Some((cached, tag)) = self.tag {
             if cached == versions {
                 return tag;
             }
         }
-        let state = sync::lock(&self.state).digest().fingerprint();
-        let tag = tag_of(state, self.membership.members_fingerprint());
+        let state_fingerprint = state.digest().fingerprint();
+        drop(state);
+        let tag = tag_of(state_fingerprint, self.membership.members_fingerprint());
         self.tag = Some((versions, tag));
         tag
     }
