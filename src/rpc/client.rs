@@ -1,7 +1,7 @@
 //! The calling side: a pool of multiplexed connections, resolution and load balancing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -62,7 +62,7 @@ pub enum LoadBalance {
 /// The write half of a connection, type-erased (plain or sealed streams).
 type WriteHalf = Pin<Box<dyn AsyncWrite + Send>>;
 
-/// What one connection's callers, reader and writer share.
+/// What one connection's callers, reader, writer and deadline sweeper share.
 struct Shared {
     calls: Mutex<Calls>,
     outbox: Mutex<Outbox>,
@@ -85,6 +85,10 @@ struct Outbox {
 
 /// Calls awaiting their reply, in a slab: a call's id carries its slot (low 32 bits) and a
 /// sequence number (high 32 bits), so a late reply never reaches a reused slot's new call.
+///
+/// Deadlines are kept here too, and one sweeper task per connection fails the calls whose
+/// deadline passed: a call on an open connection arms no timer of its own (a timer per call
+/// was a lock on tokio's timer wheel to register it and another to cancel it).
 #[derive(Default)]
 struct Calls {
     slots: Vec<CallSlot>,
@@ -92,12 +96,18 @@ struct Calls {
     sequence: u32,
     /// Why the connection failed, once it has.
     failed: Option<String>,
+    /// No waiting call's deadline is earlier (it may be earlier than all of them: calls
+    /// that finish leave it; the sweeper recomputes it when it fires).
+    earliest: Option<Instant>,
+    /// The sweeper, waiting for `earliest` to change.
+    sweeper: Option<Waker>,
 }
 
 enum CallSlot {
     Free,
     Waiting {
         id: u64,
+        deadline: Instant,
         waker: Option<Waker>,
     },
     Done {
@@ -107,7 +117,8 @@ enum CallSlot {
 }
 
 impl Calls {
-    fn insert(&mut self) -> u64 {
+    /// A new waiting call; wakes the sweeper if its deadline is the earliest.
+    fn insert(&mut self, deadline: Instant) -> u64 {
         self.sequence = self.sequence.wrapping_add(1);
         let index = match self.free.pop() {
             Some(index) => index,
@@ -118,8 +129,45 @@ impl Calls {
             }
         };
         let id = (u64::from(self.sequence) << 32) | u64::from(index);
-        self.slots[index as usize] = CallSlot::Waiting { id, waker: None };
+        self.slots[index as usize] = CallSlot::Waiting {
+            id,
+            deadline,
+            waker: None,
+        };
+        if self.earliest.is_none_or(|earliest| deadline < earliest) {
+            self.earliest = Some(deadline);
+            if let Some(sweeper) = self.sweeper.take() {
+                sweeper.wake();
+            }
+        }
         id
+    }
+
+    /// Fails the waiting calls whose deadline is past `now` (as timed out); returns their
+    /// wakers, and sets `earliest` to the earliest deadline still waiting.
+    fn expire(&mut self, now: Instant) -> Vec<Waker> {
+        let mut wakers = Vec::new();
+        let mut earliest: Option<Instant> = None;
+        for slot in &mut self.slots {
+            if let CallSlot::Waiting {
+                id,
+                deadline,
+                waker,
+            } = slot
+            {
+                if *deadline <= now {
+                    wakers.extend(waker.take());
+                    *slot = CallSlot::Done {
+                        id: *id,
+                        result: Err(RpcError::Timeout(Duration::ZERO)),
+                    };
+                } else {
+                    earliest = Some(earliest.map_or(*deadline, |e| e.min(*deadline)));
+                }
+            }
+        }
+        self.earliest = earliest;
+        wakers
     }
 
     fn slot(&mut self, id: u64) -> Option<&mut CallSlot> {
@@ -155,9 +203,10 @@ impl Calls {
     /// Fails every waiting call; returns the wakers to wake.
     fn fail_all(&mut self, reason: &str) -> Vec<Waker> {
         self.failed.get_or_insert_with(|| reason.to_string());
+        self.earliest = None;
         let mut wakers = Vec::new();
         for slot in &mut self.slots {
-            if let CallSlot::Waiting { id, waker } = slot {
+            if let CallSlot::Waiting { id, waker, .. } = slot {
                 wakers.extend(waker.take());
                 *slot = CallSlot::Done {
                     id: *id,
@@ -237,12 +286,14 @@ struct Connection {
     shared: Arc<Shared>,
     in_flight: Semaphore,
     reader: AbortHandle,
+    sweeper: AbortHandle,
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        // No caller is left: stop both tasks, which closes the socket.
+        // No caller is left: stop the tasks, which closes the socket.
         self.reader.abort();
+        self.sweeper.abort();
         lock(&self.shared.outbox).stopped = true;
         self.shared.wake_writer.notify_one();
     }
@@ -305,11 +356,18 @@ impl Connection {
             };
             reader_shared.fail(&reason);
         });
+        let sweeper = tokio::spawn(sweep_deadlines(shared.clone()));
         Ok(Connection {
             shared,
             in_flight: Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION),
             reader: reader.abort_handle(),
+            sweeper: sweeper.abort_handle(),
         })
+    }
+
+    /// A permit for one more call, if the connection has room now.
+    fn try_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.in_flight.try_acquire().ok()
     }
 
     fn is_closed(&self) -> bool {
@@ -320,26 +378,23 @@ impl Connection {
         MAX_IN_FLIGHT_PER_CONNECTION - self.in_flight.available_permits()
     }
 
-    /// Runs one call; the caller bounds it with the call's deadline.
+    /// Runs one call holding `_permit` (one of the connection's in-flight slots); the
+    /// connection's sweeper fails it as timed out once `deadline` passes.
     async fn call(
         &self,
+        _permit: tokio::sync::SemaphorePermit<'_>,
         service: &str,
         method: &str,
         payload: &[u8],
         deadline: Instant,
     ) -> Result<Vec<u8>, RpcError> {
-        // Back-pressure: wait for a slot rather than queue without bound.
-        let _permit = match self.in_flight.try_acquire() {
-            Ok(permit) => permit,
-            Err(_) => self.in_flight.acquire().await.map_err(|_| closed(true))?,
-        };
         let alone = self.load() == 1;
         let id = {
             let mut calls = lock(&self.shared.calls);
             if calls.failed.is_some() {
                 return Err(closed(true));
             }
-            calls.insert()
+            calls.insert(deadline)
         };
         // Dropping this future (caller gave up, or timed out) cancels on the server.
         let mut cancel = CancelOnDrop {
@@ -377,6 +432,11 @@ impl Connection {
         let result =
             tracing::Instrument::instrument(poll_fn(|cx| self.poll_reply(id, cx)), span).await;
         cancel.armed = false;
+        if matches!(result, Err(RpcError::Timeout(_))) {
+            // The sweeper gave up on it: the server may still be running it (best effort,
+            // never waits; the server drops it at the deadline anyway).
+            let _ = self.shared.send(&Frame::Cancel { id }, false);
+        }
         result
     }
 
@@ -396,6 +456,45 @@ impl Connection {
                 Poll::Ready(result)
             }
             Some(CallSlot::Free) | None => Poll::Ready(Err(closed(false))),
+        }
+    }
+}
+
+/// The deadline sweeper of one connection: sleeps until the earliest deadline of a waiting
+/// call (or until an earlier one arrives), then fails the calls past theirs. Under steady
+/// load with one timeout it wakes about once per timeout period.
+async fn sweep_deadlines(shared: Arc<Shared>) {
+    loop {
+        let at = poll_fn(|cx| {
+            let mut calls = lock(&shared.calls);
+            match calls.earliest {
+                Some(at) => Poll::Ready(at),
+                None => {
+                    calls.sweeper = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await;
+        let mut sleep = std::pin::pin!(tokio::time::sleep_until(at));
+        // Wait for `at`, unless a call with an earlier deadline comes first.
+        let expired = poll_fn(|cx| {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(true);
+            }
+            let mut calls = lock(&shared.calls);
+            if calls.earliest != Some(at) {
+                return Poll::Ready(false);
+            }
+            calls.sweeper = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+        if expired {
+            let wakers = lock(&shared.calls).expire(Instant::now());
+            for waker in wakers {
+                waker.wake();
+            }
         }
     }
 }
@@ -567,6 +666,14 @@ impl RpcClient {
         outliers.map_or(0, |o| o.ejected(Instant::now()))
     }
 
+    /// The live connection to `addr`, if there is one.
+    fn open_connection(&self, addr: SocketAddr) -> Option<Arc<Connection>> {
+        lock(&self.slots)
+            .get(&addr)
+            .and_then(|peer| peer.connection.clone())
+            .filter(|connection| !connection.is_closed())
+    }
+
     /// The live connection to `addr`, or a new one (one dial at a time per peer).
     async fn connection(&self, addr: SocketAddr) -> Result<Arc<Connection>, RpcError> {
         let dialing = {
@@ -579,11 +686,7 @@ impl RpcClient {
         };
         let mut backoff = dialing.lock().await;
         // Someone else may have connected while this call waited its turn.
-        if let Some(connection) = lock(&self.slots)
-            .get(&addr)
-            .and_then(|peer| peer.connection.clone())
-            .filter(|connection| !connection.is_closed())
-        {
+        if let Some(connection) = self.open_connection(addr) {
             return Ok(connection);
         }
         if let Some(retry_at) = backoff.retry_at {
@@ -643,12 +746,36 @@ impl RpcClient {
         payload: &[u8],
         timeout: Duration,
     ) -> Result<Vec<u8>, RpcError> {
-        // One deadline (one timer) covers connecting too: an unreachable peer may never
-        // answer.
         let deadline = Instant::now() + timeout;
+        // The common case, an open connection with room: nothing here waits but the reply,
+        // which the connection's sweeper bounds.
+        if let Some(connection) = self.open_connection(addr) {
+            if let Some(permit) = connection.try_permit() {
+                return match connection
+                    .call(permit, service, method, payload, deadline)
+                    .await
+                {
+                    Err(RpcError::Timeout(_)) => Err(RpcError::Timeout(timeout)),
+                    result => result,
+                };
+            }
+        }
+        // Otherwise one deadline (one timer) covers connecting and waiting for room too: an
+        // unreachable peer may never answer.
         let call = async {
             let connection = self.connection(addr).await?;
-            connection.call(service, method, payload, deadline).await
+            // Back-pressure: wait for a slot rather than queue without bound.
+            let permit = match connection.try_permit() {
+                Some(permit) => permit,
+                None => connection
+                    .in_flight
+                    .acquire()
+                    .await
+                    .map_err(|_| closed(true))?,
+            };
+            connection
+                .call(permit, service, method, payload, deadline)
+                .await
         };
         match tokio::time::timeout_at(deadline, call).await {
             Ok(Err(RpcError::Timeout(_))) | Err(_) => Err(RpcError::Timeout(timeout)),
@@ -1324,9 +1451,10 @@ pub(super) mod tests {
     #[tokio::test]
     async fn a_late_reply_never_reaches_the_call_reusing_its_slot() {
         let mut calls = Calls::default();
-        let first = calls.insert();
+        let far = Instant::now() + Duration::from_secs(60);
+        let first = calls.insert(far);
         assert_eq!(calls.remove(first), Some(true));
-        let second = calls.insert();
+        let second = calls.insert(far);
         assert_eq!(
             first & 0xffff_ffff,
             second & 0xffff_ffff,
@@ -1340,7 +1468,7 @@ pub(super) mod tests {
             Some(CallSlot::Done { result: Ok(bytes), .. }) if bytes == &vec![2]
         ));
         // A failed connection fails every waiting call, and refuses new ones.
-        let third = calls.insert();
+        let third = calls.insert(far);
         calls.fail_all("gone");
         assert!(matches!(
             calls.slot(third),
@@ -1350,5 +1478,61 @@ pub(super) mod tests {
             })
         ));
         assert!(calls.failed.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_fails_only_the_calls_past_their_deadline() {
+        let now = Instant::now();
+        let mut calls = Calls::default();
+        let late = calls.insert(now + Duration::from_secs(5));
+        assert_eq!(calls.earliest, Some(now + Duration::from_secs(5)));
+        let soon = calls.insert(now + Duration::from_millis(300));
+        assert_eq!(calls.earliest, Some(now + Duration::from_millis(300)));
+        let answered = calls.insert(now + Duration::from_millis(100));
+        calls.complete(answered, Ok(vec![1]));
+        // Nothing is due yet; the earliest still waiting is recomputed.
+        assert!(calls.expire(now + Duration::from_millis(200)).is_empty());
+        assert_eq!(calls.earliest, Some(now + Duration::from_millis(300)));
+        calls.expire(now + Duration::from_millis(300));
+        assert!(matches!(
+            calls.slot(soon),
+            Some(CallSlot::Done {
+                result: Err(RpcError::Timeout(_)),
+                ..
+            })
+        ));
+        assert!(matches!(calls.slot(late), Some(CallSlot::Waiting { .. })));
+        assert!(matches!(
+            calls.slot(answered),
+            Some(CallSlot::Done { result: Ok(_), .. })
+        ));
+        assert_eq!(calls.earliest, Some(now + Duration::from_secs(5)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_on_an_open_connection_times_out_at_its_deadline() {
+        let only: SocketAddr = "127.0.0.1:1001".parse().unwrap();
+        let registry = Arc::new(Registry::default());
+        registry.add(RpcService::new("t").method("stuck", |x: u64| async move {
+            std::future::pending::<()>().await;
+            Ok(x)
+        }));
+        let nowhere: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let (rpc, _) = memory_client(BTreeMap::from([(only, registry)]), nowhere);
+        // The first call opens the connection; the later ones take the path without a timer
+        // of their own, the shorter deadline after the longer one.
+        for timeout in [
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+            Duration::from_millis(300),
+        ] {
+            let started = Instant::now();
+            let error = rpc
+                .call_addr::<_, u64>(only, "t", "stuck", &1u64, timeout)
+                .await
+                .unwrap_err();
+            assert_eq!(error, RpcError::Timeout(timeout));
+            assert_eq!(started.elapsed(), timeout);
+        }
     }
 }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -161,6 +161,9 @@ struct Served {
 #[derive(Default)]
 pub struct Registry {
     services: RwLock<HashMap<String, Served>>,
+    /// Bumped by every change of `services`, so that connections know when the handler
+    /// they looked up last is stale.
+    generation: AtomicU64,
     metrics: RpcMetrics,
     draining: AtomicBool,
     in_flight: AtomicUsize,
@@ -188,12 +191,15 @@ impl Registry {
                 figures,
             },
         );
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Removes a service; `false` if it was not served.
     pub fn remove(&self, name: &str) -> bool {
         let mut services = self.services.write().unwrap_or_else(|p| p.into_inner());
-        services.remove(name).is_some()
+        let removed = services.remove(name).is_some();
+        self.generation.fetch_add(1, Ordering::Release);
+        removed
     }
 
     /// Names of the services served.
@@ -278,6 +284,7 @@ where
         needs_flush: false,
         registry,
         running: HashMap::new(),
+        last_handler: None,
         done_tx,
         done_rx,
         read_closed: false,
@@ -290,6 +297,15 @@ where
     )
     .await;
     Ok(())
+}
+
+/// A handler found in the registry, valid while the registry's generation is unchanged.
+struct LastHandler {
+    service: String,
+    method: String,
+    generation: u64,
+    handler: Handler,
+    figures: Arc<ServiceFigures>,
 }
 
 /// What a spawned call sends back when done.
@@ -307,6 +323,9 @@ struct ServerConnection<S> {
     registry: Arc<Registry>,
     /// Calls running in tasks of their own, by id (for cancellation).
     running: HashMap<u64, AbortHandle>,
+    /// The handler of the method called last (a connection mostly calls one or a few), so
+    /// that a call finds it without the registry's lock and two hashed lookups.
+    last_handler: Option<LastHandler>,
     done_tx: mpsc::Sender<Done>,
     done_rx: mpsc::Receiver<Done>,
     read_closed: bool,
@@ -415,7 +434,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
             self.unflushed.push(None);
             return;
         };
-        let handler = match self.registry.handler(service, method) {
+        let handler = match self.handler(service, method) {
             Ok((handler, figures)) => {
                 call.record = Some(CallRecord::start(figures));
                 handler
@@ -465,6 +484,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
                 let _ = done.send((id, outcome, call)).await;
             });
         self.running.insert(id, task.abort_handle());
+    }
+
+    /// The handler of `service.method`: the one called last if it is still registered,
+    /// otherwise looked up in the registry (and kept for the next call).
+    fn handler(
+        &mut self,
+        service: &str,
+        method: &str,
+    ) -> Result<(Handler, Arc<ServiceFigures>), String> {
+        let generation = self.registry.generation.load(Ordering::Acquire);
+        if let Some(last) = &self.last_handler {
+            if last.generation == generation && last.service == service && last.method == method {
+                return Ok((last.handler.clone(), last.figures.clone()));
+            }
+        }
+        let (handler, figures) = self.registry.handler(service, method)?;
+        self.last_handler = Some(LastHandler {
+            service: service.to_string(),
+            method: method.to_string(),
+            generation,
+            handler: handler.clone(),
+            figures: figures.clone(),
+        });
+        Ok((handler, figures))
     }
 
     fn answer(&mut self, id: u64, outcome: Outcome, mut call: InFlight) {
@@ -639,6 +682,28 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_sees_services_replaced_and_removed_at_once() {
+        let registry = Arc::new(Registry::default());
+        let answering = |answer: u64| {
+            RpcService::new("t").method("get", move |(): ()| async move { Ok(answer) })
+        };
+        registry.add(answering(1));
+        let mut client = Client::start(registry.clone(), 1 << 16);
+        for (id, answer) in [(1, 1u64), (2, 1), (3, 2), (4, 2), (5, 3)] {
+            if answer != 1 && id % 2 == 1 {
+                registry.add(answering(answer));
+            }
+            client.call(id, "get", &(), 1000).await;
+            let (got, outcome) = client.reply().await;
+            assert_eq!(got, id);
+            assert_eq!(payload_of::<u64>(outcome), answer, "call {id}");
+        }
+        assert!(registry.remove("t"));
+        client.call(6, "get", &(), 1000).await;
+        assert!(matches!(client.reply().await, (6, Outcome::NotFound(_))));
     }
 
     async fn until(what: &str, check: impl Fn() -> bool) {
