@@ -25,7 +25,7 @@ use super::metrics::{
     bounded_entry, CallFailure, CallRecord, CallSide, RpcMetrics, ServiceFigures, ServiceSnapshot,
 };
 use super::outlier::Outliers;
-use super::protocol::{self, Frame};
+use super::protocol::{self, Frame, ReceivedFrame, ReplyPayload};
 use super::trace::TraceContext;
 use super::{RpcError, DEFAULT_TIMEOUT, MAX_IN_FLIGHT_PER_CONNECTION};
 use crate::net::Transport;
@@ -112,7 +112,7 @@ enum CallSlot {
     },
     Done {
         id: u64,
-        result: Result<Vec<u8>, RpcError>,
+        result: Result<ReplyPayload, RpcError>,
     },
 }
 
@@ -190,7 +190,7 @@ impl Calls {
     }
 
     /// Records the outcome of call `id`; returns the waker to wake.
-    fn complete(&mut self, id: u64, result: Result<Vec<u8>, RpcError>) -> Option<Waker> {
+    fn complete(&mut self, id: u64, result: Result<ReplyPayload, RpcError>) -> Option<Waker> {
         let slot = self.slot(id)?;
         let CallSlot::Waiting { waker, .. } = slot else {
             return None;
@@ -339,9 +339,11 @@ impl Connection {
         let reader = tokio::spawn(async move {
             let reason = loop {
                 match frames.next().await {
-                    Some(Ok(bytes)) => match protocol::decode(&bytes) {
-                        Ok(Frame::Reply { id, outcome }) => {
-                            let result = outcome.into_result(Duration::ZERO);
+                    Some(Ok(bytes)) => match protocol::decode_received(&bytes) {
+                        Ok(ReceivedFrame::Reply { id, outcome }) => {
+                            let result = outcome
+                                .into_result(&bytes)
+                                .map(|payload| ReplyPayload::new(bytes, payload));
                             let waker = lock(&reader_shared.calls).complete(id, result);
                             if let Some(waker) = waker {
                                 waker.wake();
@@ -387,7 +389,7 @@ impl Connection {
         method: &str,
         payload: &[u8],
         deadline: Instant,
-    ) -> Result<Vec<u8>, RpcError> {
+    ) -> Result<ReplyPayload, RpcError> {
         let alone = self.load() == 1;
         let id = {
             let mut calls = lock(&self.shared.calls);
@@ -440,7 +442,7 @@ impl Connection {
         result
     }
 
-    fn poll_reply(&self, id: u64, cx: &mut Context<'_>) -> Poll<Result<Vec<u8>, RpcError>> {
+    fn poll_reply(&self, id: u64, cx: &mut Context<'_>) -> Poll<Result<ReplyPayload, RpcError>> {
         let mut calls = lock(&self.shared.calls);
         match calls.slot(id) {
             Some(CallSlot::Waiting { waker, .. }) => {
@@ -731,7 +733,7 @@ impl RpcClient {
             let bytes = self
                 .call_raw(addr, service, method, &payload, timeout)
                 .await?;
-            protocol::from_payload(&bytes)
+            protocol::from_payload(bytes.bytes())
         }
         .await;
         record.finish(result.as_ref().err().map(CallFailure::of));
@@ -745,7 +747,7 @@ impl RpcClient {
         method: &str,
         payload: &[u8],
         timeout: Duration,
-    ) -> Result<Vec<u8>, RpcError> {
+    ) -> Result<ReplyPayload, RpcError> {
         let deadline = Instant::now() + timeout;
         // The common case, an open connection with room: nothing here waits but the reply,
         // which the connection's sweeper bounds.
@@ -882,7 +884,7 @@ impl ServiceClient {
         let result = async {
             let payload = protocol::to_payload(request)?;
             let bytes = self.call_balanced(method, &payload).await?;
-            protocol::from_payload(&bytes)
+            protocol::from_payload(bytes.bytes())
         }
         .await;
         record.finish(result.as_ref().err().map(CallFailure::of));
@@ -893,7 +895,10 @@ impl ServiceClient {
     /// response: the dynamic layer under typed calls and the `tower::Service` impl.
     pub async fn call_encoded(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>, RpcError> {
         let mut record = CallRecord::start(self.figures.clone());
-        let result = self.call_balanced(method, payload).await;
+        let result = self
+            .call_balanced(method, payload)
+            .await
+            .map(|reply| reply.bytes().to_vec());
         record.finish(result.as_ref().err().map(CallFailure::of));
         result
     }
@@ -904,7 +909,7 @@ impl ServiceClient {
     }
 
     /// Resolve, pick, retry on connection failures, hedge; no bookkeeping.
-    async fn call_balanced(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>, RpcError> {
+    async fn call_balanced(&self, method: &str, payload: &[u8]) -> Result<ReplyPayload, RpcError> {
         let deadline = Instant::now() + self.timeout;
         // Instances this call went to, so that retries and the hedge go elsewhere.
         let tried = Mutex::new(BTreeSet::new());
@@ -952,7 +957,7 @@ impl ServiceClient {
         payload: &[u8],
         deadline: Instant,
         tried: &Mutex<BTreeSet<SocketAddr>>,
-    ) -> Result<Vec<u8>, RpcError> {
+    ) -> Result<ReplyPayload, RpcError> {
         let mut last_error = None;
         let mut attempts = 0;
         loop {
@@ -1460,12 +1465,14 @@ pub(super) mod tests {
             second & 0xffff_ffff,
             "the slot is reused"
         );
-        assert!(calls.complete(first, Ok(vec![1])).is_none());
+        assert!(calls
+            .complete(first, Ok(ReplyPayload::from_bytes(&[1])))
+            .is_none());
         assert!(matches!(calls.slot(second), Some(CallSlot::Waiting { .. })));
-        calls.complete(second, Ok(vec![2]));
+        calls.complete(second, Ok(ReplyPayload::from_bytes(&[2])));
         assert!(matches!(
             calls.slot(second),
-            Some(CallSlot::Done { result: Ok(bytes), .. }) if bytes == &vec![2]
+            Some(CallSlot::Done { result: Ok(bytes), .. }) if bytes.bytes() == [2]
         ));
         // A failed connection fails every waiting call, and refuses new ones.
         let third = calls.insert(far);
@@ -1489,7 +1496,7 @@ pub(super) mod tests {
         let soon = calls.insert(now + Duration::from_millis(300));
         assert_eq!(calls.earliest, Some(now + Duration::from_millis(300)));
         let answered = calls.insert(now + Duration::from_millis(100));
-        calls.complete(answered, Ok(vec![1]));
+        calls.complete(answered, Ok(ReplyPayload::from_bytes(&[1])));
         // Nothing is due yet; the earliest still waiting is recomputed.
         assert!(calls.expire(now + Duration::from_millis(200)).is_empty());
         assert_eq!(calls.earliest, Some(now + Duration::from_millis(300)));

@@ -4,6 +4,8 @@
 //! borrow their strings and payload from the buffer they are encoded from or decoded in, so
 //! neither side allocates to send or to receive a call.
 
+use std::ops::Range;
+
 use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -75,6 +77,111 @@ impl Outcome {
     }
 }
 
+/// A frame as the calling side decodes it: [`Frame`]'s encoding (same variants, same order),
+/// with a reply's payload borrowed from the frame rather than copied out of it.
+#[derive(Debug, Deserialize)]
+pub(crate) enum ReceivedFrame<'a> {
+    /// Never valid towards a client; here so that the variant indexes match [`Frame`].
+    Call {
+        #[allow(dead_code)]
+        id: u64,
+        #[serde(borrow)]
+        #[allow(dead_code)]
+        service: &'a str,
+        #[serde(borrow)]
+        #[allow(dead_code)]
+        method: &'a str,
+        #[allow(dead_code)]
+        timeout_ms: u32,
+        #[serde(borrow, with = "serde_bytes")]
+        #[allow(dead_code)]
+        payload: &'a [u8],
+        #[allow(dead_code)]
+        trace: Option<TraceContext>,
+    },
+    /// Never valid towards a client.
+    Cancel {
+        #[allow(dead_code)]
+        id: u64,
+    },
+    /// The outcome of call `id`.
+    Reply {
+        id: u64,
+        #[serde(borrow)]
+        outcome: ReceivedOutcome<'a>,
+    },
+}
+
+/// [`Outcome`] as received, its payload borrowed.
+#[derive(Debug, Deserialize)]
+pub(crate) enum ReceivedOutcome<'a> {
+    Ok(#[serde(borrow, with = "serde_bytes")] &'a [u8]),
+    App(AppError),
+    NotFound(String),
+    Unavailable(String),
+    DeadlineExceeded,
+    BadRequest(String),
+}
+
+impl ReceivedOutcome<'_> {
+    /// The call's result: for a success, where its payload lies in `frame`, the bytes it
+    /// was decoded from.
+    pub(crate) fn into_result(self, frame: &[u8]) -> Result<Range<usize>, RpcError> {
+        let outcome = match self {
+            ReceivedOutcome::Ok(payload) => {
+                let start = (payload.as_ptr() as usize).wrapping_sub(frame.as_ptr() as usize);
+                if start > frame.len() || payload.len() > frame.len() - start {
+                    return Err(RpcError::Protocol("a payload outside its frame".into()));
+                }
+                return Ok(start..start + payload.len());
+            }
+            ReceivedOutcome::App(error) => Outcome::App(error),
+            ReceivedOutcome::NotFound(what) => Outcome::NotFound(what),
+            ReceivedOutcome::Unavailable(reason) => Outcome::Unavailable(reason),
+            ReceivedOutcome::DeadlineExceeded => Outcome::DeadlineExceeded,
+            ReceivedOutcome::BadRequest(message) => Outcome::BadRequest(message),
+        };
+        let error = outcome.into_result(std::time::Duration::ZERO);
+        Err(error
+            .err()
+            .unwrap_or_else(|| RpcError::Protocol("not a failure".into())))
+    }
+}
+
+/// A reply's payload, kept in the frame it arrived in (no copy, no allocation of its own).
+#[derive(Debug)]
+pub(crate) struct ReplyPayload {
+    frame: BytesMut,
+    payload: Range<usize>,
+}
+
+impl ReplyPayload {
+    /// The payload at `payload` in `frame` (a range [`ReceivedOutcome::into_result`] gave,
+    /// so within the frame).
+    pub(crate) fn new(frame: BytesMut, payload: Range<usize>) -> ReplyPayload {
+        ReplyPayload { frame, payload }
+    }
+
+    /// A payload on its own (in tests).
+    #[cfg(test)]
+    pub(crate) fn from_bytes(bytes: &[u8]) -> ReplyPayload {
+        ReplyPayload {
+            payload: 0..bytes.len(),
+            frame: BytesMut::from(bytes),
+        }
+    }
+
+    /// The payload's bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.frame[self.payload.clone()]
+    }
+}
+
+/// Decodes a frame received by a client (without its length prefix).
+pub(crate) fn decode_received(bytes: &[u8]) -> Result<ReceivedFrame<'_>, RpcError> {
+    decode_with(bytes)
+}
+
 /// The frame encoding: the same bincode configuration as every other TCP frame.
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ wire::MAX_FRAME * 2 }>()
@@ -107,6 +214,10 @@ pub(crate) fn encode_into(frame: &Frame<'_>, out: &mut BytesMut) -> Result<(), R
 
 /// Decodes one frame (without its length prefix); strings and payload borrow from `bytes`.
 pub(crate) fn decode(bytes: &[u8]) -> Result<Frame<'_>, RpcError> {
+    decode_with(bytes)
+}
+
+fn decode_with<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, RpcError> {
     if bytes.len() > wire::MAX_FRAME {
         return Err(RpcError::FrameTooLarge {
             size: bytes.len(),
@@ -225,6 +336,65 @@ mod tests {
         };
         encode_into(&call, &mut out).unwrap();
         assert_eq!(&out[4..], &owned[..]);
+    }
+
+    #[test]
+    fn a_received_reply_is_the_reply_sent() {
+        let mut out = BytesMut::new();
+        let sent = [
+            Outcome::Ok(ByteBuf::from(vec![7; 70])),
+            Outcome::App(AppError::new(3, "no")),
+            Outcome::NotFound("m".into()),
+            Outcome::Unavailable("leaving".into()),
+            Outcome::DeadlineExceeded,
+            Outcome::BadRequest("bad".into()),
+        ];
+        let expected = sent
+            .iter()
+            .map(|outcome| match outcome {
+                Outcome::Ok(_) => None,
+                Outcome::App(e) => Some(RpcError::Remote(e.clone())),
+                Outcome::NotFound(m) => Some(RpcError::NotFound(m.clone())),
+                Outcome::Unavailable(r) => Some(RpcError::Unavailable {
+                    reason: r.clone(),
+                    retryable: true,
+                }),
+                Outcome::DeadlineExceeded => Some(RpcError::Timeout(std::time::Duration::ZERO)),
+                Outcome::BadRequest(m) => Some(RpcError::Protocol(m.clone())),
+            })
+            .collect::<Vec<_>>();
+        for (id, outcome) in sent.into_iter().enumerate() {
+            encode_into(
+                &Frame::Reply {
+                    id: id as u64,
+                    outcome,
+                },
+                &mut out,
+            )
+            .unwrap();
+        }
+        for (n, expected) in expected.into_iter().enumerate() {
+            let len = u32::from_be_bytes(out[..4].try_into().unwrap()) as usize;
+            let _ = out.split_to(4);
+            let frame = out.split_to(len);
+            let ReceivedFrame::Reply { id, outcome } = decode_received(&frame).unwrap() else {
+                panic!("not a reply");
+            };
+            assert_eq!(id, n as u64);
+            match (outcome.into_result(&frame), expected) {
+                (Ok(range), None) => {
+                    let payload = ReplyPayload::new(frame.clone(), range);
+                    assert_eq!(payload.bytes(), &[7; 70]);
+                }
+                (result, expected) => assert_eq!(result.err(), expected),
+            }
+        }
+        // A call or a cancel decodes too (and the client refuses them).
+        encode_into(&Frame::Cancel { id: 4 }, &mut out).unwrap();
+        assert!(matches!(
+            decode_received(&out[4..]).unwrap(),
+            ReceivedFrame::Cancel { id: 4 }
+        ));
     }
 
     #[test]
