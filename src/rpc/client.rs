@@ -1,6 +1,6 @@
 //! The calling side: a pool of multiplexed connections, resolution and load balancing.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -406,13 +406,20 @@ impl Connection {
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
         // The `rpc.call` span; its context travels in the header (nothing when untraced).
-        let span = tracing::debug_span!(
-            "rpc.call",
-            service,
-            method,
-            trace_id = tracing::field::Empty,
-            span_id = tracing::field::Empty
-        );
+        // Made only when a subscriber may want it: even a disabled span costs its creation
+        // and an enter and exit per poll (it logs through `log` when tracing has no
+        // subscriber).
+        let span = if tracing::span_enabled!(tracing::Level::DEBUG) {
+            tracing::debug_span!(
+                "rpc.call",
+                service,
+                method,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty
+            )
+        } else {
+            tracing::Span::none()
+        };
         let trace = TraceContext::for_call(&span);
         if let Some(trace) = &trace {
             span.record("trace_id", format_args!("{:032x}", trace.trace_id));
@@ -431,8 +438,12 @@ impl Connection {
             lock(&self.shared.calls).remove(id);
             return Err(error);
         }
-        let result =
-            tracing::Instrument::instrument(poll_fn(|cx| self.poll_reply(id, cx)), span).await;
+        let reply = poll_fn(|cx| self.poll_reply(id, cx));
+        let result = if span.is_disabled() {
+            reply.await
+        } else {
+            tracing::Instrument::instrument(reply, span).await
+        };
         cancel.armed = false;
         if matches!(result, Err(RpcError::Timeout(_))) {
             // The sweeper gave up on it: the server may still be running it (best effort,
@@ -592,7 +603,8 @@ type Connect = Arc<
 /// clone.
 #[derive(Clone)]
 pub struct RpcClient {
-    slots: Arc<Mutex<HashMap<SocketAddr, Peer>>>,
+    /// By address (a B-tree: a lookup on every call costs a few compares, not a SipHash).
+    slots: Arc<Mutex<BTreeMap<SocketAddr, Peer>>>,
     connect: Connect,
     resolver: Arc<dyn Resolve>,
     rng: Arc<Mutex<SmallRng>>,

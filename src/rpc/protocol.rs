@@ -235,9 +235,14 @@ fn decode_with<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, RpcE
     Ok(frame)
 }
 
+/// The capacity a payload's buffer starts with.
+const PAYLOAD_START: usize = 256;
+
 /// Serializes a typed value into a payload.
 pub(crate) fn to_payload<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, RpcError> {
-    let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard())
+    // Room for a small message at once: growing from empty reallocates on every doubling.
+    let mut bytes = Vec::with_capacity(PAYLOAD_START);
+    bincode::serde::encode_into_std_write(value, &mut bytes, bincode::config::standard())
         .map_err(|error| RpcError::Protocol(error.to_string()))?;
     if bytes.len() > MAX_PAYLOAD {
         return Err(RpcError::FrameTooLarge {
