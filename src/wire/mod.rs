@@ -30,7 +30,9 @@ pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 const MAGIC: u8 = 0x47; // 'G'
 /// 2: SWIM datagrams carry the sender's tag, and config entries carry `flags`; a node of
 /// version 1 would misread them, so its datagrams are refused as not grapevine's.
-const VERSION: u8 = 2;
+/// 3: acknowledgements carry their source as a hash (`membership::codec`); a node of
+/// version 2 would drop them and suspect its peers, so the versions do not mix.
+const VERSION: u8 = 3;
 
 /// Errors of encoding and decoding.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,10 @@ pub enum WireError {
     /// An encrypted datagram, and this node has no key.
     #[error("an encrypted datagram, and this node has no cluster key")]
     Sealed,
+    /// An acknowledgement whose compact source is none of the identities this node
+    /// probed lately (late, or not for this node).
+    #[error("an acknowledgement from an identity this node did not probe")]
+    UnknownSource,
 }
 
 fn datagram_config() -> impl bincode::config::Config {
