@@ -197,37 +197,3 @@ fn traces_url(endpoint: &str) -> Result<String, TelemetryError> {
         Ok(endpoint.to_string())
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_traces_path_is_appended_to_a_base_url_only() {
-        let url = |endpoint: &str| traces_url(endpoint);
-        assert_eq!(
-            url("http://127.0.0.1:4318").unwrap(),
-            "http://127.0.0.1:4318/v1/traces"
-        );
-        assert_eq!(
-            url("http://collector:4318/").unwrap(),
-            "http://collector:4318/v1/traces"
-        );
-        assert_eq!(
-            url("http://collector:4318/custom/traces").unwrap(),
-            "http://collector:4318/custom/traces"
-        );
-        for bad in [
-            "",
-            "collector:4318",
-            "https://collector:4318",
-            "http://",
-            "http:// x/",
-        ] {
-            assert!(
-                matches!(url(bad), Err(TelemetryError::Endpoint { .. })),
-                "{bad:?}"
-            );
-        }
-    }
-}

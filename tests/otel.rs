@@ -5,15 +5,16 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use grapevine::rpc::{Resolve, RpcClient, TraceContext};
-use grapevine::telemetry::Telemetry;
+use grapevine::telemetry::{OtlpConfig, Telemetry, TelemetryError};
 use grapevine::RpcService;
 use opentelemetry::trace::{SpanId, SpanKind, TraceId};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use prost014::Message;
 use tracing::instrument::WithSubscriber;
 use tracing::Instrument;
@@ -23,12 +24,30 @@ mod common;
 
 use common::{cluster, instances_visible, WAIT};
 
+/// Keeps every span exported (the SDK's own in-memory exporter needs its `testing` feature,
+/// which would be compiled into every test build).
+#[derive(Debug, Clone, Default)]
+struct Collected(Arc<Mutex<Vec<SpanData>>>);
+
+impl SpanExporter for Collected {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        self.0.lock().unwrap().extend(batch);
+        Ok(())
+    }
+}
+
+impl Collected {
+    fn spans(&self) -> Vec<SpanData> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
 /// The spans every test of this binary exports, through one global subscriber.
-fn exported() -> &'static InMemorySpanExporter {
-    static SETUP: OnceLock<(InMemorySpanExporter, Telemetry)> = OnceLock::new();
+fn exported() -> &'static Collected {
+    static SETUP: OnceLock<(Collected, Telemetry)> = OnceLock::new();
     &SETUP
         .get_or_init(|| {
-            let exporter = InMemorySpanExporter::default();
+            let exporter = Collected::default();
             let provider = SdkTracerProvider::builder()
                 .with_simple_exporter(exporter.clone())
                 .build();
@@ -49,7 +68,7 @@ fn exported() -> &'static InMemorySpanExporter {
 fn span(what: &str, pick: impl Fn(&SpanData) -> bool) -> SpanData {
     let deadline = Instant::now() + WAIT;
     loop {
-        let spans = exported().get_finished_spans().expect("exporter readable");
+        let spans = exported().spans();
         if let Some(found) = spans.iter().find(|s| pick(s)) {
             return found.clone();
         }
@@ -384,4 +403,35 @@ async fn the_agent_exports_its_handler_spans_over_otlp_http() {
         handle.parent_span_id,
         call.span_context.span_id().to_bytes()
     );
+}
+
+#[test]
+fn the_traces_path_is_appended_to_a_base_url_only() {
+    let url = |endpoint: &str| OtlpConfig::new(endpoint, "test").traces_url();
+    assert_eq!(
+        url("http://127.0.0.1:4318").unwrap(),
+        "http://127.0.0.1:4318/v1/traces"
+    );
+    assert_eq!(
+        url("http://collector:4318/").unwrap(),
+        "http://collector:4318/v1/traces"
+    );
+    assert_eq!(
+        url("http://collector:4318/custom/traces").unwrap(),
+        "http://collector:4318/custom/traces"
+    );
+    for bad in [
+        "",
+        "collector:4318",
+        "https://collector:4318",
+        "http://",
+        "http:// x/",
+    ] {
+        assert!(
+            matches!(url(bad), Err(TelemetryError::Endpoint { .. })),
+            "{bad:?}"
+        );
+        // A bad endpoint stops `build` too, before any exporter starts.
+        assert!(OtlpConfig::new(bad, "test").build().is_err(), "{bad:?}");
+    }
 }
