@@ -349,13 +349,7 @@ impl Connection {
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
         // The `rpc.call` span; its context travels in the header (nothing when untraced).
-        let span = tracing::debug_span!(
-            "rpc.call",
-            service,
-            method,
-            trace_id = tracing::field::Empty,
-            span_id = tracing::field::Empty
-        );
+        let span = super::trace::call_span(service, method);
         let trace = TraceContext::for_call(&span);
         if let Some(trace) = &trace {
             span.record("trace_id", format_args!("{:032x}", trace.trace_id));
