@@ -143,6 +143,12 @@ impl<T: PartialEq> BincodeCodec<T> {
     }
 }
 
+/// Whether a foca packet encoded by this codec is an acknowledgement with a compact
+/// source (its header form comes first).
+pub fn is_compact_acknowledgement(packet: &[u8]) -> bool {
+    packet.first() == Some(&HASHED_ACKNOWLEDGEMENT)
+}
+
 /// Messages that probe their destination (an acknowledgement may come back from it).
 fn is_probe<T>(message: &Message<T>) -> bool {
     matches!(
@@ -413,6 +419,40 @@ mod tests {
             ack_size + 10 < ping_size,
             "ack {ack_size} B, ping {ping_size} B"
         );
+    }
+
+    #[test]
+    fn acknowledgements_travel_untagged_and_probes_tagged() {
+        let (a, b) = (id("node-a", 7001, 1), id("node-b", 7002, 9));
+        let datagram_of = |codec: &mut BincodeCodec<NodeId>, header: &Header<NodeId>| {
+            let mut packet = Vec::new();
+            codec.encode_header(header, &mut packet).unwrap();
+            crate::membership::swim_datagram(&packet)
+        };
+        let ping = Header {
+            src: a.clone(),
+            src_incarnation: 0,
+            dst: b.clone(),
+            message: Message::Ping(1),
+        };
+        let ack = Header {
+            src: b.clone(),
+            src_incarnation: 0,
+            dst: a.clone(),
+            message: Message::Ack(1),
+        };
+        let (ping, ack) = (
+            datagram_of(&mut codec_of(&a), &ping),
+            datagram_of(&mut codec_of(&b), &ack),
+        );
+        assert!(wire::datagram_tag(&ping).is_some());
+        assert_eq!(wire::datagram_tag(&ack), None);
+        // Both open as SWIM packets whose header the codec reads.
+        for datagram in [&ping, &ack] {
+            let (kind, packet) = wire::open_datagram(datagram).unwrap();
+            assert_eq!(kind, wire::DatagramKind::Swim);
+            assert!(!packet.is_empty());
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Exchanges on evidence: which peers disagree with this node, as their datagrams say.
 //!
-//! Every SWIM datagram carries its sender's [`DatagramTag`]: 32-bit fingerprints of its
-//! replicated state and of its member list. A node that hears only agreeing peers has
+//! Every SWIM datagram but an acknowledgement carries its sender's [`DatagramTag`]: 32-bit
+//! fingerprints of its replicated state and of its member list. A node that hears only agreeing peers has
 //! nothing to repair, so its scheduled anti-entropy round and push-pull do not start: an
 //! idle cluster opens no TCP connection, whose handshake and teardown cost about ten
 //! packets of headers, several times the SWIM traffic itself (issue 18). A peer heard with
