@@ -31,6 +31,8 @@ pub mod rpc;
 pub mod state;
 pub mod store;
 pub mod sync;
+#[cfg(feature = "opentelemetry")]
+pub mod telemetry;
 pub mod wire;
 
 pub use error::{Error, Result};

@@ -717,6 +717,23 @@ fn bad_use_gives_one_line_errors() {
     let output = cli(&["members", "--agent", &closed.to_string()]);
     let line = assert_one_line_error(&output, "members of a closed port");
     assert!(line.contains("cannot reach"), "closed port: {line}");
+
+    // (e) An OTLP endpoint the binary cannot export to: built without the feature, any;
+    // with it, one that is not an http:// URL.
+    let endpoint = if cfg!(feature = "opentelemetry") {
+        "collector:4318"
+    } else {
+        "http://127.0.0.1:4318"
+    };
+    let output = cli(&["agent", "--name", "x", "--otlp-endpoint", endpoint]);
+    let line = assert_one_line_error(&output, "unusable --otlp-endpoint");
+    assert!(line.contains("--otlp-endpoint"), "--otlp-endpoint: {line}");
+    if !cfg!(feature = "opentelemetry") {
+        assert!(
+            line.contains("--features opentelemetry"),
+            "--otlp-endpoint: {line}"
+        );
+    }
 }
 
 #[test]

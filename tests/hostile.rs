@@ -28,14 +28,14 @@ async fn junk_datagrams_are_dropped_and_counted() {
                 .collect(),
             // A valid envelope around noise: reaches foca's decoder.
             1 => {
-                let mut d = vec![0x47, 2, 0];
+                let mut d = vec![0x47, 3, 0];
                 d.extend((0..rng.random_range(0..200)).map(|_| rng.random::<u8>()));
                 d
             }
             // Oversized.
             2 => vec![0x47; 4000],
             // Truncated envelope and a leave notice for nobody.
-            _ => vec![0x47, 2, 1, 0xff],
+            _ => vec![0x47, 3, 1, 0xff],
         };
         socket.send_to(&datagram, a.addr()).await.unwrap();
         sent += 1;

@@ -91,7 +91,7 @@ async fn plaintext_datagrams_are_rejected_when_encryption_is_on() {
     alive(&a, 2).await;
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     // A plaintext grapevine leave notice for b, and junk: neither may do anything.
-    let mut forged_leave = vec![0x47, 2, 1];
+    let mut forged_leave = vec![0x47, 3, 1];
     forged_leave.extend_from_slice(&[1, b'b', 0, 0, 0, 0, 0, 0, 0]);
     for _ in 0..50 {
         socket.send_to(&forged_leave, a.addr()).await.unwrap();

@@ -20,6 +20,7 @@
 //! dns = "127.0.0.1:8600"
 //! dns_domain = "consul."
 //! dns_service_ttl = ["web=30s"]
+//! otlp_endpoint = "http://127.0.0.1:4318"     # needs the `opentelemetry` feature
 //!
 //! [[service]]
 //! name = "web"
@@ -142,6 +143,8 @@ pub struct AgentSettings {
     /// `--dns-service-ttl` (a list of `NAME=DURATION`).
     #[serde(default)]
     pub dns_service_ttl: Vec<String>,
+    /// `--otlp-endpoint` (a binary built with the `opentelemetry` feature).
+    pub otlp_endpoint: Option<String>,
 }
 
 /// One `[[service]]` table.
@@ -331,6 +334,10 @@ mod tests {
         assert_eq!(settings.join.len(), 2);
         assert_eq!(settings.data_dir, Some(PathBuf::from("/var/lib/grapevine")));
         assert_eq!(settings.services.len(), 2);
+        assert_eq!(
+            settings.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4318")
+        );
         let web = &settings.services[0];
         assert_eq!(web.to_service().unwrap().id, "web-8080");
         assert_eq!(

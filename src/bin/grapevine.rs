@@ -263,6 +263,11 @@ struct AgentArgs {
     /// Repeatable.
     #[arg(long = "dns-service-ttl", value_name = "NAME=DURATION", value_parser = parse_service_ttl)]
     dns_service_ttl: Vec<(String, Duration)>,
+    /// Export the agent's RPC spans to this OpenTelemetry collector's OTLP/HTTP receiver,
+    /// e.g. http://127.0.0.1:4318 (`/v1/traces` is appended to a URL without a path). Needs a
+    /// binary built with `--features opentelemetry`.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 /// `30`, `30s`, `5m`, `1h` (Consul's durations; a bare number is seconds).
@@ -795,6 +800,7 @@ struct AgentSetup {
     http_token_file: Option<std::path::PathBuf>,
     http_max_wait: Duration,
     http_body_budget: usize,
+    otlp_endpoint: Option<String>,
 }
 
 /// Merges the flags over the `--config` file: a flag given wins; lists given on the command
@@ -923,13 +929,15 @@ fn agent_setup(args: AgentArgs) -> grapevine::Result<AgentSetup> {
         http_token_file: args.http_token_file.or(file.http_token_file),
         http_max_wait,
         http_body_budget,
+        otlp_endpoint: args.otlp_endpoint.or(file.otlp_endpoint),
     })
 }
 
 async fn agent(args: AgentArgs) -> grapevine::Result<ExitCode> {
-    init_logging();
-    tune_allocator();
     let args = agent_setup(args)?;
+    // Held to the end: dropping it sends the spans still queued.
+    let _telemetry = init_logging(args.otlp_endpoint.as_deref(), &args.name)?;
+    tune_allocator();
     // Read the file before starting, so that a bad file stops the agent with a clear error.
     let config_entries = match &args.config_file {
         Some(path) => Some(
@@ -1145,15 +1153,57 @@ fn tune_allocator() {
     }
 }
 
-fn init_logging() {
+fn init_logging(otlp_endpoint: Option<&str>, node: &str) -> grapevine::Result<Option<Telemetry>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // No colour codes when stderr is a file or a pipe (container logs, journald).
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    let telemetry = otlp_exporter(otlp_endpoint, node)?;
+    #[cfg(feature = "opentelemetry")]
+    let otel = telemetry.as_ref().map(|telemetry| telemetry.layer());
+    #[cfg(not(feature = "opentelemetry"))]
+    let otel: Option<tracing_subscriber::layer::Identity> = None;
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
         .try_init();
+    Ok(telemetry)
+}
+
+#[cfg(feature = "opentelemetry")]
+type Telemetry = grapevine::telemetry::Telemetry;
+#[cfg(not(feature = "opentelemetry"))]
+type Telemetry = std::convert::Infallible;
+
+/// The OTLP exporter `--otlp-endpoint` asks for.
+#[cfg(feature = "opentelemetry")]
+fn otlp_exporter(endpoint: Option<&str>, node: &str) -> grapevine::Result<Option<Telemetry>> {
+    let Some(endpoint) = endpoint else {
+        return Ok(None);
+    };
+    grapevine::telemetry::OtlpConfig::new(endpoint, "grapevine")
+        .instance_id(node)
+        .build()
+        .map(Some)
+        .map_err(|error| grapevine::Error::Config(format!("--otlp-endpoint: {error}")))
+}
+
+/// Without the feature there is no exporter: asking for one is an error, not a silent no-op.
+#[cfg(not(feature = "opentelemetry"))]
+fn otlp_exporter(endpoint: Option<&str>, _node: &str) -> grapevine::Result<Option<Telemetry>> {
+    match endpoint {
+        None => Ok(None),
+        Some(_) => Err(grapevine::Error::Config(
+            "--otlp-endpoint: this grapevine binary was built without OpenTelemetry; \
+             rebuild it with `cargo build --release --features opentelemetry`"
+                .into(),
+        )),
+    }
 }
 
 async fn wait_for_signal() {

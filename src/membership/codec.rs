@@ -6,7 +6,15 @@
 //! goes as a 4-byte hash instead, which the receiver's codec turns back into its own
 //! identity when it matches. An announce, whose destination may be a placeholder, and a
 //! codec that does not know its own identity, keep the full form.
+//!
+//! An acknowledgement (ack, indirect ack, forwarded ack) also sends its *source* as a hash:
+//! it answers a probe the receiver sent moments ago to exactly that identity, so the
+//! receiver's codec, which remembers the destinations of its last probes, turns it back.
+//! An acknowledgement from an identity it did not probe cannot be resolved and is dropped,
+//! as foca would ignore it anyway. Other sources stay in full: a pinged node may not know
+//! its prober yet (that is how a joiner becomes known).
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{Buf, BufMut};
@@ -19,6 +27,11 @@ use crate::wire::{self, WireError};
 const FULL_DESTINATION: u8 = 0;
 /// Header form: the destination as a hash of its identity.
 const HASHED_DESTINATION: u8 = 1;
+/// Header form, acknowledgements only: destination and source as hashes.
+const HASHED_ACKNOWLEDGEMENT: u8 = 2;
+/// Probe destinations remembered to resolve acknowledgements: a probe period's direct and
+/// indirect probes with room to spare (an acknowledgement later than that is useless).
+const REMEMBERED_PROBES: usize = 32;
 
 /// The identity a node's codec decodes hashed destinations against, shared between the
 /// node's protocol logic and its codec (which foca owns). The protocol logic calls
@@ -48,6 +61,16 @@ impl<T: Serialize + Clone + PartialEq> LocalIdentity<T> {
         let local = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         (local.1 == Some(hash)).then(|| local.0.clone())
     }
+
+    /// The hash of `identity` if it is this node's current identity.
+    fn hash_if_current(&self, identity: &T) -> Option<u32> {
+        let local = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if local.0 == *identity {
+            local.1
+        } else {
+            None
+        }
+    }
 }
 
 /// Encodes foca headers and members with bincode. Encoding goes through a scratch buffer so
@@ -61,6 +84,9 @@ pub struct BincodeCodec<T> {
     /// What a hashed destination that is not this node decodes to: an identity that
     /// matches no node, so foca ignores the payload as addressed to someone else.
     stranger: Option<T>,
+    /// The destinations of this node's last probes and their hashes, newest last: the
+    /// sources of the acknowledgements that may arrive.
+    probed: VecDeque<(u32, T)>,
 }
 
 impl<T> Default for BincodeCodec<T> {
@@ -69,6 +95,7 @@ impl<T> Default for BincodeCodec<T> {
             scratch: Vec::new(),
             local: None,
             stranger: None,
+            probed: VecDeque::new(),
         }
     }
 }
@@ -82,8 +109,60 @@ impl<T: Clone> BincodeCodec<T> {
             scratch: Vec::new(),
             local: Some(local),
             stranger: Some(stranger),
+            probed: VecDeque::new(),
         }
     }
+}
+
+impl<T: PartialEq> BincodeCodec<T> {
+    /// Remembers that a probe went to `identity`, so that its acknowledgement resolves.
+    fn remember_probe(&mut self, hash: u32, identity: &T)
+    where
+        T: Clone,
+    {
+        if self
+            .probed
+            .iter()
+            .any(|(h, id)| *h == hash && id == identity)
+        {
+            return;
+        }
+        if self.probed.len() == REMEMBERED_PROBES {
+            self.probed.pop_front();
+        }
+        self.probed.push_back((hash, identity.clone()));
+    }
+
+    /// The probed identity whose hash is `hash`, the newest if two share it.
+    fn probed_with(&self, hash: u32) -> Option<&T> {
+        self.probed
+            .iter()
+            .rev()
+            .find(|(h, _)| *h == hash)
+            .map(|(_, id)| id)
+    }
+}
+
+/// Whether a foca packet encoded by this codec is an acknowledgement with a compact
+/// source (its header form comes first).
+pub fn is_compact_acknowledgement(packet: &[u8]) -> bool {
+    packet.first() == Some(&HASHED_ACKNOWLEDGEMENT)
+}
+
+/// Messages that probe their destination (an acknowledgement may come back from it).
+fn is_probe<T>(message: &Message<T>) -> bool {
+    matches!(
+        message,
+        Message::Ping(_) | Message::PingReq { .. } | Message::IndirectPing { .. }
+    )
+}
+
+/// Messages that answer a probe from its destination.
+fn is_acknowledgement<T>(message: &Message<T>) -> bool {
+    matches!(
+        message,
+        Message::Ack(_) | Message::IndirectAck { .. } | Message::ForwardedAck { .. }
+    )
 }
 
 impl<T> BincodeCodec<T> {
@@ -126,11 +205,28 @@ where
         // An announce may go to a placeholder the receiver cannot recognise by hash.
         let hashed = self.local.is_some() && header.message != Message::Announce;
         if hashed {
-            self.scratch.push(HASHED_DESTINATION);
-            self.scratch
-                .extend_from_slice(&identity_hash(&header.dst)?.to_le_bytes());
-            let rest = (&header.src, header.src_incarnation, &header.message);
-            wire::encode_datagram_into(&rest, &mut self.scratch, wire::MAX_DATAGRAM)?;
+            let dst_hash = identity_hash(&header.dst)?;
+            if is_probe(&header.message) {
+                self.remember_probe(dst_hash, &header.dst);
+            }
+            let src_hash = match &self.local {
+                Some(local) if is_acknowledgement(&header.message) => {
+                    local.hash_if_current(&header.src)
+                }
+                _ => None,
+            };
+            if let Some(src_hash) = src_hash {
+                self.scratch.push(HASHED_ACKNOWLEDGEMENT);
+                self.scratch.extend_from_slice(&dst_hash.to_le_bytes());
+                self.scratch.extend_from_slice(&src_hash.to_le_bytes());
+                let rest = (header.src_incarnation, &header.message);
+                wire::encode_datagram_into(&rest, &mut self.scratch, wire::MAX_DATAGRAM)?;
+            } else {
+                self.scratch.push(HASHED_DESTINATION);
+                self.scratch.extend_from_slice(&dst_hash.to_le_bytes());
+                let rest = (&header.src, header.src_incarnation, &header.message);
+                wire::encode_datagram_into(&rest, &mut self.scratch, wire::MAX_DATAGRAM)?;
+            }
         } else {
             self.scratch.push(FULL_DESTINATION);
             wire::encode_datagram_into(header, &mut self.scratch, wire::MAX_DATAGRAM)?;
@@ -155,6 +251,31 @@ where
                 let (src, src_incarnation, message): (T, Incarnation, Message<T>) =
                     Self::take(buf)?;
                 let dst = local.matching(hash).unwrap_or_else(|| stranger.clone());
+                Ok(Header {
+                    src,
+                    src_incarnation,
+                    dst,
+                    message,
+                })
+            }
+            HASHED_ACKNOWLEDGEMENT => {
+                let (Some(local), Some(stranger)) = (&self.local, &self.stranger) else {
+                    return Err(WireError::BadEnvelope);
+                };
+                if buf.remaining() < 8 {
+                    return Err(WireError::BadEnvelope);
+                }
+                let dst_hash = buf.get_u32_le();
+                let src_hash = buf.get_u32_le();
+                let (src_incarnation, message): (Incarnation, Message<T>) = Self::take(buf)?;
+                if !is_acknowledgement(&message) {
+                    return Err(WireError::BadEnvelope);
+                }
+                let src = self
+                    .probed_with(src_hash)
+                    .cloned()
+                    .ok_or(WireError::UnknownSource)?;
+                let dst = local.matching(dst_hash).unwrap_or_else(|| stranger.clone());
                 Ok(Header {
                     src,
                     src_incarnation,
@@ -238,7 +359,7 @@ mod tests {
             src: a.clone(),
             src_incarnation: 0,
             dst: id("node-b", 7002, 8),
-            message: Message::Ack(1),
+            message: Message::Ping(1),
         };
         let (_, decoded) = round_trip(&mut codec_of(&a), &mut codec_of(&b), &stale);
         assert_ne!(decoded.dst, b);
@@ -275,6 +396,181 @@ mod tests {
     }
 
     #[test]
+    fn an_acknowledgement_comes_from_the_probed_identity_in_a_few_bytes() {
+        let (a, b) = (id("node-a", 7001, 1_764_000_000_000), id("node-b", 7002, 9));
+        let (mut codec_a, mut codec_b) = (codec_of(&a), codec_of(&b));
+        let ping = Header {
+            src: a.clone(),
+            src_incarnation: 0,
+            dst: b.clone(),
+            message: Message::Ping(7),
+        };
+        let (ping_size, _) = round_trip(&mut codec_a, &mut codec_b, &ping);
+        let ack = Header {
+            src: b.clone(),
+            src_incarnation: 2,
+            dst: a.clone(),
+            message: Message::Ack(7),
+        };
+        let (ack_size, decoded) = round_trip(&mut codec_b, &mut codec_a, &ack);
+        assert_eq!(decoded, ack);
+        // The source (name, address, generation) went as 4 bytes.
+        assert!(
+            ack_size + 10 < ping_size,
+            "ack {ack_size} B, ping {ping_size} B"
+        );
+    }
+
+    #[test]
+    fn acknowledgements_travel_untagged_and_probes_tagged() {
+        let (a, b) = (id("node-a", 7001, 1), id("node-b", 7002, 9));
+        let datagram_of = |codec: &mut BincodeCodec<NodeId>, header: &Header<NodeId>| {
+            let mut packet = Vec::new();
+            codec.encode_header(header, &mut packet).unwrap();
+            crate::membership::swim_datagram(&packet)
+        };
+        let ping = Header {
+            src: a.clone(),
+            src_incarnation: 0,
+            dst: b.clone(),
+            message: Message::Ping(1),
+        };
+        let ack = Header {
+            src: b.clone(),
+            src_incarnation: 0,
+            dst: a.clone(),
+            message: Message::Ack(1),
+        };
+        let (ping, ack) = (
+            datagram_of(&mut codec_of(&a), &ping),
+            datagram_of(&mut codec_of(&b), &ack),
+        );
+        assert!(wire::datagram_tag(&ping).is_some());
+        assert_eq!(wire::datagram_tag(&ack), None);
+        // Both open as SWIM packets whose header the codec reads.
+        for datagram in [&ping, &ack] {
+            let (kind, packet) = wire::open_datagram(datagram).unwrap();
+            assert_eq!(kind, wire::DatagramKind::Swim);
+            assert!(!packet.is_empty());
+        }
+    }
+
+    #[test]
+    fn indirect_acknowledgements_resolve_through_the_probes_that_asked_for_them() {
+        let (origin, relay, target) = (
+            id("origin", 7001, 1),
+            id("relay", 7002, 2),
+            id("target", 7003, 3),
+        );
+        let (mut at_origin, mut at_relay, mut at_target) =
+            (codec_of(&origin), codec_of(&relay), codec_of(&target));
+        let ask = Header {
+            src: origin.clone(),
+            src_incarnation: 0,
+            dst: relay.clone(),
+            message: Message::PingReq {
+                target: target.clone(),
+                probe_number: 4,
+            },
+        };
+        round_trip(&mut at_origin, &mut at_relay, &ask);
+        let indirect = Header {
+            src: relay.clone(),
+            src_incarnation: 0,
+            dst: target.clone(),
+            message: Message::IndirectPing {
+                origin: origin.clone(),
+                probe_number: 4,
+            },
+        };
+        round_trip(&mut at_relay, &mut at_target, &indirect);
+        let answer = Header {
+            src: target.clone(),
+            src_incarnation: 0,
+            dst: relay.clone(),
+            message: Message::IndirectAck {
+                target: origin.clone(),
+                probe_number: 4,
+            },
+        };
+        assert_eq!(round_trip(&mut at_target, &mut at_relay, &answer).1, answer);
+        let forwarded = Header {
+            src: relay.clone(),
+            src_incarnation: 0,
+            dst: origin.clone(),
+            message: Message::ForwardedAck {
+                origin: target.clone(),
+                probe_number: 4,
+            },
+        };
+        assert_eq!(
+            round_trip(&mut at_relay, &mut at_origin, &forwarded).1,
+            forwarded
+        );
+    }
+
+    #[test]
+    fn an_acknowledgement_from_an_identity_not_probed_is_refused() {
+        let (a, b) = (id("node-a", 7001, 1), id("node-b", 7002, 9));
+        let (mut codec_a, mut codec_b) = (codec_of(&a), codec_of(&b));
+        // `a` probed b's previous generation; b answers as its current one.
+        let ping = Header {
+            src: a.clone(),
+            src_incarnation: 0,
+            dst: id("node-b", 7002, 8),
+            message: Message::Ping(1),
+        };
+        let mut buf = Vec::new();
+        codec_a.encode_header(&ping, &mut buf).unwrap();
+        let ack = Header {
+            src: b.clone(),
+            src_incarnation: 0,
+            dst: a.clone(),
+            message: Message::Ack(1),
+        };
+        let mut buf = Vec::new();
+        codec_b.encode_header(&ack, &mut buf).unwrap();
+        assert!(matches!(
+            codec_a.decode_header(&buf[..]),
+            Err(WireError::UnknownSource)
+        ));
+        // Only acknowledgements may use the compact source.
+        buf[0] = HASHED_ACKNOWLEDGEMENT;
+        let ping_as_ack = {
+            let mut bytes = buf[..9].to_vec();
+            wire::encode_datagram_into(
+                &(0u16, Message::<NodeId>::Ping(1)),
+                &mut bytes,
+                wire::MAX_DATAGRAM,
+            )
+            .unwrap();
+            bytes
+        };
+        assert!(matches!(
+            codec_a.decode_header(&ping_as_ack[..]),
+            Err(WireError::BadEnvelope)
+        ));
+    }
+
+    #[test]
+    fn a_probe_keeps_its_source_in_full_and_memory_of_probes_is_bounded() {
+        let a = id("node-a", 7001, 1);
+        let mut codec_a = codec_of(&a);
+        for port in 0..200 {
+            let b = id("node-b", 8000 + port, 9);
+            let ping = Header {
+                src: a.clone(),
+                src_incarnation: 0,
+                dst: b.clone(),
+                message: Message::Ping(1),
+            };
+            // A node that never heard of `a` learns it from the ping itself.
+            assert_eq!(round_trip(&mut codec_a, &mut codec_of(&b), &ping).1, ping);
+        }
+        assert_eq!(codec_a.probed.len(), REMEMBERED_PROBES);
+    }
+
+    #[test]
     fn an_announce_keeps_its_destination_in_full() {
         let (a, b) = (id("node-a", 7001, 1), id("node-b", 7002, 9));
         let announce = Header {
@@ -290,7 +586,13 @@ mod tests {
     #[test]
     fn truncated_or_unknown_headers_are_errors() {
         let mut codec = codec_of(&id("node-b", 7002, 9));
-        for bad in [&[][..], &[HASHED_DESTINATION, 1, 2][..], &[9, 0, 0][..]] {
+        let short_ack = [HASHED_ACKNOWLEDGEMENT, 1, 2, 3, 4, 5, 6, 7];
+        for bad in [
+            &[][..],
+            &[HASHED_DESTINATION, 1, 2][..],
+            &short_ack[..],
+            &[9, 0, 0][..],
+        ] {
             assert!(codec.decode_header(bad).is_err(), "{bad:?}");
         }
         // Without its own identity a codec cannot resolve a hashed destination.

@@ -918,10 +918,15 @@ pub fn fingerprint_of<'a>(
     hasher.finish()
 }
 
-/// A foca packet in grapevine's datagram envelope.
-fn swim_datagram(packet: &[u8]) -> Vec<u8> {
+/// A foca packet in grapevine's datagram envelope: tagged, except an acknowledgement
+/// (its sender's tag travels on the sender's own probes).
+pub fn swim_datagram(packet: &[u8]) -> Vec<u8> {
     let mut datagram = Vec::with_capacity(wire::ENVELOPE_LEN + packet.len());
-    wire::begin_datagram(DatagramKind::Swim, &mut datagram);
+    if codec::is_compact_acknowledgement(packet) {
+        wire::begin_untagged_swim_datagram(&mut datagram);
+    } else {
+        wire::begin_datagram(DatagramKind::Swim, &mut datagram);
+    }
     datagram.extend_from_slice(packet);
     datagram
 }

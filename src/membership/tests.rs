@@ -225,13 +225,13 @@ fn hostile_datagrams_are_rejected_without_panic() {
         let mut bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
         if rng.random_bool(0.5) && bytes.len() >= 3 {
             // Get past the envelope so foca's decoder sees the junk too.
-            bytes[..3].copy_from_slice(&[0x47, 2, rng.random_range(0..2)]);
+            bytes[..3].copy_from_slice(&[0x47, 3, rng.random_range(0..2)]);
         }
         let _ = node.handle_datagram(&bytes, now);
     }
     assert_eq!(node.members().len(), 1);
-    assert!(node.handle_datagram(&[0x47, 2, 0], now).is_err());
-    assert!(node.handle_datagram(&[0x47, 2, 9, 1, 2], now).is_err());
+    assert!(node.handle_datagram(&[0x47, 3, 0], now).is_err());
+    assert!(node.handle_datagram(&[0x47, 3, 9, 1, 2], now).is_err());
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Exchanges on evidence: which peers disagree with this node, as their datagrams say.
 //!
-//! Every SWIM datagram carries its sender's [`DatagramTag`]: 32-bit fingerprints of its
-//! replicated state and of its member list. A node that hears only agreeing peers has
+//! Every SWIM datagram but an acknowledgement carries its sender's [`DatagramTag`]: 32-bit
+//! fingerprints of its replicated state and of its member list. A node that hears only agreeing peers has
 //! nothing to repair, so its scheduled anti-entropy round and push-pull do not start: an
 //! idle cluster opens no TCP connection, whose handshake and teardown cost about ten
 //! packets of headers, several times the SWIM traffic itself (issue 18). A peer heard with
@@ -21,11 +21,14 @@ use crate::wire::DatagramTag;
 
 /// Disagreeing peers remembered between ticks, per kind; more are dropped (one is enough).
 const MAX_DISAGREEING: usize = 256;
-/// Sync ticks without disagreement before a round runs anyway (30 s at a 2 s interval).
-pub(crate) const QUIET_SYNC_TICKS: u32 = 15;
+/// Sync ticks without disagreement before a round runs anyway (5 min at a 2 s interval).
+/// The fallback only guards against a 32-bit fingerprint collision or a peer never heard:
+/// every real difference shows in the tags within a probe round. At 30 s its TCP
+/// handshakes and teardowns were a fifth of an idle node's traffic.
+pub(crate) const QUIET_SYNC_TICKS: u32 = 150;
 /// Periodic push-pull ticks (already scaled to the cluster's size) without disagreement
-/// before one runs anyway (30 s on a LAN below 32 members, memberlist's interval).
-pub(crate) const QUIET_PUSH_PULL_TICKS: u32 = 3;
+/// before one runs anyway (5 min on a LAN below 32 members, then longer with the size).
+pub(crate) const QUIET_PUSH_PULL_TICKS: u32 = 30;
 
 /// The tag this node sends, from the 64-bit fingerprints of its state and member list.
 pub(crate) fn tag_of(state: u64, members: u64) -> DatagramTag {

@@ -127,12 +127,7 @@ impl Shared {
             }
             Ok(())
         };
-        tokio::time::timeout(wait, until_joined)
-            .await
-            .map_err(|_| Error::Timeout {
-                what: "join",
-                after: wait,
-            })?
+        protocol::within(wait, "join", until_joined).await
     }
 
     pub(crate) async fn force_leave(&self, name: &str, prune: bool) -> Result<ForceLeave> {
@@ -149,12 +144,7 @@ impl Shared {
                 .map_err(|_| Error::Stopped)?;
             answer.await.map_err(|_| Error::Stopped)?
         };
-        tokio::time::timeout(FORCE_LEAVE_WAIT, exchange)
-            .await
-            .map_err(|_| Error::Timeout {
-                what: "force-leave",
-                after: FORCE_LEAVE_WAIT,
-            })?
+        protocol::within(FORCE_LEAVE_WAIT, "force-leave", exchange).await
     }
 
     pub(crate) fn catalog(&self) -> CatalogHandle {
@@ -1093,14 +1083,8 @@ impl Node {
             .send(Command::Leave { done })
             .await
             .map_err(|_| Error::Stopped)?;
-        let timeout = Duration::from_secs(5);
-        let result = tokio::time::timeout(timeout, finished)
-            .await
-            .map_err(|_| Error::Timeout {
-                what: "leave",
-                after: timeout,
-            })?
-            .map_err(|_| Error::Stopped)?;
+        let finished = async { finished.await.map_err(|_| Error::Stopped) };
+        let result = protocol::within(Duration::from_secs(5), "leave", finished).await?;
         self.flush_saved().await;
         self.stop_and_wait().await;
         result

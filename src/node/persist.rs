@@ -75,12 +75,7 @@ pub(crate) async fn wait_committed(mut saved: watch::Receiver<Saved>, seq: u64) 
             saved.changed().await.map_err(|_| Error::Stopped)?;
         }
     };
-    tokio::time::timeout(COMMIT_WAIT, wait)
-        .await
-        .map_err(|_| Error::Timeout {
-            what: "saving a config write to the data dir",
-            after: COMMIT_WAIT,
-        })?
+    super::protocol::within(COMMIT_WAIT, "saving a config write to the data dir", wait).await
 }
 
 /// What the writer saved last of the members and the identity.

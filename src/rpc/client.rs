@@ -410,13 +410,7 @@ impl Connection {
         // and an enter and exit per poll (it logs through `log` when tracing has no
         // subscriber).
         let span = if tracing::span_enabled!(tracing::Level::DEBUG) {
-            tracing::debug_span!(
-                "rpc.call",
-                service,
-                method,
-                trace_id = tracing::field::Empty,
-                span_id = tracing::field::Empty
-            )
+            super::trace::call_span(service, method)
         } else {
             tracing::Span::none()
         };

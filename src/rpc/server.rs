@@ -23,7 +23,7 @@ use tokio_util::codec::Framed;
 
 use super::metrics::{CallRecord, CallSide, RpcMetrics, ServiceFigures, ServiceSnapshot};
 use super::protocol::{self, Frame, Outcome};
-use super::trace::TraceContext;
+use super::trace::{handle_span, TraceContext};
 use super::{AppError, MAX_IN_FLIGHT_PER_CONNECTION};
 
 type HandlerFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
@@ -446,21 +446,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
             return self.answer(id, Outcome::DeadlineExceeded, call);
         }
         let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(timeout_ms));
-        let mut work = match trace {
-            None => handler(payload),
-            // A traced call: the handler runs in a child span of the caller's, with the
-            // caller's context current (calls it makes continue the trace).
-            Some(parent) => {
-                let span = tracing::info_span!(
-                    "rpc.handle",
-                    service,
-                    method,
-                    trace_id = %format_args!("{:032x}", parent.trace_id),
-                    parent_span_id = %format_args!("{:016x}", parent.span_id),
-                );
+        // A traced call: the handler runs in a child span of the caller's, with the caller's
+        // context current (calls it makes continue the trace).
+        let mut work = match (handle_span(service, method, trace.as_ref()), trace) {
+            (None, _) => handler(payload),
+            (Some(span), Some(parent)) => {
                 let work = handler(payload);
                 Box::pin(tracing::Instrument::instrument(parent.scope(work), span))
             }
+            (Some(span), None) => Box::pin(tracing::Instrument::instrument(handler(payload), span)),
         };
         // Most handlers finish at once: answer inline, without a task or a timer.
         match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {

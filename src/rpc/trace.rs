@@ -118,13 +118,150 @@ impl TraceContext {
 
     /// What an outgoing call carries: a child of the current context, or a new trace when
     /// none is current but the `rpc.call` span is recorded, or nothing.
+    #[cfg(not(feature = "opentelemetry"))]
     pub(crate) fn for_call(span: &tracing::Span) -> Option<TraceContext> {
+        TraceContext::without_otel(span)
+    }
+
+    /// What an outgoing call carries: the OpenTelemetry context of the `rpc.call` span when
+    /// an OpenTelemetry layer records it (so the exported client span is the server span's
+    /// parent), else as without the feature.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) fn for_call(span: &tracing::Span) -> Option<TraceContext> {
+        use opentelemetry::trace::TraceContextExt;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        if span.is_disabled() {
+            return TraceContext::without_otel(span);
+        }
+        if let Some(current) = TraceContext::current() {
+            // A context set by `scope` (or received by this handler) that the OpenTelemetry
+            // span around the call does not continue becomes the call span's parent, so the
+            // trace the caller asked for is the one exported. Must precede `span.context()`,
+            // which starts the span.
+            let around = tracing::Span::current().context();
+            let around = around.span();
+            let around = around.span_context();
+            if !around.is_valid()
+                || u128::from_be_bytes(around.trace_id().to_bytes()) != current.trace_id
+            {
+                let _ = span.set_parent(current.otel_remote());
+            }
+        }
+        let otel = span.context();
+        let otel = otel.span();
+        let otel = otel.span_context();
+        if !otel.is_valid() {
+            // No OpenTelemetry layer records this span.
+            return TraceContext::without_otel(span);
+        }
+        Some(TraceContext::from_otel(otel))
+    }
+
+    fn without_otel(span: &tracing::Span) -> Option<TraceContext> {
         match TraceContext::current() {
             Some(current) => Some(current.child()),
             None if !span.is_disabled() => Some(TraceContext::new_root()),
             None => None,
         }
     }
+
+    /// This context as OpenTelemetry's, its span remote (received from another process).
+    #[cfg(feature = "opentelemetry")]
+    fn otel_remote(&self) -> opentelemetry::Context {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+        };
+        let flags = if self.sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        let remote = SpanContext::new(
+            TraceId::from_bytes(self.trace_id.to_be_bytes()),
+            SpanId::from_bytes(self.span_id.to_be_bytes()),
+            flags,
+            true,
+            TraceState::default(),
+        );
+        opentelemetry::Context::new().with_remote_span_context(remote)
+    }
+
+    #[cfg(feature = "opentelemetry")]
+    fn from_otel(otel: &opentelemetry::trace::SpanContext) -> TraceContext {
+        TraceContext {
+            trace_id: u128::from_be_bytes(otel.trace_id().to_bytes()),
+            span_id: u64::from_be_bytes(otel.span_id().to_bytes()),
+            sampled: otel.is_sampled(),
+        }
+    }
+}
+
+/// The `rpc.call` span of an outgoing call.
+pub(crate) fn call_span(service: &str, method: &str) -> tracing::Span {
+    #[cfg(not(feature = "opentelemetry"))]
+    let span = tracing::debug_span!(
+        "rpc.call",
+        service,
+        method,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty
+    );
+    // OpenTelemetry's span kind and name (`service/method`, as gRPC's are named).
+    #[cfg(feature = "opentelemetry")]
+    let span = tracing::debug_span!(
+        "rpc.call",
+        service,
+        method,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        otel.kind = "client",
+        otel.name = %format_args!("{service}/{method}"),
+    );
+    span
+}
+
+/// The `rpc.handle` span a handler runs in: for a traced call a child of the caller's span
+/// (its OpenTelemetry parent too, with the feature); for an untraced one none, or with the
+/// feature a new root when the span is recorded.
+pub(crate) fn handle_span(
+    service: &str,
+    method: &str,
+    parent: Option<&TraceContext>,
+) -> Option<tracing::Span> {
+    #[cfg(not(feature = "opentelemetry"))]
+    let span = parent.map(|parent| {
+        tracing::info_span!(
+            "rpc.handle",
+            service,
+            method,
+            trace_id = %format_args!("{:032x}", parent.trace_id),
+            parent_span_id = %format_args!("{:016x}", parent.span_id),
+        )
+    });
+    #[cfg(feature = "opentelemetry")]
+    let span = {
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let span = tracing::info_span!(
+            "rpc.handle",
+            service,
+            method,
+            trace_id = tracing::field::Empty,
+            parent_span_id = tracing::field::Empty,
+            otel.kind = "server",
+            otel.name = %format_args!("{service}/{method}"),
+        );
+        match parent {
+            Some(parent) => {
+                span.record("trace_id", format_args!("{:032x}", parent.trace_id));
+                span.record("parent_span_id", format_args!("{:016x}", parent.span_id));
+                // Fails only when no OpenTelemetry layer records the span: nothing to link.
+                let _ = span.set_parent(parent.otel_remote());
+                Some(span)
+            }
+            None => (!span.is_disabled()).then_some(span),
+        }
+    };
+    span
 }
 
 #[cfg(test)]

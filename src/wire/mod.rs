@@ -21,8 +21,9 @@ pub const ENVELOPE_LEN: usize = 3 + TAG_LEN;
 pub const TAG_LEN: usize = 8;
 
 /// What the sender's replicated state and member list look like (two 32-bit
-/// fingerprints), carried by every SWIM datagram: a node that hears its peers agree with it
-/// has nothing to repair, so an idle cluster opens no TCP exchange (issue 18).
+/// fingerprints), carried by every SWIM datagram but an acknowledgement: a node that hears
+/// its peers agree with it has nothing to repair, so an idle cluster opens no TCP exchange
+/// (issue 18).
 pub type DatagramTag = [u8; TAG_LEN];
 /// Largest TCP frame (length prefix excluded) accepted or sent.
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
@@ -30,7 +31,9 @@ pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 const MAGIC: u8 = 0x47; // 'G'
 /// 2: SWIM datagrams carry the sender's tag, and config entries carry `flags`; a node of
 /// version 1 would misread them, so its datagrams are refused as not grapevine's.
-const VERSION: u8 = 2;
+/// 3: acknowledgements carry their source as a hash (`membership::codec`); a node of
+/// version 2 would drop them and suspect its peers, so the versions do not mix.
+const VERSION: u8 = 3;
 
 /// Errors of encoding and decoding.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +61,10 @@ pub enum WireError {
     /// An encrypted datagram, and this node has no key.
     #[error("an encrypted datagram, and this node has no cluster key")]
     Sealed,
+    /// An acknowledgement whose compact source is none of the identities this node
+    /// probed lately (late, or not for this node).
+    #[error("an acknowledgement from an identity this node did not probe")]
+    UnknownSource,
 }
 
 fn datagram_config() -> impl bincode::config::Config {
@@ -141,6 +148,9 @@ impl DatagramKind {
     }
 }
 
+/// Kind code of a SWIM datagram that carries no tag.
+const UNTAGGED_SWIM: u8 = 2;
+
 /// Starts a datagram of `kind` in `out` (cleared first); a SWIM datagram's tag is zero
 /// until [`stamp_tag`] writes it.
 pub fn begin_datagram(kind: DatagramKind, out: &mut Vec<u8>) {
@@ -149,6 +159,14 @@ pub fn begin_datagram(kind: DatagramKind, out: &mut Vec<u8>) {
     if kind == DatagramKind::Swim {
         out.extend_from_slice(&[0; TAG_LEN]);
     }
+}
+
+/// Starts a SWIM datagram without a tag in `out` (cleared first): for acknowledgements,
+/// whose sender's tag reaches peers on its own probes every probe period, so an idle
+/// node's evidence halves but its tag bytes do too.
+pub fn begin_untagged_swim_datagram(out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&[MAGIC, VERSION, UNTAGGED_SWIM]);
 }
 
 /// Writes `tag` into a SWIM datagram begun by [`begin_datagram`]; other datagrams are left
@@ -183,6 +201,7 @@ pub fn open_datagram(datagram: &[u8]) -> Result<(DatagramKind, &[u8]), WireError
             None => Err(WireError::BadEnvelope),
         },
         [MAGIC, VERSION, 1, rest @ ..] => Ok((DatagramKind::Leave, rest)),
+        [MAGIC, VERSION, UNTAGGED_SWIM, rest @ ..] => Ok((DatagramKind::Swim, rest)),
         // The sealed-datagram header (see `net::sealed`).
         [0x53, 1, ..] => Err(WireError::Sealed),
         _ => Err(WireError::BadEnvelope),
@@ -324,5 +343,16 @@ mod tests {
         stamp_tag(&mut leave, &[1; TAG_LEN]);
         assert_eq!(leave[3..], [9]);
         assert_eq!(datagram_tag(&leave), None);
+
+        // An untagged SWIM datagram: no tag to read or stamp, the packet right after.
+        let mut untagged = Vec::new();
+        begin_untagged_swim_datagram(&mut untagged);
+        untagged.extend_from_slice(b"ack");
+        stamp_tag(&mut untagged, &[1; TAG_LEN]);
+        assert_eq!(datagram_tag(&untagged), None);
+        assert_eq!(
+            open_datagram(&untagged).unwrap(),
+            (DatagramKind::Swim, &b"ack"[..])
+        );
     }
 }

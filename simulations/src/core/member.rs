@@ -26,7 +26,7 @@ use grapevine::membership::{
     WithSuspicions, MAX_BROADCAST_BACKLOG, MAX_BROADCAST_ITEM,
 };
 use grapevine::membership::{
-    BincodeCodec, LocalIdentity, MemberEvent, Membership, NodeId, PushPull,
+    swim_datagram, BincodeCodec, LocalIdentity, MemberEvent, Membership, NodeId, PushPull,
 };
 use grapevine::sync::StateBroadcasts;
 use grapevine::wire::{self, DatagramKind, WireError};
@@ -166,13 +166,6 @@ impl Hasher for IdentityHasher {
     fn write_u64(&mut self, n: u64) {
         self.0 = n;
     }
-}
-
-fn swim_datagram(packet: &[u8]) -> Vec<u8> {
-    let mut datagram = Vec::with_capacity(wire::ENVELOPE_LEN + packet.len());
-    wire::begin_datagram(DatagramKind::Swim, &mut datagram);
-    datagram.extend_from_slice(packet);
-    datagram
 }
 
 fn mix(mut z: u64) -> u64 {
