@@ -46,6 +46,8 @@ def main():
     memberlist = os.path.join(TARGET, "release", "memberlist-idle")
     window = ["--idle", str(args.idle), "--settle", str(args.settle)]
     rows = []
+    print(f"{'nodes':>5}  {'system':<36} {'B/s per node (lo, headers incl.)':>32}  ratio",
+          flush=True)
     for size in [int(s) for s in args.sizes.split(",")]:
         runs = {
             "grapevine (LAN profile)": [grapevine, "--nodes", str(size)] + window,
@@ -72,12 +74,17 @@ def main():
         finally:
             for i in range(len(runs)):
                 subprocess.run(["ip", "netns", "del", f"gv-idle-{i}"], stderr=subprocess.DEVNULL)
-    print(f"{'nodes':>5}  {'system':<36} {'B/s per node (lo, headers incl.)':>32}  ratio")
-    for size, name, rate in rows:
-        base = next(r for s, n, r in rows if s == size and n.startswith("memberlist") and
-                    "probe" in n)
-        print(f"{size:>5}  {name:<36} {rate:>32.1f}  {rate / base:.2f}x")
+        print_rows(size, rows)
     print("ratio: against memberlist with a 1 s probe interval (its cheapest LAN setting)")
+
+
+def print_rows(size, rows):
+    """Prints one size's rows as soon as they are in, so a later failure keeps them."""
+    base = next(r for s, n, r in rows if s == size and n.startswith("memberlist") and
+                "probe" in n)
+    for s, name, rate in rows:
+        if s == size:
+            print(f"{s:>5}  {name:<36} {rate:>32.1f}  {rate / base:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
