@@ -3,7 +3,7 @@
 //!
 //! The hot path only bumps atomics of a [`ServiceFigures`] found once (when a
 //! [`ServiceClient`](super::ServiceClient) is made, or a service registered); readers take a
-//! [`RpcSnapshot`] for `/metrics` or `grapevine info`.
+//! [`ServiceSnapshot`]s for `/metrics` or `grapevine info`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
