@@ -2,7 +2,7 @@
 //! side and on the serving side.
 //!
 //! The hot path only bumps atomics of a [`ServiceFigures`] found once (when a
-//! [`ServiceClient`](super::ServiceClient) is made, or a service registered); readers take a
+//! [`ServiceClient`](super::ServiceClient) is made, or a service registered); readers take
 //! [`ServiceSnapshot`]s for `/metrics` or `grapevine info`.
 
 use std::collections::BTreeMap;
