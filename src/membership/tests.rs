@@ -547,3 +547,41 @@ fn a_confirmed_suspicion_is_cancelled_by_the_refutation() {
         }
     }
 }
+
+/// A member down is passed on at once, not on the next gossip round: once the first node
+/// declares the crashed member down, every other node knows within a few network hops
+/// (1 ms each here; Local's gossip round is 100 ms).
+#[test]
+fn a_down_member_is_gossiped_at_once() {
+    let size = 30;
+    for seed in 0..2 {
+        let mut net = SimNet::new(size, 900 + seed);
+        join_all(&mut net, size);
+        net.run_for(Duration::from_secs(6));
+        let victim = SimNet::addr(size - 1);
+        net.crashed.insert(victim);
+        net.events.clear();
+        net.run_for(Duration::from_secs(8));
+        let name = format!("n{}", size - 1);
+        let downs: BTreeMap<&str, Duration> = net
+            .events
+            .iter()
+            .filter(|(_, _, e)| matches!(e, MemberEvent::Down(m) if m.name == name))
+            .fold(BTreeMap::new(), |mut first, (t, who, _)| {
+                first.entry(who.as_str()).or_insert(*t);
+                first
+            });
+        assert_eq!(downs.len(), usize::from(size) - 1, "seed {seed}: {downs:?}");
+        let mut after: Vec<Duration> = downs.values().copied().collect();
+        after.sort();
+        let first = after[0];
+        let after: Vec<Duration> = after.into_iter().map(|t| t - first).collect();
+        // The eager wave (fanout 3, once per node) misses a few nodes; they hear on the
+        // next gossip round.
+        let within = after
+            .iter()
+            .filter(|t| **t <= Duration::from_millis(10))
+            .count();
+        assert!(within * 10 >= after.len() * 8, "seed {seed}: {after:?}");
+    }
+}
