@@ -467,6 +467,18 @@ fn a_node_that_missed_an_update_differs_until_a_push_pull_repairs_it() {
     );
 }
 
+/// A joined cluster of `size` whose last member crashed 6 s in, run for `after` more; the
+/// events kept are those since the crash. Returns the crashed member's name too.
+fn crash_the_last(size: u16, seed: u64, after: Duration) -> (SimNet, String) {
+    let mut net = SimNet::new(size, seed);
+    join_all(&mut net, size);
+    net.run_for(Duration::from_secs(6));
+    net.crashed.insert(SimNet::addr(size - 1));
+    net.events.clear();
+    net.run_for(after);
+    (net, format!("n{}", size - 1))
+}
+
 /// Lifeguard's dynamic suspicion: a crashed member that several probers fail on is
 /// declared down before foca's fixed suspicion time runs out.
 #[test]
@@ -474,14 +486,7 @@ fn a_crash_confirmed_by_several_probers_is_declared_down_before_the_fixed_time()
     let size = 40;
     let mut shortened_runs = 0;
     for seed in 0..3 {
-        let mut net = SimNet::new(size, 500 + seed);
-        join_all(&mut net, size);
-        net.run_for(Duration::from_secs(6));
-        let victim = SimNet::addr(size - 1);
-        net.crashed.insert(victim);
-        net.events.clear();
-        net.run_for(Duration::from_secs(6));
-        let name = format!("n{}", size - 1);
+        let (net, name) = crash_the_last(size, 500 + seed, Duration::from_secs(6));
         let first = |down: bool| {
             net.events
                 .iter()
@@ -555,14 +560,7 @@ fn a_confirmed_suspicion_is_cancelled_by_the_refutation() {
 fn a_down_member_is_gossiped_at_once() {
     let size = 30;
     for seed in 0..2 {
-        let mut net = SimNet::new(size, 900 + seed);
-        join_all(&mut net, size);
-        net.run_for(Duration::from_secs(6));
-        let victim = SimNet::addr(size - 1);
-        net.crashed.insert(victim);
-        net.events.clear();
-        net.run_for(Duration::from_secs(8));
-        let name = format!("n{}", size - 1);
+        let (net, name) = crash_the_last(size, 900 + seed, Duration::from_secs(8));
         let downs: BTreeMap<&str, Duration> = net
             .events
             .iter()
