@@ -612,8 +612,8 @@ mod tests {
 
     /// Issue 18's 10,000-member case: confirmations arrive about once a second (each member
     /// probes one other per period), so the verdict waits for the `k`-th one. Two beyond
-    /// the first bring it to the minimum, about a second after the first confirmation
-    /// would have; with one it is 4.1 s rather than 4.5 s.
+    /// the first bring it to the minimum (`k = 3` needed a third, about a second later);
+    /// one gives 4.1 s rather than 4.5 s.
     #[test]
     fn at_ten_thousand_members_two_confirmations_reach_the_minimum() {
         let (min, max, k) = crate::membership::Profile::Lan.suspicion_bounds(10_000);
