@@ -192,11 +192,12 @@ mod tests {
             let (min, max, k) = Profile::Lan.suspicion_bounds(n);
             (min.as_millis(), max.as_millis(), k)
         };
-        assert_eq!(bounds(4), (3000, 3000, 0), "too few members to confirm");
+        assert_eq!(bounds(3), (3000, 3000, 0), "too few members to confirm");
+        assert_eq!(bounds(4), (3000, 3000, 2));
         // Small clusters keep their fixed time; large ones gain up to half of it.
-        assert_eq!(bounds(100), (3000, 3000, 3));
-        assert_eq!(bounds(1000), (3000, 4500, 3));
-        assert_eq!(bounds(10_000), (3000, 6000, 3));
+        assert_eq!(bounds(100), (3000, 3000, 2));
+        assert_eq!(bounds(1000), (3000, 4500, 2));
+        assert_eq!(bounds(10_000), (3000, 6000, 2));
         let (min, max, _) = Profile::Local.suspicion_bounds(100);
         assert_eq!((min.as_millis(), max.as_millis()), (1500, 3000));
     }

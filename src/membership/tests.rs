@@ -467,6 +467,18 @@ fn a_node_that_missed_an_update_differs_until_a_push_pull_repairs_it() {
     );
 }
 
+/// A joined cluster of `size` whose last member crashed 6 s in, run for `after` more; the
+/// events kept are those since the crash. Returns the crashed member's name too.
+fn crash_the_last(size: u16, seed: u64, after: Duration) -> (SimNet, String) {
+    let mut net = SimNet::new(size, seed);
+    join_all(&mut net, size);
+    net.run_for(Duration::from_secs(6));
+    net.crashed.insert(SimNet::addr(size - 1));
+    net.events.clear();
+    net.run_for(after);
+    (net, format!("n{}", size - 1))
+}
+
 /// Lifeguard's dynamic suspicion: a crashed member that several probers fail on is
 /// declared down before foca's fixed suspicion time runs out.
 #[test]
@@ -474,14 +486,7 @@ fn a_crash_confirmed_by_several_probers_is_declared_down_before_the_fixed_time()
     let size = 40;
     let mut shortened_runs = 0;
     for seed in 0..3 {
-        let mut net = SimNet::new(size, 500 + seed);
-        join_all(&mut net, size);
-        net.run_for(Duration::from_secs(6));
-        let victim = SimNet::addr(size - 1);
-        net.crashed.insert(victim);
-        net.events.clear();
-        net.run_for(Duration::from_secs(6));
-        let name = format!("n{}", size - 1);
+        let (net, name) = crash_the_last(size, 500 + seed, Duration::from_secs(6));
         let first = |down: bool| {
             net.events
                 .iter()
@@ -545,5 +550,36 @@ fn a_confirmed_suspicion_is_cancelled_by_the_refutation() {
             assert_eq!(node.suspicions_shortened(), 0, "seed {seed}");
             assert_eq!(node.suspicion.tracked(), 0, "seed {seed}: over, forgotten");
         }
+    }
+}
+
+/// A member down is passed on at once, not on the next gossip round: once the first node
+/// declares the crashed member down, every other node knows within a few network hops
+/// (1 ms each here; Local's gossip round is 100 ms).
+#[test]
+fn a_down_member_is_gossiped_at_once() {
+    let size = 30;
+    for seed in 0..2 {
+        let (net, name) = crash_the_last(size, 900 + seed, Duration::from_secs(8));
+        let downs: BTreeMap<&str, Duration> = net
+            .events
+            .iter()
+            .filter(|(_, _, e)| matches!(e, MemberEvent::Down(m) if m.name == name))
+            .fold(BTreeMap::new(), |mut first, (t, who, _)| {
+                first.entry(who.as_str()).or_insert(*t);
+                first
+            });
+        assert_eq!(downs.len(), usize::from(size) - 1, "seed {seed}: {downs:?}");
+        let mut after: Vec<Duration> = downs.values().copied().collect();
+        after.sort();
+        let first = after[0];
+        let after: Vec<Duration> = after.into_iter().map(|t| t - first).collect();
+        // The eager wave (fanout 3, once per node) misses a few nodes; they hear on the
+        // next gossip round.
+        let within = after
+            .iter()
+            .filter(|t| **t <= Duration::from_millis(10))
+            .count();
+        assert!(within * 10 >= after.len() * 8, "seed {seed}: {after:?}");
     }
 }

@@ -750,10 +750,12 @@ impl Lean {
             self.timers.schedule(after, timer, now);
         }
         let mut defunct = false;
+        let mut went_down = false;
         while let Some(notification) = self.runtime.to_notify() {
             match notification {
                 OwnedNotification::Defunct => defunct = true,
                 OwnedNotification::MemberDown(id) => {
+                    went_down = true;
                     let change = if self.left.contains(&id) {
                         Change::Left {
                             name: id.name().to_owned(),
@@ -797,6 +799,11 @@ impl Lean {
             let (min, max, k) = self.profile.suspicion_bounds(size);
             self.suspicion.retune(min, max, k);
             self.tuned_for = size;
+        }
+        // As `Membership`: a member down is gossiped at once.
+        if went_down && !self.leaving && self.foca.updates_backlog() > 0 {
+            let _ = self.foca.gossip(&mut self.runtime);
+            self.collect(now);
         }
         if !confirmations.is_empty() && !self.leaving {
             for item in &confirmations {
