@@ -120,11 +120,15 @@ impl<T: PartialEq> BincodeCodec<T> {
     where
         T: Clone,
     {
-        if self
+        // A destination probed again moves to the back: the queue keeps the latest probes.
+        if let Some(at) = self
             .probed
             .iter()
-            .any(|(h, id)| *h == hash && id == identity)
+            .position(|(h, id)| *h == hash && id == identity)
         {
+            if let Some(entry) = self.probed.remove(at) {
+                self.probed.push_back(entry);
+            }
             return;
         }
         if self.probed.len() == REMEMBERED_PROBES {
@@ -550,6 +554,51 @@ mod tests {
             codec_a.decode_header(&ping_as_ack[..]),
             Err(WireError::BadEnvelope)
         ));
+    }
+
+    #[test]
+    fn a_destination_probed_often_stays_remembered_while_others_come_and_go() {
+        let (origin, relay) = (id("origin", 7001, 1), id("relay", 7002, 2));
+        let (mut at_origin, mut at_relay) = (codec_of(&origin), codec_of(&relay));
+        let ask = |probe_number| Header {
+            src: origin.clone(),
+            src_incarnation: 0,
+            dst: relay.clone(),
+            message: Message::PingReq {
+                target: id("target", 7003, 3),
+                probe_number,
+            },
+        };
+        round_trip(&mut at_origin, &mut at_relay, &ask(0));
+        // More probes than the queue holds, the relay asked again halfway: that renewal must
+        // keep it from ageing out with its first ask.
+        let half = REMEMBERED_PROBES as u16 - 4;
+        for round in 1..=2 * half {
+            let other = id("other", 9000 + round, 1);
+            let ping = Header {
+                src: origin.clone(),
+                src_incarnation: 0,
+                dst: other.clone(),
+                message: Message::Ping(round as u8),
+            };
+            round_trip(&mut at_origin, &mut codec_of(&other), &ping);
+            if round == half {
+                round_trip(&mut at_origin, &mut at_relay, &ask(round as u8));
+            }
+        }
+        let forwarded = Header {
+            src: relay.clone(),
+            src_incarnation: 0,
+            dst: origin.clone(),
+            message: Message::ForwardedAck {
+                origin: id("target", 7003, 3),
+                probe_number: 120,
+            },
+        };
+        assert_eq!(
+            round_trip(&mut at_relay, &mut at_origin, &forwarded).1,
+            forwarded
+        );
     }
 
     #[test]
