@@ -4,19 +4,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{SinkExt, Stream};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
@@ -117,8 +117,9 @@ enum CallSlot {
 }
 
 impl Calls {
-    /// A new waiting call; wakes the sweeper if its deadline is the earliest.
-    fn insert(&mut self, deadline: Instant) -> u64 {
+    /// A new waiting call, woken by `waker`; wakes the sweeper if its deadline is the
+    /// earliest.
+    fn insert(&mut self, deadline: Instant, waker: Waker) -> u64 {
         self.sequence = self.sequence.wrapping_add(1);
         let index = match self.free.pop() {
             Some(index) => index,
@@ -132,7 +133,7 @@ impl Calls {
         self.slots[index as usize] = CallSlot::Waiting {
             id,
             deadline,
-            waker: None,
+            waker: Some(waker),
         };
         if self.earliest.is_none_or(|earliest| deadline < earliest) {
             self.earliest = Some(deadline);
@@ -281,10 +282,75 @@ fn closed(retryable: bool) -> RpcError {
     }
 }
 
+/// The bound on one connection's calls in flight. A call that finds room takes and returns
+/// its place with one atomic operation each (a semaphore's release takes a lock); callers
+/// that wait for room wait on a `Notify`.
+#[derive(Default)]
+struct InFlightBound {
+    /// Places taken, at most `MAX_IN_FLIGHT_PER_CONNECTION`.
+    taken: AtomicUsize,
+    /// Callers waiting for room: a release wakes one only when there are any.
+    waiting: AtomicUsize,
+    room: Notify,
+}
+
+/// One place under an [`InFlightBound`], given back when dropped.
+struct Permit<'a>(&'a InFlightBound);
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        // SeqCst with the waiter's count and re-check: either the waiter sees this place
+        // free, or this sees the waiter.
+        self.0.taken.fetch_sub(1, Ordering::SeqCst);
+        if self.0.waiting.load(Ordering::SeqCst) > 0 {
+            self.0.room.notify_one();
+        }
+    }
+}
+
+/// Counts a caller waiting for room while it waits (also when its wait is dropped).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl InFlightBound {
+    /// A place, if one is free now.
+    fn try_take(&self) -> Option<Permit<'_>> {
+        self.taken
+            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |taken| {
+                (taken < MAX_IN_FLIGHT_PER_CONNECTION).then_some(taken + 1)
+            })
+            .ok()
+            .map(|_| Permit(self))
+    }
+
+    /// A place, once one is free.
+    async fn take(&self) -> Permit<'_> {
+        loop {
+            if let Some(permit) = self.try_take() {
+                return permit;
+            }
+            let notified = self.room.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let _waiting = Waiting(&self.waiting);
+            if let Some(permit) = self.try_take() {
+                return permit;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// One multiplexed connection to a peer.
 struct Connection {
     shared: Arc<Shared>,
-    in_flight: Semaphore,
+    in_flight: InFlightBound,
     reader: AbortHandle,
     sweeper: AbortHandle,
 }
@@ -334,42 +400,20 @@ impl Connection {
         });
         tokio::spawn(write_queued(shared.clone(), addr));
         // Reader: routes replies to their callers; on loss fails every waiting call at once.
-        let mut frames = FramedRead::new(read_half, parts.codec);
-        let reader_shared = shared.clone();
-        let reader = tokio::spawn(async move {
-            let reason = loop {
-                match frames.next().await {
-                    Some(Ok(bytes)) => match protocol::decode_received(&bytes) {
-                        Ok(ReceivedFrame::Reply { id, outcome }) => {
-                            let result = outcome
-                                .into_result(&bytes)
-                                .map(|payload| ReplyPayload::new(bytes, payload));
-                            let waker = lock(&reader_shared.calls).complete(id, result);
-                            if let Some(waker) = waker {
-                                waker.wake();
-                            }
-                        }
-                        Ok(_) => break format!("{addr} sent a frame a server must not send"),
-                        Err(error) => break format!("{addr}: {error}"),
-                    },
-                    Some(Err(error)) => break format!("connection to {addr} failed: {error}"),
-                    None => break format!("{addr} closed the connection"),
-                }
-            };
-            reader_shared.fail(&reason);
-        });
+        let frames = FramedRead::new(read_half, parts.codec);
+        let reader = tokio::spawn(read_replies(frames, shared.clone(), addr));
         let sweeper = tokio::spawn(sweep_deadlines(shared.clone()));
         Ok(Connection {
             shared,
-            in_flight: Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION),
+            in_flight: InFlightBound::default(),
             reader: reader.abort_handle(),
             sweeper: sweeper.abort_handle(),
         })
     }
 
     /// A permit for one more call, if the connection has room now.
-    fn try_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        self.in_flight.try_acquire().ok()
+    fn try_permit(&self) -> Option<Permit<'_>> {
+        self.in_flight.try_take()
     }
 
     fn is_closed(&self) -> bool {
@@ -377,34 +421,27 @@ impl Connection {
     }
 
     fn load(&self) -> usize {
-        MAX_IN_FLIGHT_PER_CONNECTION - self.in_flight.available_permits()
+        self.in_flight.taken.load(Ordering::Relaxed)
     }
 
     /// Runs one call holding `_permit` (one of the connection's in-flight slots); the
-    /// connection's sweeper fails it as timed out once `deadline` passes.
+    /// connection's sweeper fails it as timed out once `deadline` passes. `remaining`: the
+    /// time left until then, sent to the server.
     async fn call(
         &self,
-        _permit: tokio::sync::SemaphorePermit<'_>,
+        _permit: Permit<'_>,
         service: &str,
         method: &str,
         payload: &[u8],
         deadline: Instant,
+        remaining: Duration,
     ) -> Result<ReplyPayload, RpcError> {
         let alone = self.load() == 1;
-        let id = {
-            let mut calls = lock(&self.shared.calls);
-            if calls.failed.is_some() {
-                return Err(closed(true));
-            }
-            calls.insert(deadline)
-        };
         // Dropping this future (caller gave up, or timed out) cancels on the server.
-        let mut cancel = CancelOnDrop {
+        let cancel = CancelOnDrop {
             shared: &self.shared,
-            id,
-            armed: true,
+            id: AtomicU64::new(NO_CALL),
         };
-        let remaining = deadline.saturating_duration_since(Instant::now());
         // The `rpc.call` span; its context travels in the header (nothing when untraced).
         // Made only when a subscriber may want it: even a disabled span costs its creation
         // and an enter and exit per poll (it logs through `log` when tracing has no
@@ -419,27 +456,43 @@ impl Connection {
             span.record("trace_id", format_args!("{:032x}", trace.trace_id));
             span.record("span_id", format_args!("{:016x}", trace.span_id));
         }
-        let frame = Frame::Call {
-            id,
-            service,
-            method,
-            timeout_ms: u32::try_from(remaining.as_millis()).unwrap_or(u32::MAX),
-            payload,
-            trace,
-        };
-        if let Err(error) = self.shared.send(&frame, alone) {
-            cancel.armed = false;
-            lock(&self.shared.calls).remove(id);
-            return Err(error);
-        }
-        let reply = poll_fn(|cx| self.poll_reply(id, cx));
+        let timeout_ms = u32::try_from(remaining.as_millis()).unwrap_or(u32::MAX);
+        let reply = poll_fn(|cx| {
+            let id = cancel.id.load(Ordering::Relaxed);
+            if id != NO_CALL {
+                return self.poll_reply(id, cx);
+            }
+            // First poll: the call takes a slot with its waker already in it (one lock), then
+            // its frame goes out.
+            let id = {
+                let mut calls = lock(&self.shared.calls);
+                if calls.failed.is_some() {
+                    return Poll::Ready(Err(closed(true)));
+                }
+                calls.insert(deadline, cx.waker().clone())
+            };
+            let frame = Frame::Call {
+                id,
+                service,
+                method,
+                timeout_ms,
+                payload,
+                trace,
+            };
+            if let Err(error) = self.shared.send(&frame, alone) {
+                lock(&self.shared.calls).remove(id);
+                return Poll::Ready(Err(error));
+            }
+            cancel.id.store(id, Ordering::Relaxed);
+            Poll::Pending
+        });
         let result = if span.is_disabled() {
             reply.await
         } else {
             tracing::Instrument::instrument(reply, span).await
         };
-        cancel.armed = false;
-        if matches!(result, Err(RpcError::Timeout(_))) {
+        let id = cancel.id.swap(NO_CALL, Ordering::Relaxed);
+        if let (true, Err(RpcError::Timeout(_))) = (id != NO_CALL, &result) {
             // The sweeper gave up on it: the server may still be running it (best effort,
             // never waits; the server drops it at the deadline anyway).
             let _ = self.shared.send(&Frame::Cancel { id }, false);
@@ -465,6 +518,66 @@ impl Connection {
             Some(CallSlot::Free) | None => Poll::Ready(Err(closed(false))),
         }
     }
+}
+
+/// Most replies completed under one lock of the calls: what one read brought in, bounded
+/// so that callers are woken before a long burst is decoded.
+const REPLIES_PER_LOCK: usize = 64;
+
+/// The reader task of one connection: routes replies to their callers, the replies of one
+/// read together (one lock, then the wake-ups); on loss fails every waiting call at once.
+async fn read_replies<R: tokio::io::AsyncRead + Unpin>(
+    mut frames: FramedRead<R, wire::FrameCodec>,
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+) {
+    let mut replies: Vec<(u64, Result<ReplyPayload, RpcError>)> = Vec::new();
+    let mut wakers: Vec<Waker> = Vec::new();
+    let reason = loop {
+        // Decode what the socket has (at least one frame), then stop at the first wait.
+        let ended = poll_fn(|cx| loop {
+            if replies.len() >= REPLIES_PER_LOCK {
+                return Poll::Ready(None);
+            }
+            let bytes = match Pin::new(&mut frames).poll_next(cx) {
+                Poll::Ready(Some(Ok(bytes))) => bytes,
+                Poll::Ready(Some(Err(error))) => {
+                    return Poll::Ready(Some(format!("connection to {addr} failed: {error}")))
+                }
+                Poll::Ready(None) => {
+                    return Poll::Ready(Some(format!("{addr} closed the connection")))
+                }
+                Poll::Pending if replies.is_empty() => return Poll::Pending,
+                Poll::Pending => return Poll::Ready(None),
+            };
+            match protocol::decode_received(&bytes) {
+                Ok(ReceivedFrame::Reply { id, outcome }) => {
+                    let result = outcome
+                        .into_result(&bytes)
+                        .map(|payload| ReplyPayload::new(bytes, payload));
+                    replies.push((id, result));
+                }
+                Ok(_) => {
+                    return Poll::Ready(Some(format!("{addr} sent a frame a server must not send")))
+                }
+                Err(error) => return Poll::Ready(Some(format!("{addr}: {error}"))),
+            }
+        })
+        .await;
+        if !replies.is_empty() {
+            let mut calls = lock(&shared.calls);
+            for (id, result) in replies.drain(..) {
+                wakers.extend(calls.complete(id, result));
+            }
+        }
+        for waker in wakers.drain(..) {
+            waker.wake();
+        }
+        if let Some(reason) = ended {
+            break reason;
+        }
+    };
+    shared.fail(&reason);
 }
 
 /// The deadline sweeper of one connection: sleeps until the earliest deadline of a waiting
@@ -547,17 +660,23 @@ async fn write_queued(shared: Arc<Shared>, addr: SocketAddr) {
     }
 }
 
+/// The id of no call: a call's slot index stays below `MAX_IN_FLIGHT_PER_CONNECTION`.
+const NO_CALL: u64 = u64::MAX;
+
+/// Cancels call `id` (once it has one) if the call's future is dropped before its end.
 struct CancelOnDrop<'a> {
     shared: &'a Shared,
-    id: u64,
-    armed: bool,
+    /// The call's id once its frame is sent, [`NO_CALL`] before (an atomic only to be
+    /// shared between the future's poll function and its drop; never contended).
+    id: AtomicU64,
 }
 
 impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
-        if self.armed && lock(&self.shared.calls).remove(self.id) == Some(true) {
-            // Still running on the server: tell it (best effort, never waits).
-            let _ = self.shared.send(&Frame::Cancel { id: self.id }, false);
+        let id = *self.id.get_mut();
+        // Still running on the server: tell it (best effort, never waits).
+        if id != NO_CALL && lock(&self.shared.calls).remove(id) == Some(true) {
+            let _ = self.shared.send(&Frame::Cancel { id }, false);
         }
     }
 }
@@ -733,11 +852,12 @@ impl RpcClient {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        let mut record = CallRecord::start(self.metrics.service(service));
+        let mut record = CallRecord::start(self.figures_of(service));
+        let started = record.started();
         let result = async {
             let payload = protocol::to_payload(request)?;
             let bytes = self
-                .call_raw(addr, service, method, &payload, timeout)
+                .call_raw(addr, service, method, &payload, started, timeout)
                 .await?;
             protocol::from_payload(bytes.bytes())
         }
@@ -746,21 +866,50 @@ impl RpcClient {
         result
     }
 
+    /// The figures of direct calls to `service`. The service called last on this thread is
+    /// remembered (direct calls mostly go to one service): no lock on the common path.
+    fn figures_of(&self, service: &str) -> Arc<ServiceFigures> {
+        type Remembered = Option<(std::sync::Weak<RpcMetrics>, String, Arc<ServiceFigures>)>;
+        thread_local! {
+            static LAST: std::cell::RefCell<Remembered> = const { std::cell::RefCell::new(None) };
+        }
+        LAST.with(|last| {
+            let mut last = last.borrow_mut();
+            // The weak reference keeps these metrics' allocation, so another client's metrics
+            // can never take its address while it is remembered.
+            if let Some((metrics, name, figures)) = last.as_ref() {
+                if std::ptr::eq(metrics.as_ptr(), Arc::as_ptr(&self.metrics)) && name == service {
+                    return figures.clone();
+                }
+            }
+            let figures = self.metrics.service(service);
+            *last = Some((
+                Arc::downgrade(&self.metrics),
+                service.to_string(),
+                figures.clone(),
+            ));
+            figures
+        })
+    }
+
+    /// One call on the connection to `addr`, which started at `started` (a clock reading
+    /// the caller has already made) and must end within `timeout` of it.
     async fn call_raw(
         &self,
         addr: SocketAddr,
         service: &str,
         method: &str,
         payload: &[u8],
+        started: Instant,
         timeout: Duration,
     ) -> Result<ReplyPayload, RpcError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = started + timeout;
         // The common case, an open connection with room: nothing here waits but the reply,
         // which the connection's sweeper bounds.
         if let Some(connection) = self.open_connection(addr) {
             if let Some(permit) = connection.try_permit() {
                 return match connection
-                    .call(permit, service, method, payload, deadline)
+                    .call(permit, service, method, payload, deadline, timeout)
                     .await
                 {
                     Err(RpcError::Timeout(_)) => Err(RpcError::Timeout(timeout)),
@@ -775,14 +924,11 @@ impl RpcClient {
             // Back-pressure: wait for a slot rather than queue without bound.
             let permit = match connection.try_permit() {
                 Some(permit) => permit,
-                None => connection
-                    .in_flight
-                    .acquire()
-                    .await
-                    .map_err(|_| closed(true))?,
+                None => connection.in_flight.take().await,
             };
+            let remaining = deadline.saturating_duration_since(Instant::now());
             connection
-                .call(permit, service, method, payload, deadline)
+                .call(permit, service, method, payload, deadline, remaining)
                 .await
         };
         match tokio::time::timeout_at(deadline, call).await {
@@ -887,9 +1033,10 @@ impl ServiceClient {
         Resp: DeserializeOwned,
     {
         let mut record = CallRecord::start(self.figures.clone());
+        let started = record.started();
         let result = async {
             let payload = protocol::to_payload(request)?;
-            let bytes = self.call_balanced(method, &payload).await?;
+            let bytes = self.call_balanced(method, &payload, started).await?;
             protocol::from_payload(bytes.bytes())
         }
         .await;
@@ -901,8 +1048,9 @@ impl ServiceClient {
     /// response: the dynamic layer under typed calls and the `tower::Service` impl.
     pub async fn call_encoded(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>, RpcError> {
         let mut record = CallRecord::start(self.figures.clone());
+        let started = record.started();
         let result = self
-            .call_balanced(method, payload)
+            .call_balanced(method, payload, started)
             .await
             .map(|reply| reply.bytes().to_vec());
         record.finish(result.as_ref().err().map(CallFailure::of));
@@ -915,12 +1063,19 @@ impl ServiceClient {
     }
 
     /// Resolve, pick, retry on connection failures, hedge; no bookkeeping.
-    async fn call_balanced(&self, method: &str, payload: &[u8]) -> Result<ReplyPayload, RpcError> {
-        let deadline = Instant::now() + self.timeout;
+    async fn call_balanced(
+        &self,
+        method: &str,
+        payload: &[u8],
+        started: Instant,
+    ) -> Result<ReplyPayload, RpcError> {
+        let deadline = started + self.timeout;
         // Instances this call went to, so that retries and the hedge go elsewhere.
         let tried = Mutex::new(BTreeSet::new());
         let Some(after) = self.hedge else {
-            return self.call_attempts(method, payload, deadline, &tried).await;
+            return self
+                .call_attempts(method, payload, started, deadline, &tried)
+                .await;
         };
         if !self.idempotent {
             return Err(RpcError::InvalidCall(format!(
@@ -928,14 +1083,14 @@ impl ServiceClient {
                 self.service
             )));
         }
-        let first = self.call_attempts(method, payload, deadline, &tried);
+        let first = self.call_attempts(method, payload, started, deadline, &tried);
         let mut first = std::pin::pin!(first);
         tokio::select! {
             biased;
             result = &mut first => return result,
             () = tokio::time::sleep(after) => {}
         }
-        let second = self.call_attempts(method, payload, deadline, &tried);
+        let second = self.call_attempts(method, payload, Instant::now(), deadline, &tried);
         let mut second = std::pin::pin!(second);
         // The first answer wins; returning drops the other call, which cancels it on its
         // server. A failure that another instance may not share waits for the other call.
@@ -961,12 +1116,19 @@ impl ServiceClient {
         &self,
         method: &str,
         payload: &[u8],
+        started: Instant,
         deadline: Instant,
         tried: &Mutex<BTreeSet<SocketAddr>>,
     ) -> Result<ReplyPayload, RpcError> {
         let mut last_error = None;
         let mut attempts = 0;
         loop {
+            // The first attempt starts when the call did; a retry reads the clock again.
+            let now = if attempts == 0 {
+                started
+            } else {
+                Instant::now()
+            };
             let instances = self.rpc.resolver.resolve(&self.service);
             let candidates: Vec<Endpoint> = {
                 let tried = lock(tried);
@@ -976,7 +1138,7 @@ impl ServiceClient {
                     .cloned()
                     .collect()
             };
-            let candidates = self.outliers.usable(candidates, Instant::now());
+            let candidates = self.outliers.usable(candidates, now);
             let Some(addr) = self.rpc.pick(&candidates, self.policy) else {
                 return Err(
                     last_error.unwrap_or_else(|| RpcError::NoInstances(self.service.clone()))
@@ -984,13 +1146,13 @@ impl ServiceClient {
             };
             lock(tried).insert(addr);
             attempts += 1;
-            let remaining = deadline.saturating_duration_since(Instant::now());
+            let remaining = deadline.saturating_duration_since(now);
             if remaining.is_zero() {
                 return Err(RpcError::Timeout(self.timeout));
             }
             let result = self
                 .rpc
-                .call_raw(addr, &self.service, method, payload, remaining)
+                .call_raw(addr, &self.service, method, payload, now, remaining)
                 .await;
             match &result {
                 Err(RpcError::Unavailable { .. }) => {
@@ -1031,6 +1193,7 @@ pub(super) mod tests {
     use super::*;
     use crate::rpc::outlier::{BASE_EJECTION, EJECT_AFTER_FAILURES};
     use crate::rpc::{Registry, RpcService};
+    use futures_util::StreamExt;
     use serde_bytes::ByteBuf;
 
     struct Nowhere;
@@ -1100,6 +1263,37 @@ pub(super) mod tests {
             .await
             .unwrap();
         assert!(reply == *request, "a reply for another call");
+    }
+
+    #[tokio::test]
+    async fn a_full_connection_makes_callers_wait_until_a_call_ends() {
+        let bound = InFlightBound::default();
+        let mut permits: Vec<_> = (0..MAX_IN_FLIGHT_PER_CONNECTION)
+            .map(|_| bound.try_take().expect("room"))
+            .collect();
+        assert!(bound.try_take().is_none(), "full");
+        // A waiter that gives up leaves no trace.
+        let gave_up = tokio::time::timeout(Duration::from_millis(20), bound.take()).await;
+        assert!(gave_up.is_err());
+        assert_eq!(bound.waiting.load(Ordering::SeqCst), 0);
+        // A waiting caller gets the place the first finished call gives back.
+        let waiter = async { bound.take().await };
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(permits.pop());
+        };
+        let (permit, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(waiter, release)
+        })
+        .await
+        .expect("the waiter got a place");
+        assert_eq!(
+            bound.taken.load(Ordering::SeqCst),
+            MAX_IN_FLIGHT_PER_CONNECTION
+        );
+        drop(permit);
+        drop(permits);
+        assert_eq!(bound.taken.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1463,9 +1657,9 @@ pub(super) mod tests {
     async fn a_late_reply_never_reaches_the_call_reusing_its_slot() {
         let mut calls = Calls::default();
         let far = Instant::now() + Duration::from_secs(60);
-        let first = calls.insert(far);
+        let first = calls.insert(far, Waker::noop().clone());
         assert_eq!(calls.remove(first), Some(true));
-        let second = calls.insert(far);
+        let second = calls.insert(far, Waker::noop().clone());
         assert_eq!(
             first & 0xffff_ffff,
             second & 0xffff_ffff,
@@ -1481,7 +1675,7 @@ pub(super) mod tests {
             Some(CallSlot::Done { result: Ok(bytes), .. }) if bytes.bytes() == [2]
         ));
         // A failed connection fails every waiting call, and refuses new ones.
-        let third = calls.insert(far);
+        let third = calls.insert(far, Waker::noop().clone());
         calls.fail_all("gone");
         assert!(matches!(
             calls.slot(third),
@@ -1497,11 +1691,11 @@ pub(super) mod tests {
     async fn the_sweeper_fails_only_the_calls_past_their_deadline() {
         let now = Instant::now();
         let mut calls = Calls::default();
-        let late = calls.insert(now + Duration::from_secs(5));
+        let late = calls.insert(now + Duration::from_secs(5), Waker::noop().clone());
         assert_eq!(calls.earliest, Some(now + Duration::from_secs(5)));
-        let soon = calls.insert(now + Duration::from_millis(300));
+        let soon = calls.insert(now + Duration::from_millis(300), Waker::noop().clone());
         assert_eq!(calls.earliest, Some(now + Duration::from_millis(300)));
-        let answered = calls.insert(now + Duration::from_millis(100));
+        let answered = calls.insert(now + Duration::from_millis(100), Waker::noop().clone());
         calls.complete(answered, Ok(ReplyPayload::from_bytes(&[1])));
         // Nothing is due yet; the earliest still waiting is recomputed.
         assert!(calls.expire(now + Duration::from_millis(200)).is_empty());

@@ -6,7 +6,7 @@
 //! [`ServiceSnapshot`]s for `/metrics` or `grapevine info`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -89,31 +89,71 @@ impl CallFailure {
     }
 }
 
-/// Live figures of one service on one side.
+/// Upper bounds of the latency buckets in nanoseconds (the same as [`LATENCY_BUCKETS`]):
+/// a call is bucketed with integer compares.
+const LATENCY_BOUNDS_NANOS: [u64; LATENCY_BUCKETS.len()] = [
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    500_000_000,
+    1_000_000_000,
+    5_000_000_000,
+];
+
+/// Shards of one service's figures. Each thread counts in one shard of its own (a cache
+/// line apart from the others): calls finishing on different cores at once do not pull
+/// one line back and forth. Readers add the shards up.
+const SHARDS: usize = 8;
+
+/// The counts of one shard.
 #[derive(Debug, Default)]
-pub struct ServiceFigures {
+#[repr(align(128))]
+struct Shard {
     calls: AtomicU64,
     failures: [AtomicU64; CallFailure::ALL.len()],
     buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     total_nanos: AtomicU64,
+}
+
+/// The shard the current thread counts in (threads take shards in turn).
+fn this_threads_shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|shard| *shard)
+}
+
+/// Live figures of one service on one side.
+#[derive(Debug, Default)]
+pub struct ServiceFigures {
+    shards: [Shard; SHARDS],
     ejections: AtomicU64,
 }
 
 impl ServiceFigures {
     /// Counts one finished call that took `took`, failed with `failure` if any.
     pub fn record(&self, took: Duration, failure: Option<CallFailure>) {
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        let shard = &self.shards[this_threads_shard()];
+        shard.calls.fetch_add(1, Ordering::Relaxed);
         if let Some(failure) = failure {
-            self.failures[failure as usize].fetch_add(1, Ordering::Relaxed);
+            shard.failures[failure as usize].fetch_add(1, Ordering::Relaxed);
         }
-        let seconds = took.as_secs_f64();
-        let bucket = LATENCY_BUCKETS
-            .iter()
-            .position(|&bound| seconds <= bound)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        self.total_nanos.fetch_add(nanos, Ordering::Relaxed);
+        let bucket = LATENCY_BOUNDS_NANOS
+            .iter()
+            .position(|&bound| nanos <= bound)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        shard.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        shard.total_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
     /// Counts one instance ejected by outlier detection (calling side).
@@ -121,25 +161,31 @@ impl ServiceFigures {
         self.ejections.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The sum over the shards of what `count` reads from each.
+    fn total(&self, count: impl Fn(&Shard) -> &AtomicU64) -> u64 {
+        self.shards
+            .iter()
+            .map(|shard| count(shard).load(Ordering::Relaxed))
+            .fold(0u64, u64::saturating_add)
+    }
+
     fn snapshot(&self, side: CallSide, service: &str) -> ServiceSnapshot {
         let failures = CallFailure::ALL
             .iter()
             .filter_map(|&failure| {
-                let count = self.failures[failure as usize].load(Ordering::Relaxed);
+                let count = self.total(|shard| &shard.failures[failure as usize]);
                 (count > 0).then_some((failure, count))
             })
             .collect();
         ServiceSnapshot {
             side,
             service: service.to_string(),
-            calls: self.calls.load(Ordering::Relaxed),
+            calls: self.total(|shard| &shard.calls),
             failures,
-            buckets: self
-                .buckets
-                .iter()
-                .map(|b| b.load(Ordering::Relaxed))
+            buckets: (0..=LATENCY_BUCKETS.len())
+                .map(|bucket| self.total(|shard| &shard.buckets[bucket]))
                 .collect(),
-            total_seconds: self.total_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            total_seconds: self.total(|shard| &shard.total_nanos) as f64 / 1e9,
             ejections: self.ejections.load(Ordering::Relaxed),
         }
     }
@@ -236,11 +282,21 @@ pub(crate) struct CallRecord {
 
 impl CallRecord {
     pub(crate) fn start(figures: Arc<ServiceFigures>) -> Self {
+        Self::started_at(figures, tokio::time::Instant::now())
+    }
+
+    /// A record of a call that started at `started` (a clock reading the caller has anyway).
+    pub(crate) fn started_at(figures: Arc<ServiceFigures>, started: tokio::time::Instant) -> Self {
         CallRecord {
             figures,
-            started: tokio::time::Instant::now(),
+            started,
             failure: None,
         }
+    }
+
+    /// When the call started.
+    pub(crate) fn started(&self) -> tokio::time::Instant {
+        self.started
     }
 
     /// Notes how the call ended; it is counted when the record is dropped.
@@ -284,6 +340,46 @@ mod tests {
             BTreeMap::from([(CallFailure::Timeout, 1), (CallFailure::Remote, 1)])
         );
         assert!((orders.total_seconds - 9.00074).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_nanosecond_bounds_are_the_published_buckets() {
+        for (nanos, seconds) in LATENCY_BOUNDS_NANOS.iter().zip(LATENCY_BUCKETS) {
+            assert_eq!(*nanos, Duration::from_secs_f64(seconds).as_nanos() as u64);
+        }
+        let figures = ServiceFigures::default();
+        figures.record(Duration::from_micros(50), None);
+        figures.record(Duration::from_nanos(50_001), None);
+        let snapshot = figures.snapshot(CallSide::Client, "s");
+        assert_eq!(&snapshot.buckets[..2], &[1, 1], "a bound is inclusive");
+    }
+
+    #[test]
+    fn calls_counted_on_many_threads_add_up() {
+        let figures = Arc::new(ServiceFigures::default());
+        let threads: Vec<_> = (0..2 * SHARDS + 3)
+            .map(|t| {
+                let figures = figures.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        let failure = (t % 2 == 1).then_some(CallFailure::Remote);
+                        figures.record(Duration::from_millis(3), failure);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let snapshot = figures.snapshot(CallSide::Server, "s");
+        let threads = (2 * SHARDS + 3) as u64;
+        assert_eq!(snapshot.calls, threads * 100);
+        assert_eq!(snapshot.buckets[6], threads * 100, "3 ms ≤ 5 ms");
+        assert_eq!(
+            snapshot.failures,
+            BTreeMap::from([(CallFailure::Remote, threads / 2 * 100)])
+        );
+        assert!((snapshot.total_seconds - threads as f64 * 0.3).abs() < 1e-6);
     }
 
     #[test]

@@ -243,7 +243,7 @@ impl Registry {
     /// Refuses new calls (with a retryable error) and waits, at most `limit`, for the
     /// running ones to finish. Returns how many were still running at the end.
     pub async fn drain(&self, limit: Duration) -> usize {
-        // SeqCst, paired with `InFlight::start`: a call either sees the drain or is counted.
+        // SeqCst, paired with `Registry::begin_call`: a call either sees the drain or is counted.
         self.draining.store(true, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + limit;
         loop {
@@ -257,8 +257,20 @@ impl Registry {
         }
     }
 
-    fn finished(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+    /// Counts a new call, unless the node is draining (then it is refused).
+    fn begin_call(&self) -> bool {
+        // Count first, then check: a drain that starts in between sees this call.
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if self.draining.load(Ordering::SeqCst) {
+            self.finished(1);
+            return false;
+        }
+        true
+    }
+
+    /// `calls` counted calls are done (their replies flushed, or nobody is left to answer).
+    fn finished(&self, calls: usize) {
+        if calls > 0 && self.in_flight.fetch_sub(calls, Ordering::AcqRel) == calls {
             self.idle.notify_waiters();
         }
     }
@@ -280,8 +292,10 @@ where
     let mut connection = ServerConnection {
         framed,
         output: BytesMut::new(),
-        unflushed: Vec::new(),
+        counted_replies: 0,
+        refusals: 0,
         needs_flush: false,
+        clock: None,
         registry,
         running: HashMap::new(),
         last_handler: None,
@@ -316,10 +330,17 @@ struct ServerConnection<S> {
     framed: Framed<S, FrameCodec>,
     /// Encoded replies not yet written.
     output: BytesMut,
-    /// Replies in `output` (or written but not yet flushed), each with its call's count
-    /// (a drain waits for the reply to leave). Refusals count against the bound too.
-    unflushed: Vec<Option<InFlight>>,
+    /// Replies in `output` (or written but not yet flushed) of calls counted in the
+    /// registry's in-flight figure (a drain waits for the reply to leave): released together
+    /// once flushed, one atomic operation per write rather than per call.
+    counted_replies: usize,
+    /// Refusals in `output` (or not yet flushed): not counted in the registry, but against
+    /// the connection's bound.
+    refusals: usize,
     needs_flush: bool,
+    /// When the calls of the current read burst were read: their start (for figures and
+    /// deadlines), one clock reading per burst rather than per call.
+    clock: Option<tokio::time::Instant>,
     registry: Arc<Registry>,
     /// Calls running in tasks of their own, by id (for cancellation).
     running: HashMap<u64, AbortHandle>,
@@ -337,13 +358,19 @@ impl<S> Drop for ServerConnection<S> {
         for (_, task) in self.running.drain() {
             task.abort();
         }
+        self.registry.finished(self.counted_replies);
     }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
     /// Calls counted against the per-connection bound.
     fn in_flight(&self) -> usize {
-        self.running.len() + self.unflushed.len()
+        self.running.len() + self.counted_replies + self.refusals
+    }
+
+    /// Replies queued or written but not yet flushed.
+    fn unflushed(&self) -> usize {
+        self.counted_replies + self.refusals
     }
 
     /// Serves until the client closes its side (`Ready(Ok)`), or, with `until_idle`, until
@@ -351,11 +378,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
     fn poll_serve(&mut self, cx: &mut Context<'_>, until_idle: bool) -> Poll<Result<(), String>> {
         loop {
             let mut progressed = false;
+            self.clock = None;
             // Answers of spawned calls.
             while let Poll::Ready(Some((id, outcome, call))) = self.done_rx.poll_recv(cx) {
                 progressed = true;
                 self.running.remove(&id);
-                self.answer(id, outcome, call);
+                self.answer_spawned(id, outcome, call);
             }
             // Calls, as long as the connection's bound allows (back-pressure).
             while !self.read_closed && self.in_flight() < MAX_IN_FLIGHT_PER_CONNECTION {
@@ -366,6 +394,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
                         // Everything read is handled: answer before reading again (one
                         // write per read burst, and no wasted read before a lone reply).
                         if self.framed.read_buffer().is_empty() {
+                            self.clock = None;
                             if let Poll::Ready(Err(error)) = self.poll_write_out(cx) {
                                 return Poll::Ready(Err(error.to_string()));
                             }
@@ -377,16 +406,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
                 }
             }
             // One write for everything answered so far.
-            let answered = self.unflushed.len();
+            let answered = self.unflushed();
             if let Poll::Ready(Err(error)) = self.poll_write_out(cx) {
                 return Poll::Ready(Err(error.to_string()));
             }
             // Flushed replies free room under the bound: read again.
-            if answered > 0 && self.unflushed.is_empty() {
+            if answered > 0 && self.unflushed() == 0 {
                 progressed = true;
             }
             if self.read_closed
-                && (!until_idle || (self.running.is_empty() && self.unflushed.is_empty()))
+                && (!until_idle || (self.running.is_empty() && self.unflushed() == 0))
             {
                 return Poll::Ready(Ok(()));
             }
@@ -428,24 +457,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
         payload: &[u8],
         trace: Option<TraceContext>,
     ) {
-        let Some(mut call) = InFlight::start(&self.registry) else {
+        if !self.registry.begin_call() {
             let outcome = Outcome::Unavailable("node is leaving".into());
             push_reply(&mut self.output, id, outcome);
-            self.unflushed.push(None);
+            self.refusals += 1;
             return;
-        };
-        let handler = match self.handler(service, method) {
-            Ok((handler, figures)) => {
-                call.record = Some(CallRecord::start(figures));
-                handler
-            }
-            Err(what) => return self.answer(id, Outcome::NotFound(what), call),
-        };
+        }
+        if let Err(what) = self.find_handler(service, method) {
+            // Not counted per service: the names come from the network.
+            return self.queue_counted_reply(id, Outcome::NotFound(what));
+        }
+        let started = *self.clock.get_or_insert_with(tokio::time::Instant::now);
+        let last = self.last_handler.as_ref().expect("found above");
         // Work whose caller has already given up is not started.
         if timeout_ms == 0 {
-            return self.answer(id, Outcome::DeadlineExceeded, call);
+            let outcome = Outcome::DeadlineExceeded;
+            last.figures.record(started.elapsed(), outcome.failure());
+            return self.queue_counted_reply(id, outcome);
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(timeout_ms));
+        let handler = &last.handler;
         // A traced call: the handler runs in a child span of the caller's, with the caller's
         // context current (calls it makes continue the trace).
         let mut work = match (handle_span(service, method, trace.as_ref()), trace) {
@@ -457,11 +487,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
             (Some(span), None) => Box::pin(tracing::Instrument::instrument(handler(payload), span)),
         };
         // Most handlers finish at once: answer inline, without a task or a timer.
-        match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
-            Ok(Poll::Ready(outcome)) => return self.answer(id, outcome, call),
-            Ok(Poll::Pending) => {}
-            Err(_) => return self.answer(id, panicked(), call),
+        let outcome = match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+            Ok(Poll::Ready(outcome)) => Some(outcome),
+            Ok(Poll::Pending) => None,
+            Err(_) => Some(panicked()),
+        };
+        if let Some(outcome) = outcome {
+            last.figures.record(started.elapsed(), outcome.failure());
+            return self.queue_counted_reply(id, outcome);
         }
+        // The call waits: it runs in a task of its own, which holds its count (released if
+        // the connection is gone when it finishes) and its record (cancelled if aborted).
+        let call = InFlight {
+            registry: self.registry.clone(),
+            record: CallRecord::started_at(last.figures.clone(), started),
+            counted: true,
+        };
+        let deadline = started + Duration::from_millis(u64::from(timeout_ms));
         let done = self.done_tx.clone();
         let task =
             tokio::spawn(async move {
@@ -480,17 +522,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
         self.running.insert(id, task.abort_handle());
     }
 
-    /// The handler of `service.method`: the one called last if it is still registered,
-    /// otherwise looked up in the registry (and kept for the next call).
-    fn handler(
-        &mut self,
-        service: &str,
-        method: &str,
-    ) -> Result<(Handler, Arc<ServiceFigures>), String> {
+    /// Makes `last_handler` the handler of `service.method`: the one called last if it is
+    /// still registered (no lock, no hashing, no reference counting on the common path),
+    /// otherwise the registry's.
+    fn find_handler(&mut self, service: &str, method: &str) -> Result<(), String> {
         let generation = self.registry.generation.load(Ordering::Acquire);
         if let Some(last) = &self.last_handler {
             if last.generation == generation && last.service == service && last.method == method {
-                return Ok((last.handler.clone(), last.figures.clone()));
+                return Ok(());
             }
         }
         let (handler, figures) = self.registry.handler(service, method)?;
@@ -498,18 +537,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
             service: service.to_string(),
             method: method.to_string(),
             generation,
-            handler: handler.clone(),
-            figures: figures.clone(),
+            handler,
+            figures,
         });
-        Ok((handler, figures))
+        Ok(())
     }
 
-    fn answer(&mut self, id: u64, outcome: Outcome, mut call: InFlight) {
-        if let Some(record) = &mut call.record {
-            record.finish(outcome.failure());
-        }
+    /// Queues the reply of a call counted in the registry.
+    fn queue_counted_reply(&mut self, id: u64, outcome: Outcome) {
         push_reply(&mut self.output, id, outcome);
-        self.unflushed.push(Some(call));
+        self.counted_replies += 1;
+    }
+
+    /// The answer of a call that ran in a task of its own: its record and its count move
+    /// to the connection's reply.
+    fn answer_spawned(&mut self, id: u64, outcome: Outcome, mut call: InFlight) {
+        call.record.finish(outcome.failure());
+        call.counted = false;
+        drop(call);
+        self.queue_counted_reply(id, outcome);
     }
 
     /// Writes and flushes the output; releases the calls answered once it is flushed.
@@ -526,7 +572,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerConnection<S> {
             ready!(Pin::new(self.framed.get_mut()).poll_flush(cx))?;
             self.needs_flush = false;
         }
-        self.unflushed.clear();
+        self.registry
+            .finished(std::mem::take(&mut self.counted_replies));
+        self.refusals = 0;
         Poll::Ready(Ok(()))
     }
 }
@@ -535,33 +583,21 @@ fn panicked() -> Outcome {
     Outcome::BadRequest("the handler panicked".into())
 }
 
-/// A call counted as running on the node (for drain), from its start until its reply is
-/// flushed or it is cancelled.
+/// A call running in a task of its own: counted as running on the node (for drain) until
+/// its reply reaches the connection, and recorded in its service's figures (as cancelled
+/// if the task is aborted).
 struct InFlight {
     registry: Arc<Registry>,
-    /// Counts the call in its service's figures when dropped (served services only).
-    record: Option<CallRecord>,
-}
-
-impl InFlight {
-    /// Counts a new call, unless the node is draining.
-    fn start(registry: &Arc<Registry>) -> Option<InFlight> {
-        // Count first, then check: a drain that starts in between sees this call.
-        registry.in_flight.fetch_add(1, Ordering::SeqCst);
-        let call = InFlight {
-            registry: registry.clone(),
-            record: None,
-        };
-        if registry.draining.load(Ordering::SeqCst) {
-            return None;
-        }
-        Some(call)
-    }
+    record: CallRecord,
+    /// Still counted here: the connection has not taken the count over.
+    counted: bool,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.registry.finished();
+        if self.counted {
+            self.registry.finished(1);
+        }
     }
 }
 
