@@ -5,7 +5,7 @@ use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -346,6 +346,9 @@ impl InFlightBound {
         }
     }
 }
+
+/// A client's peers by address (a B-tree: a lookup costs a few compares, not a SipHash).
+type PeerSlots = Mutex<BTreeMap<SocketAddr, Peer>>;
 
 /// One multiplexed connection to a peer.
 struct Connection {
@@ -716,8 +719,8 @@ type Connect = Arc<
 /// clone.
 #[derive(Clone)]
 pub struct RpcClient {
-    /// By address (a B-tree: a lookup on every call costs a few compares, not a SipHash).
-    slots: Arc<Mutex<BTreeMap<SocketAddr, Peer>>>,
+    /// Connections and dial state by peer address.
+    slots: Arc<PeerSlots>,
     connect: Connect,
     resolver: Arc<dyn Resolve>,
     rng: Arc<Mutex<SmallRng>>,
@@ -795,10 +798,36 @@ impl RpcClient {
 
     /// The live connection to `addr`, if there is one.
     fn open_connection(&self, addr: SocketAddr) -> Option<Arc<Connection>> {
-        lock(&self.slots)
+        // The connection used last on this thread is remembered (a caller mostly calls one
+        // peer): no lock of the shared map on the common path. A connection is replaced
+        // only once closed, so an open remembered one is the map's.
+        type Remembered = Option<(Weak<PeerSlots>, SocketAddr, Weak<Connection>)>;
+        thread_local! {
+            static LAST: std::cell::RefCell<Remembered> = const { std::cell::RefCell::new(None) };
+        }
+        let remembered = LAST.with(|last| {
+            let last = last.borrow();
+            let (slots, at, connection) = last.as_ref()?;
+            // The weak reference keeps the map's allocation, so another client's map can
+            // never take its address while it is remembered.
+            let ours = std::ptr::eq(slots.as_ptr(), Arc::as_ptr(&self.slots)) && *at == addr;
+            ours.then(|| connection.upgrade()).flatten()
+        });
+        if let Some(connection) = remembered.filter(|connection| !connection.is_closed()) {
+            return Some(connection);
+        }
+        let connection = lock(&self.slots)
             .get(&addr)
             .and_then(|peer| peer.connection.clone())
-            .filter(|connection| !connection.is_closed())
+            .filter(|connection| !connection.is_closed())?;
+        LAST.with(|last| {
+            *last.borrow_mut() = Some((
+                Arc::downgrade(&self.slots),
+                addr,
+                Arc::downgrade(&connection),
+            ));
+        });
+        Some(connection)
     }
 
     /// The live connection to `addr`, or a new one (one dial at a time per peer).
@@ -869,7 +898,7 @@ impl RpcClient {
     /// The figures of direct calls to `service`. The service called last on this thread is
     /// remembered (direct calls mostly go to one service): no lock on the common path.
     fn figures_of(&self, service: &str) -> Arc<ServiceFigures> {
-        type Remembered = Option<(std::sync::Weak<RpcMetrics>, String, Arc<ServiceFigures>)>;
+        type Remembered = Option<(Weak<RpcMetrics>, String, Arc<ServiceFigures>)>;
         thread_local! {
             static LAST: std::cell::RefCell<Remembered> = const { std::cell::RefCell::new(None) };
         }
@@ -1263,6 +1292,34 @@ pub(super) mod tests {
             .await
             .unwrap();
         assert!(reply == *request, "a reply for another call");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn each_client_keeps_to_its_own_connection_and_a_closed_one_is_not_reused() {
+        let addr = server().await;
+        let (a, b) = (client(), client());
+        let request = payload(1, 64);
+        echo(&a, addr, "echo", &request).await;
+        echo(&b, addr, "echo", &request).await;
+        // Both called from this thread, b last: a still finds its own connection.
+        let a_connection = a.open_connection(addr).expect("a's connection");
+        let b_connection = b.open_connection(addr).expect("b's connection");
+        assert!(!Arc::ptr_eq(&a_connection, &b_connection));
+        assert!(Arc::ptr_eq(
+            &a_connection,
+            &a.open_connection(addr).unwrap()
+        ));
+        // A closed connection is not used: the next call dials again.
+        a_connection.shared.fail("closed by the test");
+        assert!(a.open_connection(addr).is_none());
+        echo(&a, addr, "echo", &request).await;
+        let redialed = a.open_connection(addr).expect("a's new connection");
+        assert!(!Arc::ptr_eq(&a_connection, &redialed));
+        // A client made after another is dropped never finds the dropped one's connection.
+        drop((a, redialed));
+        let c = client();
+        assert!(c.open_connection(addr).is_none());
+        echo(&c, addr, "echo", &request).await;
     }
 
     #[tokio::test]
