@@ -190,6 +190,20 @@ impl Calls {
         Some(waiting)
     }
 
+    /// Frees the slot of call `id` if its outcome has arrived, and returns the outcome
+    /// (moved out: nothing is made or freed in its place).
+    fn take_result(&mut self, id: u64) -> Option<Result<ReplyPayload, RpcError>> {
+        let slot = self.slot(id)?;
+        if !matches!(slot, CallSlot::Done { .. }) {
+            return None;
+        }
+        let CallSlot::Done { result, .. } = std::mem::replace(slot, CallSlot::Free) else {
+            return None;
+        };
+        self.free.push((id & u64::from(u32::MAX)) as u32);
+        Some(result)
+    }
+
     /// Records the outcome of call `id`; returns the waker to wake.
     fn complete(&mut self, id: u64, result: Result<ReplyPayload, RpcError>) -> Option<Waker> {
         let slot = self.slot(id)?;
@@ -513,10 +527,8 @@ impl Connection {
                 }
                 Poll::Pending
             }
-            Some(CallSlot::Done { result, .. }) => {
-                let result = std::mem::replace(result, Err(closed(false)));
-                calls.remove(id);
-                Poll::Ready(result)
+            Some(CallSlot::Done { .. }) => {
+                Poll::Ready(calls.take_result(id).unwrap_or_else(|| Err(closed(false))))
             }
             Some(CallSlot::Free) | None => Poll::Ready(Err(closed(false))),
         }
