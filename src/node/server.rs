@@ -121,7 +121,14 @@ async fn handle<T: Transport>(
             }
             _ => {}
         }
-        let response = within(timeout, "answer", answer(request, peer, shared, transport)).await?;
+        // A join waits up to JOIN_WAIT for the new member by design: its answer is bounded
+        // by that on top (with the plain bound, the two raced and the connection closed
+        // without the answer saying why the join failed).
+        let bound = match &request {
+            Request::Control(ControlRequest::Join { .. }) => timeout + super::control::JOIN_WAIT,
+            _ => timeout,
+        };
+        let response = within(bound, "answer", answer(request, peer, shared, transport)).await?;
         let bytes = wire::encode_frame(&response)?;
         Stats::add(
             &shared.stats.tcp_bytes,
