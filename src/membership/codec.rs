@@ -191,9 +191,17 @@ impl<T> BincodeCodec<T> {
 
 /// The 4-byte hash a destination identity travels as.
 fn identity_hash<T: Serialize>(identity: &T) -> Result<u32, WireError> {
-    let mut bytes = Vec::new();
-    wire::encode_datagram_into(identity, &mut bytes, wire::MAX_DATAGRAM)?;
-    Ok(wire::stable_hash(&bytes) as u32)
+    identity_hash_in(identity, &mut Vec::new())
+}
+
+/// [`identity_hash`], encoding the identity in `scratch` (left empty): no allocation per
+/// datagram once the buffer has grown.
+fn identity_hash_in<T: Serialize>(identity: &T, scratch: &mut Vec<u8>) -> Result<u32, WireError> {
+    scratch.clear();
+    let encoded = wire::encode_datagram_into(identity, scratch, wire::MAX_DATAGRAM);
+    let hash = wire::stable_hash(scratch) as u32;
+    scratch.clear();
+    encoded.map(|_| hash)
 }
 
 /// Generic over the identity so that simulations can store a compact identity type with
@@ -209,7 +217,7 @@ where
         // An announce may go to a placeholder the receiver cannot recognise by hash.
         let hashed = self.local.is_some() && header.message != Message::Announce;
         if hashed {
-            let dst_hash = identity_hash(&header.dst)?;
+            let dst_hash = identity_hash_in(&header.dst, &mut self.scratch)?;
             if is_probe(&header.message) {
                 self.remember_probe(dst_hash, &header.dst);
             }

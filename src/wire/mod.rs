@@ -119,15 +119,22 @@ pub fn encode_datagram_into<T: Serialize>(
     out: &mut Vec<u8>,
     limit: usize,
 ) -> Result<(), WireError> {
-    let bytes = bincode::serde::encode_to_vec(value, datagram_config())?;
-    if out.len() + bytes.len() > limit {
-        return Err(WireError::TooLarge {
-            size: out.len() + bytes.len(),
-            limit,
-        });
+    // Written in place (not into a vector of its own and copied): `out` is left as it was
+    // on failure.
+    let start = out.len();
+    let written = bincode::serde::encode_into_std_write(value, out, datagram_config());
+    let size = out.len();
+    match written {
+        Ok(_) if size <= limit => Ok(()),
+        Ok(_) => {
+            out.truncate(start);
+            Err(WireError::TooLarge { size, limit })
+        }
+        Err(error) => {
+            out.truncate(start);
+            Err(error.into())
+        }
     }
-    out.extend_from_slice(&bytes);
-    Ok(())
 }
 
 /// What a datagram carries.
@@ -305,6 +312,34 @@ mod tests {
         let bytes = [0xFFu8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF];
         assert!(decode_frame::<String>(&bytes).is_err());
         assert!(decode_frame::<Vec<String>>(&bytes).is_err());
+    }
+
+    #[test]
+    fn datagram_values_append_in_place_and_one_over_the_limit_leaves_the_buffer_alone() {
+        let mut out = vec![9u8];
+        encode_datagram_into(&("ab".to_string(), 300u64), &mut out, 16).unwrap();
+        assert_eq!(
+            out,
+            [
+                &[9u8][..],
+                &bincode::serde::encode_to_vec(&("ab".to_string(), 300u64), datagram_config())
+                    .unwrap()
+            ]
+            .concat()
+        );
+        let before = out.clone();
+        let refused = encode_datagram_into(&"x".repeat(20), &mut out, 16);
+        assert!(
+            matches!(
+                refused,
+                Err(WireError::TooLarge {
+                    size: 28,
+                    limit: 16
+                })
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(out, before);
     }
 
     #[test]
