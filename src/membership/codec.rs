@@ -137,6 +137,15 @@ impl<T: PartialEq> BincodeCodec<T> {
         self.probed.push_back((hash, identity.clone()));
     }
 
+    /// This node's identity and the stranger: what a hashed destination decodes to, once
+    /// both are known (before, a hashed header cannot be read).
+    fn hash_decoding(&self) -> Result<(&LocalIdentity<T>, &T), WireError> {
+        match (&self.local, &self.stranger) {
+            (Some(local), Some(stranger)) => Ok((local, stranger)),
+            _ => Err(WireError::BadEnvelope),
+        }
+    }
+
     /// The probed identity whose hash is `hash`, the newest if two share it.
     fn probed_with(&self, hash: u32) -> Option<&T> {
         self.probed
@@ -187,6 +196,14 @@ impl<T> BincodeCodec<T> {
         buf.advance(used);
         Ok(value)
     }
+}
+
+/// `N` 4-byte hashes from the front of `buf`.
+fn read_hashes<const N: usize>(buf: &mut impl Buf) -> Result<[u32; N], WireError> {
+    if buf.remaining() < 4 * N {
+        return Err(WireError::BadEnvelope);
+    }
+    Ok(std::array::from_fn(|_| buf.get_u32_le()))
 }
 
 /// The 4-byte hash a destination identity travels as.
@@ -253,32 +270,20 @@ where
         match buf.get_u8() {
             FULL_DESTINATION => Self::take(buf),
             HASHED_DESTINATION => {
-                let (Some(local), Some(stranger)) = (&self.local, &self.stranger) else {
-                    return Err(WireError::BadEnvelope);
-                };
-                if buf.remaining() < 4 {
-                    return Err(WireError::BadEnvelope);
-                }
-                let hash = buf.get_u32_le();
+                let (local, stranger) = self.hash_decoding()?;
+                let [dst_hash] = read_hashes(&mut buf)?;
                 let (src, src_incarnation, message): (T, Incarnation, Message<T>) =
                     Self::take(buf)?;
-                let dst = local.matching(hash).unwrap_or_else(|| stranger.clone());
                 Ok(Header {
                     src,
                     src_incarnation,
-                    dst,
+                    dst: local.matching(dst_hash).unwrap_or_else(|| stranger.clone()),
                     message,
                 })
             }
             HASHED_ACKNOWLEDGEMENT => {
-                let (Some(local), Some(stranger)) = (&self.local, &self.stranger) else {
-                    return Err(WireError::BadEnvelope);
-                };
-                if buf.remaining() < 8 {
-                    return Err(WireError::BadEnvelope);
-                }
-                let dst_hash = buf.get_u32_le();
-                let src_hash = buf.get_u32_le();
+                let (local, stranger) = self.hash_decoding()?;
+                let [dst_hash, src_hash] = read_hashes(&mut buf)?;
                 let (src_incarnation, message): (Incarnation, Message<T>) = Self::take(buf)?;
                 if !is_acknowledgement(&message) {
                     return Err(WireError::BadEnvelope);
@@ -287,11 +292,10 @@ where
                     .probed_with(src_hash)
                     .cloned()
                     .ok_or(WireError::UnknownSource)?;
-                let dst = local.matching(dst_hash).unwrap_or_else(|| stranger.clone());
                 Ok(Header {
                     src,
                     src_incarnation,
-                    dst,
+                    dst: local.matching(dst_hash).unwrap_or_else(|| stranger.clone()),
                     message,
                 })
             }
