@@ -181,27 +181,29 @@ impl Calls {
         }
     }
 
+    /// Frees call `id`'s slot and returns what it held.
+    fn release(&mut self, id: u64) -> Option<CallSlot> {
+        let slot = std::mem::replace(self.slot(id)?, CallSlot::Free);
+        self.free.push((id & u64::from(u32::MAX)) as u32);
+        Some(slot)
+    }
+
     /// Frees call `id`'s slot; returns whether it was still waiting for its reply.
     fn remove(&mut self, id: u64) -> Option<bool> {
-        let slot = self.slot(id)?;
-        let waiting = matches!(slot, CallSlot::Waiting { .. });
-        *slot = CallSlot::Free;
-        self.free.push((id & u64::from(u32::MAX)) as u32);
-        Some(waiting)
+        self.release(id)
+            .map(|slot| matches!(slot, CallSlot::Waiting { .. }))
     }
 
     /// Frees the slot of call `id` if its outcome has arrived, and returns the outcome
     /// (moved out: nothing is made or freed in its place).
     fn take_result(&mut self, id: u64) -> Option<Result<ReplyPayload, RpcError>> {
-        let slot = self.slot(id)?;
-        if !matches!(slot, CallSlot::Done { .. }) {
+        if !matches!(self.slot(id)?, CallSlot::Done { .. }) {
             return None;
         }
-        let CallSlot::Done { result, .. } = std::mem::replace(slot, CallSlot::Free) else {
-            return None;
-        };
-        self.free.push((id & u64::from(u32::MAX)) as u32);
-        Some(result)
+        match self.release(id)? {
+            CallSlot::Done { result, .. } => Some(result),
+            _ => None,
+        }
     }
 
     /// Records the outcome of call `id`; returns the waker to wake.
